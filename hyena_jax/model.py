@@ -1,0 +1,185 @@
+"""HyenaDNA language model and sequence classifier in Flax NNX.
+
+Data flow (shapes with B batch, L length <= l_max, d d_model, V padded vocab = 16):
+
+    ids [B, L] -> word_embeddings -> x [B, L, d] (float32 residual stream)
+    for each block: x += mixer(norm1(x)); x += mlp(norm2(x))
+    hidden = ln_f(x) [B, L, d];  logits = hidden @ E^T [B, L, V]   (LM head tied to E)
+
+Mixed precision: `config.dtype` is the compute dtype of projections and the MLP; LayerNorms, the
+residual stream (upstream `residual_in_fp32`), the implicit filter and the FFT stay float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hyena_jax.config import HyenaConfig
+from hyena_jax.hyena import HyenaOperator
+
+Pooling = Literal["mean", "last", "first", "sum"]
+_normal = nnx.initializers.normal
+
+
+def _layer_norm(d: int, cfg: HyenaConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(d, epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, rngs=rngs)
+
+
+class Mlp(nnx.Module):
+  """fc1 (d -> d_inner) -> GELU (tanh approximation, as upstream) -> fc2 (d_inner -> d)."""
+
+  def __init__(self, cfg: HyenaConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.fc1 = nnx.Linear(cfg.d_model, cfg.d_inner, dtype=dtype, rngs=rngs,
+                          kernel_init=_normal(cfg.initializer_range))
+    self.fc2 = nnx.Linear(cfg.d_inner, cfg.d_model, dtype=dtype, rngs=rngs,
+                          kernel_init=_normal(cfg.initializer_range / math.sqrt(2 * cfg.n_layer)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, d] -> [N, d]."""
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + mixer(norm1(x)), then + mlp(norm2(x))."""
+
+  def __init__(self, cfg: HyenaConfig, *, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.norm1 = _layer_norm(cfg.d_model, cfg, rngs)
+    self.mixer = HyenaOperator(
+        cfg.d_model, l_max=cfg.l_max, n_layer=cfg.n_layer, emb_dim=cfg.emb_dim,
+        filter_order=cfg.filter_order, num_inner_mlps=cfg.num_inner_mlps,
+        activation_freq=cfg.activation_freq, shift=cfg.shift, modulate=cfg.modulate,
+        initializer_range=cfg.initializer_range, dtype=self.dtype, conv_impl=cfg.conv_impl,
+        rngs=rngs)
+    self.norm2 = _layer_norm(cfg.d_model, cfg, rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, L, d] float32 residual stream -> same."""
+    batch, length, d = x.shape
+    x = x + self.mixer(self.norm1(x).astype(self.dtype)).astype(jnp.float32)
+    flat = x.reshape(batch * length, d)  # position-wise work on 2-D arrays (fast backward on CPU)
+    flat = flat + self.mlp(self.norm2(flat).astype(self.dtype)).astype(jnp.float32)
+    return flat.reshape(batch, length, d)
+
+
+_REMAT_POLICIES = {
+    "block": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass
+class BackboneOutput:
+  hidden: jax.Array                  # [B, L, d] after ln_f
+  layers: tuple[jax.Array, ...]      # residual stream after each block, each [B, L, d]
+
+
+class Backbone(nnx.Module):
+  """Embedding, blocks and final norm (upstream `backbone`)."""
+
+  def __init__(self, cfg: HyenaConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.word_embeddings = nnx.Embed(cfg.padded_vocab_size, cfg.d_model, rngs=rngs,
+                                     embedding_init=_normal(cfg.initializer_range))
+    self.embed_dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+    self.ln_f = _layer_norm(cfg.d_model, cfg, rngs)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """input_ids: [B, L] -> [B, L, d] float32 (after embedding dropout in training)."""
+    check_input_ids(input_ids, self.config)
+    return self.embed_dropout(self.word_embeddings(input_ids).astype(jnp.float32))
+
+  def __call__(self, input_ids: jax.Array, *, embeddings: jax.Array | None = None,
+               return_layers: bool = False) -> BackboneOutput:
+    """input_ids: [B, L] ints, or `embeddings` [B, L, d] (e.g. with soft prompts prepended)."""
+    x = self.embed(input_ids) if embeddings is None else embeddings.astype(jnp.float32)
+    if x.shape[1] > self.config.l_max:
+      raise ValueError(f"sequence length {x.shape[1]} exceeds l_max={self.config.l_max}")
+    layers = []
+    for block in self.layers:
+      if self.config.remat == "none":
+        x = block(x)
+      else:
+        x = nnx.remat(lambda blk, h: blk(h), policy=_REMAT_POLICIES[self.config.remat])(block, x)
+      if return_layers:
+        layers.append(x)
+    return BackboneOutput(hidden=self.ln_f(x), layers=tuple(layers))
+
+
+class HyenaLM(nnx.Module):
+  """HyenaDNA causal language model (upstream `ConvLMHeadModel` / HF `HyenaDNAForCausalLM`)."""
+
+  def __init__(self, cfg: HyenaConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.backbone = Backbone(cfg, rngs=rngs)
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """hidden: [..., d] -> [..., V] float32; the head is the transposed embedding (tied)."""
+    table = self.backbone.word_embeddings.embedding[...]
+    return jnp.einsum("...d,vd->...v", hidden.astype(jnp.float32), table.astype(jnp.float32))
+
+  def __call__(self, input_ids: jax.Array) -> jax.Array:
+    """input_ids: [B, L] -> next-token logits [B, L, V] (float32)."""
+    return self.logits_from_hidden(self.backbone(input_ids).hidden)
+
+
+def pool(hidden: jax.Array, mode: Pooling) -> jax.Array:
+  """Pools [B, L, d] -> [B, d] as upstream's SequenceDecoder (mean includes left padding)."""
+  if mode == "mean":
+    return hidden.mean(axis=1)
+  if mode == "sum":
+    return hidden.sum(axis=1)
+  if mode == "last":
+    return hidden[:, -1]
+  if mode == "first":
+    return hidden[:, 0]
+  raise ValueError(f"pooling must be 'mean', 'last', 'first' or 'sum', got {mode!r}")
+
+
+class SequenceClassifier(nnx.Module):
+  """Backbone + pooling + `output_transform` Linear(d, n_classes) (upstream `head`/`decoder.0`).
+
+  n_classes = 1 gives a regression head.
+  """
+
+  def __init__(self, cfg: HyenaConfig, n_classes: int, *, pooling: Pooling = "mean",
+               rngs: nnx.Rngs):
+    if n_classes < 1:
+      raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    pool(jnp.zeros((1, 1, 1)), pooling)  # validates `pooling` now rather than at first call
+    self.config, self.n_classes, self.pooling = cfg, n_classes, pooling
+    self.backbone = Backbone(cfg, rngs=rngs)
+    bound = 1.0 / math.sqrt(cfg.d_model)  # PyTorch nn.Linear default init
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(  # noqa: E731
+        key, shape, dtype, -bound, bound)
+    self.output_transform = nnx.Linear(cfg.d_model, n_classes, kernel_init=uniform,
+                                       bias_init=uniform, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array) -> jax.Array:
+    """input_ids: [B, L] -> class logits [B, n_classes] (float32)."""
+    return self.output_transform(pool(self.backbone(input_ids).hidden, self.pooling))
+
+
+def check_input_ids(input_ids: jax.Array, cfg: HyenaConfig) -> None:
+  """Validates token ids at the model boundary: rank, dtype, length and (when concrete) range."""
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+  if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise TypeError(f"input_ids must be integers (token ids), got dtype {input_ids.dtype}; "
+                    "tokenize DNA with hyena_jax.tokenizer.CharacterTokenizer")
+  if input_ids.shape[1] > cfg.l_max:
+    raise ValueError(f"sequence length {input_ids.shape[1]} exceeds l_max={cfg.l_max}; use a "
+                     "model with a larger l_max or split the sequence (nothing is truncated)")
+  if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= cfg.padded_vocab_size:
+      raise ValueError(f"token ids must lie in [0, {cfg.padded_vocab_size}), got [{lo}, {hi}]")

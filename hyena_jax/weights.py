@@ -1,0 +1,272 @@
+"""Official PyTorch checkpoints <-> our NNX parameters: the one key map both directions use.
+
+Layouts (detected from the keys, see SPEC section 2):
+  * "hf":         `hyena.backbone.*` + `lm_head.weight`   (LongSafari/*-hf model.safetensors)
+  * "standalone": `backbone.*` [+ `head.output_transform.*`] (standalone_hyenadna state_dict)
+  * "lightning":  `{"state_dict": {"model.backbone.*", "decoder.0.output_transform.*", ...}}`,
+                  possibly with the activation-checkpointing `.mixer.layer.` / `.mlp.layer.` level.
+
+The key map is written once in canonical (standalone) names; PyTorch Linear weights are
+[out, in] and NNX kernels [in, out]; Conv1d weights [C, 1, K] and our short filter [K, 1, C].
+`pos_emb.z`, `pos_emb.t` and `modulation.deltas` are buffers that we recompute; on import they are
+checked against the formulas, so a checkpoint with trained positional features is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+from flax import nnx
+
+from hyena_jax import config as config_lib
+from hyena_jax import hyena
+from hyena_jax.config import HyenaConfig
+
+Layout = str  # "hf" | "standalone" | "lightning"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  torch_key: str                       # canonical (standalone) name
+  path: tuple                          # NNX state path
+  to_jax: Callable[[np.ndarray], np.ndarray]
+  to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def _t2(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x.T)
+
+
+def _conv(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x.transpose(2, 1, 0))
+
+
+def key_map(cfg: HyenaConfig, n_classes: int = 0, head_prefix: str = "head") -> list[Entry]:
+  """Every trainable tensor: canonical torch key, NNX path and the layout conversion."""
+  entries = [Entry("backbone.embeddings.word_embeddings.weight",
+                   ("backbone", "word_embeddings", "embedding"), _same, _same)]
+
+  def linear(tkey: str, path: tuple, bias: bool = True) -> Iterator[Entry]:
+    yield Entry(f"{tkey}.weight", path + ("kernel",), _t2, _t2)
+    if bias:
+      yield Entry(f"{tkey}.bias", path + ("bias",), _same, _same)
+
+  def norm(tkey: str, path: tuple) -> Iterator[Entry]:
+    yield Entry(f"{tkey}.weight", path + ("scale",), _same, _same)
+    yield Entry(f"{tkey}.bias", path + ("bias",), _same, _same)
+
+  n_filter_linears = cfg.num_inner_mlps + 2
+  for i in range(cfg.n_layer):
+    t, p = f"backbone.layers.{i}", ("backbone", "layers", i)
+    m, mp = f"{t}.mixer", p + ("mixer",)
+    entries += [*norm(f"{t}.norm1", p + ("norm1",)),
+                *linear(f"{m}.in_proj", mp + ("in_proj",)),
+                *linear(f"{m}.out_proj", mp + ("out_proj",)),
+                Entry(f"{m}.short_filter.weight", mp + ("short_filter", "kernel"), _conv, _conv),
+                Entry(f"{m}.short_filter.bias", mp + ("short_filter", "bias"), _same, _same),
+                Entry(f"{m}.filter_fn.bias", mp + ("filter_fn", "bias"), _same, _same),
+                Entry(f"{m}.filter_fn.implicit_filter.1.freq", mp + ("filter_fn", "freq"),
+                      _same, _same)]
+    for j in range(n_filter_linears):  # upstream Sequential index 2j; Sin modules in between
+      entries += linear(f"{m}.filter_fn.implicit_filter.{2 * j}",
+                        mp + ("filter_fn", "implicit_filter", j), bias=j < n_filter_linears - 1)
+    entries += [*norm(f"{t}.norm2", p + ("norm2",)),
+                *linear(f"{t}.mlp.fc1", p + ("mlp", "fc1")),
+                *linear(f"{t}.mlp.fc2", p + ("mlp", "fc2"))]
+  entries += norm("backbone.ln_f", ("backbone", "ln_f"))
+  if n_classes:
+    entries += linear(f"{head_prefix}.output_transform", ("output_transform",))
+  return entries
+
+
+def buffers(cfg: HyenaConfig) -> dict[str, np.ndarray]:
+  """The deterministic per-layer buffers upstream stores (canonical names, float32)."""
+  z, t = hyena.positional_features(cfg.l_max, cfg.l_max, cfg.emb_dim)
+  deltas = hyena.decay_rates(cfg.d_model)
+  out = {}
+  for i in range(cfg.n_layer):
+    f = f"backbone.layers.{i}.mixer.filter_fn"
+    out[f"{f}.pos_emb.z"] = np.asarray(z)[None]
+    out[f"{f}.pos_emb.t"] = np.asarray(t)[None]
+    out[f"{f}.modulation.deltas"] = np.asarray(deltas)[None, None]
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a .safetensors, or a torch pickle with `weights_only=True`, into float32 numpy."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    return {k: np.asarray(v) for k, v in load_file(path).items()}
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs PyTorch: pip install 'hyena_jax[torch]'") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises UnpicklingError subclasses and RuntimeErrors here
+    raise ValueError(f"{path}: torch.load(weights_only=True) refused this file ({e}). Only plain "
+                     "tensor state_dicts and Lightning checkpoints are read; pickled code is "
+                     "never executed.") from e
+  if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    obj = obj["state_dict"]
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path}: expected a state_dict (mapping of tensors), got {type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
+  return out
+
+
+_IGNORED = re.compile(r"(^|\.)torchmetrics|^(model\.)?(encoder|decoder)\.(?!0\.output_transform)")
+
+
+def canonicalize(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Layout, str]:
+  """Detects the layout and renames keys to canonical standalone names.
+
+  Returns (canonical dict, layout, head prefix). `lm_head.weight` is checked to equal the
+  embedding (the head is tied) and dropped; aliased `freq` copies are checked and dropped.
+  """
+  keys = list(state_dict)
+  if any(k.startswith("hyena.backbone.") for k in keys):
+    layout, strip = "hf", "hyena."
+  elif any(k.startswith("model.backbone.") for k in keys):
+    layout, strip = "lightning", "model."
+  elif any(k.startswith("backbone.") for k in keys):
+    layout, strip = "standalone", ""
+  else:
+    raise ValueError("not a HyenaDNA checkpoint: no key starts with 'hyena.backbone.', "
+                     f"'model.backbone.' or 'backbone.' (first keys: {keys[:3]})")
+  out: dict[str, np.ndarray] = {}
+  head_prefix = "head"
+  lm_head = None
+  for key, value in state_dict.items():
+    if layout == "lightning" and _IGNORED.search(key):
+      continue
+    name = key[len(strip):] if strip and key.startswith(strip) else key
+    if name == "lm_head.weight":
+      lm_head = value
+      continue
+    if name.startswith("decoder.0.output_transform."):
+      head_prefix = "decoder.0"
+    name = name.replace(".mixer.layer.", ".mixer.").replace(".mlp.layer.", ".mlp.")
+    out[name] = value
+  if lm_head is not None:
+    emb = out.get("backbone.embeddings.word_embeddings.weight")
+    if emb is None or emb.shape != lm_head.shape or not np.array_equal(emb, lm_head):
+      raise ValueError("lm_head.weight differs from the word embeddings; HyenaDNA ties them and "
+                       "this port does not support an untied head")
+  for key in [k for k in out if re.search(r"implicit_filter\.[35]\.freq$", k)]:
+    ref = out.get(key.replace(".3.freq", ".1.freq").replace(".5.freq", ".1.freq"))
+    if ref is None or not np.array_equal(ref, out[key]):
+      raise ValueError(f"{key} differs from implicit_filter.1.freq; upstream shares one Sin "
+                       "frequency across the filter MLP and so does this port")
+    del out[key]
+  return out, layout, head_prefix
+
+
+def infer_config(canonical: Mapping[str, np.ndarray], **overrides) -> HyenaConfig:
+  """Reads the architecture off tensor shapes (used when no config.json is at hand)."""
+  layer_ids = {int(m.group(1)) for k in canonical if (m := re.match(r"backbone\.layers\.(\d+)\.", k))}
+  f0 = "backbone.layers.0.mixer.filter_fn"
+  try:
+    emb = canonical["backbone.embeddings.word_embeddings.weight"]
+    first = canonical[f"{f0}.implicit_filter.0.weight"]
+    n_linear = len({k for k in canonical if re.match(rf"{re.escape(f0)}\.implicit_filter\.\d+\.weight$", k)})
+    values = dict(
+        d_model=emb.shape[1], n_layer=len(layer_ids),
+        d_inner=canonical["backbone.layers.0.mlp.fc1.weight"].shape[0],
+        filter_order=first.shape[0], emb_dim=first.shape[1], num_inner_mlps=n_linear - 2)
+    if f"{f0}.pos_emb.z" in canonical:
+      values["l_max"] = canonical[f"{f0}.pos_emb.z"].shape[1]
+  except KeyError as e:
+    raise ValueError(f"cannot infer the architecture: tensor {e} is missing") from e
+  values.update(overrides)
+  if "l_max" not in values:
+    raise ValueError("this checkpoint stores no pos_emb.z, so l_max is unknown: pass l_max")
+  return config_lib.from_dict(values)
+
+
+def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.ndarray], *,
+              n_classes: int = 0, head_prefix: str = "head", source: str = "checkpoint") -> None:
+  """Copies canonical tensors into `model` in place, refusing unknown, missing or misshapen keys."""
+  entries = key_map(cfg, n_classes, head_prefix)
+  expected_buffers = buffers(cfg)
+  known = {e.torch_key for e in entries} | set(expected_buffers)
+  unknown = sorted(set(canonical) - known)
+  if unknown:
+    hint = (" (a classification head: load it into a SequenceClassifier)"
+            if any("output_transform" in k for k in unknown) else "")
+    raise ValueError(f"{source}: {len(unknown)} key(s) this port does not map{hint}: "
+                     f"{unknown[:8]}")
+  missing = sorted(e.torch_key for e in entries if e.torch_key not in canonical)
+  if missing:
+    raise ValueError(f"{source}: {len(missing)} required key(s) missing: {missing[:8]}")
+  for key, expected in expected_buffers.items():
+    if key in canonical:
+      got = canonical[key]
+      if got.shape != expected.shape:
+        raise ValueError(f"{source}: {key} has shape {got.shape}, expected {expected.shape} for "
+                         f"l_max={cfg.l_max}; the config's l_max does not match the checkpoint")
+      if not np.allclose(got, expected, rtol=1e-5, atol=1e-5):
+        raise ValueError(f"{source}: {key} differs from the deterministic buffer "
+                         f"(max |diff| {np.abs(got - expected).max():.2e}); trained positional "
+                         "features or decay rates are not supported")
+  state = nnx.state(model, nnx.Param)
+  flat = dict(state.flat_state())
+  for e in entries:
+    value = e.to_jax(np.asarray(canonical[e.torch_key]))
+    if e.path not in flat:
+      raise ValueError(f"{source}: model has no parameter at {'.'.join(map(str, e.path))}")
+    var = flat[e.path]
+    if tuple(var.shape) != value.shape:
+      raise ValueError(f"{source}: {e.torch_key} has shape {canonical[e.torch_key].shape}, the "
+                       f"model expects {tuple(var.shape)} (after layout conversion) at "
+                       f"{'.'.join(map(str, e.path))}; check d_model/n_layer/d_inner/filter_order")
+    var[...] = value.astype(var.dtype)
+  nnx.update(model, state)
+
+
+def load_pretrained(path: str | os.PathLike, *, config_path: str | os.PathLike | None = None,
+                    shift: float | None = None, rngs: nnx.Rngs | None = None, **overrides):
+  """Builds and loads a HyenaLM or SequenceClassifier from any official checkpoint layout.
+
+  The architecture comes from `config_path` (an official config.json; by default the one beside
+  the weights if present) or from tensor shapes. `shift` is not recorded in official configs:
+  it defaults to 0.05 (standalone/-hf inference) unless the config names it.
+  Returns (model, config, layout).
+  """
+  from hyena_jax.model import HyenaLM, SequenceClassifier
+  raw = read_state_dict(path)
+  canonical, layout, head_prefix = canonicalize(raw)
+  if config_path is None:
+    beside = os.path.join(os.path.dirname(os.fspath(path)), "config.json")
+    config_path = beside if os.path.isfile(beside) else None
+  if shift is not None:
+    overrides["shift"] = shift
+  if config_path is not None:
+    cfg = config_lib.load_official(config_path, **overrides)
+  else:
+    cfg = infer_config(canonical, **overrides)
+  head_key = f"{head_prefix}.output_transform.weight"
+  n_classes = canonical[head_key].shape[0] if head_key in canonical else 0
+  rngs = rngs or nnx.Rngs(0)
+  model = (SequenceClassifier(cfg, n_classes, rngs=rngs) if n_classes else HyenaLM(cfg, rngs=rngs))
+  load_into(model, cfg, canonical, n_classes=n_classes, head_prefix=head_prefix, source=str(path))
+  return model, cfg, layout

@@ -1,0 +1,31 @@
+"""hyena_jax: HyenaDNA in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hyena_jax",
+    version="0.1.0",
+    description="HyenaDNA genomic foundation model in JAX / Flax NNX, exact to the official model",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hyena_jax", "hyena_jax.*"]),
+    package_data={"hyena_jax": ["data_files/*"]},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "numpy>=1.26",
+        "pyfaidx>=0.9",
+        "absl-py",
+        "ml-collections>=1.1",
+        "tensorboardX",
+        "matplotlib",
+    ],
+    extras_require={
+        "torch": ["torch>=2.1,<3", "safetensors>=0.4"],
+        "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4"],
+    },
+)
