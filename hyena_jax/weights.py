@@ -245,7 +245,7 @@ def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.nd
 
 def load_pretrained(path: str | os.PathLike, *, config_path: str | os.PathLike | None = None,
                     shift: float | None = None, rngs: nnx.Rngs | None = None, **overrides):
-  """Builds and loads a HyenaLM or SequenceClassifier from any official checkpoint layout.
+  """Builds and loads a HyenaLM or SequenceClassifier (in eval mode) from any official layout.
 
   The architecture comes from `config_path` (an official config.json; by default the one beside
   the weights if present) or from tensor shapes. `shift` is not recorded in official configs:
@@ -269,4 +269,5 @@ def load_pretrained(path: str | os.PathLike, *, config_path: str | os.PathLike |
   rngs = rngs or nnx.Rngs(0)
   model = (SequenceClassifier(cfg, n_classes, rngs=rngs) if n_classes else HyenaLM(cfg, rngs=rngs))
   load_into(model, cfg, canonical, n_classes=n_classes, head_prefix=head_prefix, source=str(path))
+  model.eval()  # inference mode (no dropout); call model.train() to fine-tune
   return model, cfg, layout

@@ -1,0 +1,28 @@
+"""Test setup: 8 fake CPU devices for sharding tests, fixtures from $HYENA_JAX_SHARED."""
+
+import os
+import pathlib
+
+# Must precede the first `import jax` anywhere in the test session.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=-reduce")
+
+import pytest  # noqa: E402
+
+SHARED = pathlib.Path(os.environ.get(
+    "HYENA_JAX_SHARED", pathlib.Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+  """Path under the shared folder; skips the test with the reason when it is absent."""
+  path = SHARED.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f"{path} not found: set HYENA_JAX_SHARED to the folder holding parity/ and data/ "
+                "(the golden fixtures are not part of a fresh clone)")
+  return path
+
+
+@pytest.fixture
+def shared():
+  return shared_path
