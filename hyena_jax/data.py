@@ -1,0 +1,402 @@
+"""Input pipelines: Grain pretraining windows over a genome, and labelled fine-tuning sequences.
+
+Pretraining (`make_pretrain_dataset`), in data-flow order:
+
+    range(n_windows) -> seed -> shuffle (train; reseeded every epoch) -> repeat(num_epochs)
+      -> [finite passes: pad with filler rows to a multiple of the global batch]
+      -> random_map(window: fetch, offset, reverse complement, tokenize; Grain's per-record RNG)
+      -> slice(process_index::process_count) -> batch(global_batch // process_count)
+      -> to_iter_dataset(reader threads) -> mp_prefetch(num_workers)
+
+Sharding comes after shuffling and augmentation, so the global batch at step t holds the same
+windows, augmented the same way, whatever the number of hosts: host p takes rows p, p + P, ...
+of the global stream. Filler rows (finite passes only) are all [PAD] with loss_mask 0, so a
+validation pass sees every window exactly once and every host yields the same number of batches.
+
+Augmentation (`rc_aug`, `random_offset`) applies to the "train" split only. Window construction
+and the BED/tiling hold-out are documented in `hyena_jax.genome`.
+
+Fine-tuning: `read_labelled_sequences` (TSV/CSV), `read_labelled_fasta` (FASTA + labels),
+`encode_classification` (left-padded, no [SEP], the official classification encoding) and
+`split_train_test` (seeded hold-out).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import pathlib
+import struct
+from typing import Any, Mapping
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from hyena_jax import genome
+from hyena_jax import tokenizer as tokenizer_lib
+
+BUNDLED_GENOME = "ecoli_k12_w3110.fa.gz"
+_SPLITS = ("train", "valid", "test")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Data fields of the training config (`config.data`)."""
+  c = ml_collections.ConfigDict()
+  # FASTA genome (plain text or bgzip; .fai built on first use); "" = the bundled E. coli genome.
+  c.fasta = ""
+  # BED of `chrom start end split` rows (HyenaDNA human-sequences.bed); "" = tile the genome.
+  c.bed = ""
+  # Tiling only: the last valid_fraction of every FASTA record is the "valid" split.
+  c.valid_fraction = 0.05
+  # Tiling only: tile size in bases; 0 = seq_len + 1 (non-overlapping windows of the run length).
+  c.tile_length = 0
+  # Grain worker processes; 0 = read in the training process.
+  c.num_workers = 0
+  # Batches buffered ahead (per worker when num_workers > 0).
+  c.prefetch_buffer = 2
+  # Threads per process building batches in parallel (pyfaidx reads are locked, numpy is not).
+  c.read_threads = 2
+  # Train split: reverse-complement each window with probability 0.5 (official rc_aug).
+  c.rc_aug = False
+  # Train split: seeded random crop inside intervals longer than the window (official: first bases).
+  c.random_offset = False
+  # Official replace_N_token: N -> [PAD] in inputs and targets.
+  c.replace_n = False
+  # loss_mask = 0 where the target is [PAD] (official ignore_index=4); False = official default.
+  c.mask_pad = False
+  # Soft-masked lowercase bases: "upper" = read as the base, "unk" = [UNK] like the official loader.
+  c.lowercase = "upper"
+  # IUPAC ambiguity codes: "N", "unk" ([UNK]) or "error".
+  c.iupac = "N"
+  return c
+
+
+def cache_dir() -> pathlib.Path:
+  """$HYENA_JAX_CACHE, else $XDG_CACHE_HOME/hyena_jax, else ~/.cache/hyena_jax."""
+  if os.environ.get("HYENA_JAX_CACHE"):
+    return pathlib.Path(os.environ["HYENA_JAX_CACHE"])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return pathlib.Path(base) / "hyena_jax"
+
+
+def bundled_genome() -> str:
+  """Path of the bundled E. coli K-12 W3110 chromosome (NC_007779.1, 4,646,332 bp), indexed.
+
+  The package ships it as plain gzip (1.4 MB; pyfaidx cannot index plain gzip, and BGZF would
+  need Biopython), so the first call decompresses it into `cache_dir()` and builds the `.fai`,
+  both through a temporary file and a rename so concurrent processes never see partial files.
+  """
+  import pyfaidx  # pylint: disable=g-import-not-at-top
+
+  src = pathlib.Path(__file__).parent / "data_files" / BUNDLED_GENOME
+  if not src.is_file():
+    raise FileNotFoundError(f"bundled genome {src} is missing: reinstall hyena_jax (it ships "
+                            "as package data) or set data.fasta to a FASTA file")
+  with open(src, "rb") as f:  # gzip trailer: uncompressed size mod 2**32
+    f.seek(-4, os.SEEK_END)
+    size = struct.unpack("<I", f.read(4))[0]
+  dst = cache_dir() / src.name[:-3]
+  if not dst.is_file() or dst.stat().st_size != size:
+    genome.decompress_to(src, dst)
+  fai = dst.with_name(dst.name + ".fai")
+  if not fai.is_file() or fai.stat().st_mtime < dst.stat().st_mtime:
+    tmp = fai.with_name(f"{fai.name}.tmp{os.getpid()}")
+    pyfaidx.Faidx(str(dst), indexname=str(tmp)).close()
+    os.replace(tmp, fai)
+  return str(dst)
+
+
+def _check_config(cfg: Mapping[str, Any]) -> None:
+  expected = set(default_config().keys())
+  keys = set(cfg.keys())
+  if keys != expected:
+    raise ValueError(f"data config: unknown keys {sorted(keys - expected)}, missing keys "
+                     f"{sorted(expected - keys)}; start from hyena_jax.data.default_config()")
+  problems = []
+  if cfg["lowercase"] not in ("upper", "unk"):
+    problems.append(f"lowercase must be 'upper' or 'unk', got {cfg['lowercase']!r}")
+  if cfg["iupac"] not in ("N", "unk", "error"):
+    problems.append(f"iupac must be 'N', 'unk' or 'error', got {cfg['iupac']!r}")
+  for name, low in (("num_workers", 0), ("prefetch_buffer", 1), ("read_threads", 0),
+                    ("tile_length", 0)):
+    if not isinstance(cfg[name], int) or isinstance(cfg[name], bool) or cfg[name] < low:
+      problems.append(f"{name} must be an int >= {low}, got {cfg[name]!r}")
+  if not 0.0 < cfg["valid_fraction"] < 1.0:
+    problems.append(f"valid_fraction must lie in (0, 1), got {cfg['valid_fraction']!r}")
+  if problems:
+    raise ValueError("data config: " + "; ".join(problems))
+
+
+class _WindowExample(grain.transforms.RandomMap):
+  """Window index -> LM example, with Grain's per-record RNG for the augmentations.
+
+  Index -1 is a filler row (all [PAD], loss_mask 0) that pads a finite pass to whole batches.
+  """
+
+  def __init__(self, windows: genome.GenomeWindows, augment: bool):
+    self.windows = windows
+    self.augment = augment
+
+  def random_map(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if element < 0:
+      length = self.windows.max_length - 1
+      pad = np.full(length, tokenizer_lib.PAD, np.int32)
+      return {"inputs": pad, "targets": pad.copy(), "loss_mask": np.zeros(length, np.float32)}
+    return self.windows.example(int(element), rng if self.augment else None)
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+  return int(value)
+
+
+def make_pretrain_windows(data_cfg: Mapping[str, Any], *, split: str, seq_len: int
+                          ) -> genome.GenomeWindows:
+  """The split's windows (before shuffling and batching); checks the files in this process."""
+  _check_config(data_cfg)
+  if split not in _SPLITS:
+    raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+  seq_len = _check_int("seq_len", seq_len, 1)
+  fasta_path = data_cfg["fasta"] or bundled_genome()
+  fasta = genome.open_fasta(fasta_path)  # builds the .fai once, here, before any worker starts
+  sizes = genome.chrom_sizes(fasta)
+  fasta.close()
+  if data_cfg["bed"]:
+    intervals = genome.read_bed(data_cfg["bed"], sizes, split)
+  else:
+    tile = data_cfg["tile_length"] or seq_len + 1
+    intervals = genome.tile_genome(sizes, tile, data_cfg["valid_fraction"], split)
+  tok = tokenizer_lib.CharacterTokenizer(lowercase=data_cfg["lowercase"], iupac=data_cfg["iupac"])
+  return genome.GenomeWindows(
+      fasta_path, intervals, seq_len, tok, rc_aug=bool(data_cfg["rc_aug"]),
+      random_offset=bool(data_cfg["random_offset"]), replace_n=bool(data_cfg["replace_n"]),
+      mask_pad=bool(data_cfg["mask_pad"]))
+
+
+def make_pretrain_dataset(data_cfg: Mapping[str, Any], *, split: str, seq_len: int,
+                          global_batch_size: int, seed: int, process_index: int | None = None,
+                          process_count: int | None = None, num_epochs: int | None = None
+                          ) -> grain.IterDataset:
+  """Grain pipeline of host-local LM batches (see the module docstring).
+
+  Yields {"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len], "loss_mask": float32
+  [b, seq_len]} with b = global_batch_size // process_count. Windows hold seq_len + 1 tokens.
+  num_epochs=None repeats forever with a fresh seeded shuffle per epoch; an int gives that many
+  passes, padded with filler rows (loss_mask 0) to whole global batches. Checkpoint `iter(ds)`
+  with `grain.checkpoint.CheckpointSave/CheckpointRestore`; a state saved with W workers needs
+  W workers to restore.
+  """
+  windows = make_pretrain_windows(data_cfg, split=split, seq_len=seq_len)
+  global_batch_size = _check_int("global_batch_size", global_batch_size, 1)
+  process_count = _check_int("process_count", jax.process_count() if process_count is None
+                             else process_count, 1)
+  process_index = _check_int("process_index", jax.process_index() if process_index is None
+                             else process_index, 0)
+  if process_index >= process_count:
+    raise ValueError(f"process_index {process_index} must be < process_count {process_count}")
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+                     f"{process_count} processes; use a multiple of {process_count}")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
+  if num_epochs is not None:
+    num_epochs = _check_int("num_epochs", num_epochs, 1)
+
+  ds = grain.MapDataset.range(len(windows)).seed(seed)
+  if split == "train":
+    ds = ds.shuffle()
+  ds = ds.repeat(num_epochs)
+  if num_epochs is not None and len(ds) % global_batch_size:
+    filler = grain.MapDataset.source([-1] * (-len(ds) % global_batch_size))
+    ds = grain.MapDataset.concatenate([ds, filler])
+  ds = ds.random_map(_WindowExample(windows, augment=split == "train"))
+  ds = ds[process_index::process_count]
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  read = grain.ReadOptions(num_threads=data_cfg["read_threads"],
+                           prefetch_buffer_size=data_cfg["prefetch_buffer"])
+  it_ds = ds.to_iter_dataset(read)
+  if data_cfg["num_workers"] > 0:
+    # Grain's worker processes read absl flags; outside absl.app.run (tests, notebooks) they are
+    # not parsed yet, and the defaults are what we want.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_cfg["num_workers"], per_worker_buffer_size=data_cfg["prefetch_buffer"]))
+  return it_ds
+
+
+def to_global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
+                    ) -> dict[str, jax.Array]:
+  """Host-local batch [b, ...] -> global jax.Array [b * process_count, ...] laid out by
+  `sharding` (the mesh's batch sharding, e.g. NamedSharding(mesh, P("data")))."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning sources
+# ---------------------------------------------------------------------------------------------
+
+_DNA_CHARS = frozenset("ACGTN" + tokenizer_lib.IUPAC_AMBIGUITY
+                       + ("ACGTN" + tokenizer_lib.IUPAC_AMBIGUITY).lower())
+
+
+def _open_text(path: str):
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found")
+  if path.endswith(".gz"):
+    return io.TextIOWrapper(gzip.open(path, "rb"), newline="")
+  return open(path, newline="")
+
+
+def _parse_label(text: str, where: str) -> int:
+  try:
+    label = int(text.strip())
+  except ValueError:
+    raise ValueError(f"{where}: label {text!r} is not an integer class id") from None
+  if label < 0:
+    raise ValueError(f"{where}: label {label} is negative; class ids start at 0")
+  return label
+
+
+def _check_dna(seq: str, where: str) -> None:
+  if not seq:
+    raise ValueError(f"{where}: empty sequence")
+  bad = set(seq) - _DNA_CHARS
+  if bad:
+    raise ValueError(f"{where}: invalid character(s) {sorted(bad)} in the sequence; allowed: "
+                     "ACGTN and IUPAC codes, any case")
+
+
+def read_labelled_sequences(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+  """Reads `seq<sep>label` rows (TSV for .tsv/.txt, CSV for .csv, else sniffed; `.gz` allowed).
+
+  A first row whose label is not an integer is a header; the columns named `seq`/`sequence`
+  and `label` are then used (else the first two). Returns (sequences, int64 labels [N]).
+  """
+  path = os.fspath(path)
+  stem = path[:-3] if path.endswith(".gz") else path
+  with _open_text(path) as f:
+    text = f.read()
+  if stem.endswith(".csv"):
+    delim = ","
+  elif stem.endswith((".tsv", ".txt")):
+    delim = "\t"
+  else:
+    delim = "\t" if "\t" in text.split("\n", 1)[0] else ","
+  seqs, labels = [], []
+  seq_col, label_col, header_done = 0, 1, False
+  for lineno, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delim), 1):
+    if not row or not "".join(row).strip():
+      continue
+    where = f"{path}:{lineno}"
+    if not header_done:
+      header_done = True
+      if len(row) >= 2 and not row[1].strip().lstrip("-").isdigit():
+        names = [c.strip().lower() for c in row]
+        seq_col = next((names.index(n) for n in ("seq", "sequence") if n in names), 0)
+        label_col = names.index("label") if "label" in names else 1
+        continue
+    if len(row) <= max(seq_col, label_col):
+      raise ValueError(f"{where}: expected `seq{delim!r}label`, got {len(row)} column(s)")
+    seq = row[seq_col].strip()
+    _check_dna(seq, where)
+    labels.append(_parse_label(row[label_col], where))
+    seqs.append(seq)
+  if not seqs:
+    raise ValueError(f"{path}: no labelled sequences")
+  return seqs, np.asarray(labels, np.int64)
+
+
+def read_fasta_records(path: str | os.PathLike) -> list[tuple[str, str, int]]:
+  """Small-FASTA reader (plain or gzip): [(name, sequence, header line)], in file order."""
+  path = os.fspath(path)
+  records: list[list] = []
+  with _open_text(path) as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.rstrip("\r\n")
+      if line.startswith(">"):
+        name = line[1:].split(maxsplit=1)[0] if line[1:].strip() else ""
+        if not name:
+          raise ValueError(f"{path}:{lineno}: FASTA header without a name")
+        records.append([name, [], lineno])
+      elif line.strip() and not line.startswith(";"):
+        if not records:
+          raise ValueError(f"{path}:{lineno}: sequence before the first '>' header; is this "
+                           "a FASTA file?")
+        records[-1][1].append(line.strip())
+  out = []
+  for name, parts, lineno in records:
+    seq = "".join(parts)
+    if not seq:
+      raise ValueError(f"{path}:{lineno}: FASTA record {name!r} is empty")
+    _check_dna(seq, f"{path}:{lineno} ({name})")
+    out.append((name, seq, lineno))
+  if not out:
+    raise ValueError(f"{path}: no FASTA records")
+  return out
+
+
+def read_labelled_fasta(fasta_path: str | os.PathLike, labels_path: str | os.PathLike
+                        ) -> tuple[list[str], np.ndarray]:
+  """FASTA sequences + a `name<TAB>label` file (optional header); every record needs a label.
+
+  Returns (sequences, int64 labels [N]) in FASTA order.
+  """
+  records = read_fasta_records(fasta_path)
+  labels_path = os.fspath(labels_path)
+  by_name: dict[str, int] = {}
+  with _open_text(labels_path) as f:
+    for lineno, line in enumerate(f, 1):
+      cols = line.strip().split("\t") if "\t" in line else line.split()
+      if not cols:
+        continue
+      where = f"{labels_path}:{lineno}"
+      if len(cols) != 2:
+        raise ValueError(f"{where}: expected `name<TAB>label`, got {len(cols)} column(s)")
+      if not by_name and lineno == 1 and not cols[1].lstrip("-").isdigit():
+        continue  # header
+      if cols[0] in by_name:
+        raise ValueError(f"{where}: duplicate label for {cols[0]!r}")
+      by_name[cols[0]] = _parse_label(cols[1], where)
+  missing = [(name, line) for name, _, line in records if name not in by_name]
+  if missing:
+    raise ValueError(f"{fasta_path}:{missing[0][1]}: record {missing[0][0]!r} has no label in "
+                     f"{labels_path} ({len(missing)} unlabelled)")
+  return [s for _, s, _ in records], np.asarray([by_name[n] for n, _, _ in records], np.int64)
+
+
+def encode_classification(seqs: list[str], labels: np.ndarray, max_length: int,
+                          tokenizer: tokenizer_lib.CharacterTokenizer, truncate: bool = False
+                          ) -> dict[str, np.ndarray]:
+  """Official classification encoding: no [SEP], left-padded with [PAD] to max_length.
+
+  Returns {"inputs": int32 [N, max_length], "labels": int32 [N]}. Sequences longer than
+  max_length are an error unless `truncate` (then the first max_length bases are kept, as the
+  official `truncation=True`).
+  """
+  labels = np.asarray(labels)
+  if labels.shape != (len(seqs),):
+    raise ValueError(f"{len(seqs)} sequences but labels of shape {labels.shape}")
+  inputs = tokenizer.encode_batch(seqs, _check_int("max_length", max_length, 1), add_eos=False,
+                                  truncate=truncate)
+  return {"inputs": inputs.astype(np.int32), "labels": labels.astype(np.int32)}
+
+
+def split_train_test(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded hold-out: (train_idx, test_idx), sorted int64 arrays partitioning range(n).
+
+  The test size is round(n * test_fraction), at least 1 and at most n - 1.
+  """
+  n = _check_int("n", n, 2)
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+  n_test = min(max(int(round(n * test_fraction)), 1), n - 1)
+  perm = np.random.default_rng(seed).permutation(n)
+  return np.sort(perm[n_test:]), np.sort(perm[:n_test])

@@ -1,0 +1,314 @@
+"""Genome access for pretraining: indexed FASTA, BED intervals, tiling, and window construction.
+
+This module knows nothing about Grain; `hyena_jax.data` builds the pipeline on top of it.
+
+Windows follow the official HyenaDNA hg38 loader (SPEC section 3) with `max_length = seq_len + 1`:
+  1. an interval shorter than max_length is extended symmetrically (`extra // 2` bases on the
+     left, the rest on the right);
+  2. the result is clipped to the allowed span (the chromosome for BED intervals, the tiling
+     region for tiles, so train and valid tiles never share bases); edge windows come out short;
+  3. an interval longer than max_length keeps its first max_length bases, or, with
+     `random_offset`, max_length bases at a seeded offset (the official code has no offset);
+  4. optional reverse complement of the fetched window (before truncation, as the official
+     code does on the string);
+  5. tokenization keeps the first max_length - 1 bases, appends [SEP] and left-pads with [PAD]
+     to max_length tokens; `inputs = ids[:-1]`, `targets = ids[1:]`.
+
+FASTA files: plain text (any line width, LF or CRLF) or bgzip (needs Biopython, which pyfaidx
+uses for BGZF). Plain gzip cannot be indexed for random access: `open_fasta` says how to fix it.
+The `.fai` index is built beside the FASTA on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+
+import numpy as np
+
+_GZIP_MAGIC = b"\x1f\x8b"
+BED_SPLITS = ("train", "valid", "test")
+
+
+def _fasta_compression(path: str) -> str:
+  """'plain', 'bgzip' or 'gzip', from the first block header (BGZF = gzip with a 'BC' field)."""
+  with open(path, "rb") as f:
+    head = f.read(18)
+  if head[:2] != _GZIP_MAGIC:
+    return "plain"
+  has_extra = len(head) >= 4 and head[3] & 0x04
+  return "bgzip" if has_extra and head[12:14] == b"BC" else "gzip"
+
+
+def _header_line(path: str, name: str) -> int | None:
+  """1-based line number of the FASTA header `>name ...` (only used to word error messages)."""
+  opener = gzip.open if _fasta_compression(path) != "plain" else open
+  with opener(path, "rt", errors="replace") as f:
+    for lineno, line in enumerate(f, 1):
+      if line.startswith(">") and line[1:].split(maxsplit=1)[:1] == [name]:
+        return lineno
+  return None
+
+
+def open_fasta(path: str | os.PathLike):
+  """Opens an indexed FASTA with pyfaidx, building `<path>.fai` if needed, after checking it.
+
+  Raises FileNotFoundError / ValueError with the file, the line and the fix for: a missing
+  file, plain gzip, text before the first header, ragged line widths, no records, and empty
+  records. Returns a `pyfaidx.Fasta` reading raw case-preserving strings.
+  """
+  import pyfaidx  # pylint: disable=g-import-not-at-top  (only the genome path needs it)
+
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"FASTA file {path} not found; set data.fasta to an existing file "
+                            "(or '' for the bundled E. coli genome; launch/prepare_hg38.sh "
+                            "downloads hg38)")
+  kind = _fasta_compression(path)
+  if kind == "gzip":
+    raise ValueError(
+        f"{path} is plain gzip, which cannot be indexed for random access. Either decompress "
+        f"it (`gunzip -k {path}`) or recompress it as BGZF (`gunzip -c {path} | bgzip > "
+        f"{path[:-3] if path.endswith('.gz') else path}.bgz.gz`, bgzip is in htslib/tabix; "
+        "reading BGZF also needs `pip install biopython`)")
+  try:
+    fasta = pyfaidx.Fasta(path, as_raw=True, sequence_always_upper=False,
+                          build_index=True)
+  except pyfaidx.FastaIndexingError as e:
+    raise ValueError(f"{path}: not a valid indexable FASTA: {e}") from e
+  except ImportError as e:
+    raise ValueError(f"{path} is BGZF-compressed, and pyfaidx needs Biopython to read it: "
+                     f"`pip install biopython`, or decompress it with `bgzip -d`") from e
+  empty = [name for name, rec in fasta.faidx.index.items() if rec.rlen == 0]
+  if empty:
+    line = _header_line(path, empty[0])
+    fasta.close()
+    raise ValueError(f"{path}:{line}: FASTA record {empty[0]!r} is empty ({len(empty)} empty "
+                     "record(s)); remove empty records from the file")
+  if not fasta.faidx.index:
+    fasta.close()
+    raise ValueError(f"{path}: FASTA has no records")
+  return fasta
+
+
+def chrom_sizes(fasta) -> dict[str, int]:
+  """Record name -> length in bases, in file order."""
+  return {name: int(rec.rlen) for name, rec in fasta.faidx.index.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Intervals:
+  """Genomic intervals with the span each may be extended and clipped to.
+
+  All arrays are int64 [n]: `chrom` indexes `names`; [start, end) is the interval; [lo, hi) is the
+  span a window may cover (the chromosome for BED rows, the hold-out region for tiles).
+  """
+  names: tuple[str, ...]
+  chrom: np.ndarray
+  start: np.ndarray
+  end: np.ndarray
+  lo: np.ndarray
+  hi: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.chrom.shape[0])
+
+  @classmethod
+  def from_rows(cls, names, rows: list[tuple[int, int, int, int, int]]) -> Intervals:
+    arr = np.asarray(rows, np.int64).reshape(-1, 5)
+    return cls(tuple(names), *(np.ascontiguousarray(arr[:, k]) for k in range(5)))
+
+
+def read_bed(path: str | os.PathLike, sizes: dict[str, int], split: str | None = None
+             ) -> Intervals:
+  """Reads `chrom start end [split ...]` rows (tab or space separated; `.gz` allowed).
+
+  Skips blank lines and `#`, `track`, `browser` lines. With `split`, keeps rows whose 4th column
+  equals it (HyenaDNA's `human-sequences.bed`: train/valid/test). Every bad row is an error
+  naming the file and line: too few columns, non-integer or negative coordinates, end <= start,
+  a chromosome not in the FASTA, an end past the chromosome end, a missing split column.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"BED file {path} not found; set data.bed to an existing file, or "
+                            "'' to tile the genome")
+  names = list(sizes)
+  index = {name: i for i, name in enumerate(names)}
+  rows, seen_splits = [], {}
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    for lineno, raw in enumerate(f, 1):
+      line = raw.rstrip("\r\n")
+      if not line.strip() or line.startswith(("#", "track", "browser")):
+        continue
+      where = f"{path}:{lineno}"
+      cols = line.split("\t") if "\t" in line else line.split()
+      if len(cols) < 3:
+        raise ValueError(f"{where}: expected `chrom start end [split]`, got {len(cols)} "
+                         f"column(s): {line[:80]!r}")
+      chrom, start_s, end_s = cols[0], cols[1], cols[2]
+      try:
+        start, end = int(start_s), int(end_s)
+      except ValueError:
+        raise ValueError(f"{where}: start/end must be integers, got {start_s!r} {end_s!r}"
+                         ) from None
+      if start < 0 or end <= start:
+        raise ValueError(f"{where}: bad interval {chrom}:{start}-{end} (need 0 <= start < end; "
+                         "BED is 0-based, half-open)")
+      if chrom not in index:
+        sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(f"{where}: chromosome {chrom!r} is not in the FASTA ({sample}); use "
+                         "the genome the BED was made for (hg38 for human-sequences.bed)")
+      if end > sizes[chrom]:
+        raise ValueError(f"{where}: end {end} is past the end of {chrom} ({sizes[chrom]} bp); "
+                         "the BED and FASTA assemblies differ?")
+      if split is not None:
+        if len(cols) < 4:
+          raise ValueError(f"{where}: no split column (4th) to select split={split!r}")
+        seen_splits[cols[3]] = seen_splits.get(cols[3], 0) + 1
+        if cols[3] != split:
+          continue
+      rows.append((index[chrom], start, end, 0, sizes[chrom]))
+  if not rows:
+    found = f"; splits present: {dict(sorted(seen_splits.items()))}" if seen_splits else ""
+    raise ValueError(f"{path}: no intervals for split={split!r}{found}")
+  return Intervals.from_rows(names, rows)
+
+
+def tile_genome(sizes: dict[str, int], tile_length: int, valid_fraction: float, split: str
+                ) -> Intervals:
+  """Deterministic tiling hold-out when no BED is given.
+
+  Each record is cut at `floor(len * (1 - valid_fraction))`: the part before is "train", the
+  part after is "valid" (there is no "test" split: give a BED for that). Each part is tiled
+  from its start with non-overlapping tiles of `tile_length`; the tail shorter than a tile is
+  dropped, except that a part shorter than one tile becomes a single tile. Windows built from a
+  tile are clipped to its part, so train and valid windows never share bases.
+  """
+  if split not in ("train", "valid"):
+    raise ValueError(f"tiling the genome (data.bed='') defines only 'train' and 'valid', got "
+                     f"split={split!r}; give a BED with a split column for other splits")
+  if not 0.0 < valid_fraction < 1.0:
+    raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction}")
+  if tile_length < 1:
+    raise ValueError(f"tile_length must be >= 1, got {tile_length}")
+  rows = []
+  for c, (name, size) in enumerate(sizes.items()):
+    cut = int(size * (1.0 - valid_fraction))
+    lo, hi = (0, cut) if split == "train" else (cut, size)
+    if hi <= lo:
+      continue
+    n = (hi - lo) // tile_length
+    if n == 0:
+      rows.append((c, lo, hi, lo, hi))
+    for k in range(n):
+      rows.append((c, lo + k * tile_length, lo + (k + 1) * tile_length, lo, hi))
+  if not rows:
+    raise ValueError(f"the genome ({sum(sizes.values())} bp) gives no {split!r} tiles")
+  return Intervals.from_rows(sizes, rows)
+
+
+def window_span(start: int, end: int, lo: int, hi: int, max_length: int, offset: int = 0
+                ) -> tuple[int, int]:
+  """[s, e) read for one interval (steps 1-3 of the module docstring). `offset` only applies to
+  intervals longer than max_length and must lie in [0, (end - start) - max_length]."""
+  length = end - start
+  if length < max_length:
+    extra = max_length - length
+    start -= extra // 2
+    end += extra - extra // 2
+  start, end = max(start, lo), min(end, hi)
+  if length > max_length:
+    start += offset
+    end = start + max_length
+  return start, end
+
+
+def lm_example(bases: np.ndarray, max_length: int, *, rc_table: np.ndarray | None,
+               replace_n: bool, mask_pad: bool) -> dict[str, np.ndarray]:
+  """Language-model example from base ids int32 [<= max_length] (steps 4-5).
+
+  Returns {"inputs": int32 [max_length - 1], "targets": int32 [max_length - 1],
+  "loss_mask": float32 [max_length - 1]}.
+  """
+  # Imported here to keep the token constants in one place (tokenizer.py).
+  from hyena_jax.tokenizer import N, PAD, SEP  # pylint: disable=g-import-not-at-top
+
+  if rc_table is not None:
+    bases = rc_table[bases[::-1]]
+  keep = min(bases.shape[0], max_length - 1)
+  ids = np.full(max_length, PAD, np.int32)
+  ids[max_length - 1 - keep:max_length - 1] = bases[:keep]
+  ids[-1] = SEP
+  if replace_n:
+    ids[ids == N] = PAD
+  targets = ids[1:]
+  loss_mask = (targets != PAD).astype(np.float32) if mask_pad else np.ones(max_length - 1,
+                                                                           np.float32)
+  return {"inputs": ids[:-1], "targets": targets, "loss_mask": loss_mask}
+
+
+class GenomeWindows:
+  """Random access to tokenized windows: `example(i, rng)` for interval i.
+
+  Picklable for Grain worker processes: the pyfaidx handle is opened lazily in each process and
+  dropped when pickled.
+  """
+
+  def __init__(self, fasta_path: str, intervals: Intervals, seq_len: int, tokenizer, *,
+               rc_aug: bool, random_offset: bool, replace_n: bool, mask_pad: bool):
+    self.fasta_path = fasta_path
+    self.intervals = intervals
+    self.max_length = seq_len + 1
+    self.tokenizer = tokenizer
+    self.rc_aug = rc_aug
+    self.random_offset = random_offset
+    self.replace_n = replace_n
+    self.mask_pad = mask_pad
+    self._fasta = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_fasta"] = None
+    return state
+
+  def __len__(self) -> int:
+    return len(self.intervals)
+
+  def span(self, i: int, rng: np.random.Generator | None) -> tuple[str, int, int, bool]:
+    """(chrom, s, e, reverse_complement) of window i; draws from `rng` in a fixed order."""
+    iv = self.intervals
+    start, end = int(iv.start[i]), int(iv.end[i])
+    offset, flip = 0, False
+    if rng is not None and self.random_offset and end - start > self.max_length:
+      offset = int(rng.integers(0, end - start - self.max_length + 1))
+    if rng is not None and self.rc_aug:
+      flip = bool(rng.random() < 0.5)
+    s, e = window_span(start, end, int(iv.lo[i]), int(iv.hi[i]), self.max_length, offset)
+    return iv.names[iv.chrom[i]], s, e, flip
+
+  def example(self, i: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """Tokenized LM example of window i (see `lm_example`); `rng=None` = no augmentation."""
+    if self._fasta is None:
+      self._fasta = open_fasta(self.fasta_path)
+    chrom, s, e, flip = self.span(i, rng)
+    where = f"{self.fasta_path} {chrom}:{s}-{e}"
+    seq = self._fasta.get_seq(chrom, s + 1, e) if e > s else ""
+    bases = self.tokenizer.tokenize(seq, where=where)
+    if bases.shape[0] != e - s:
+      raise ValueError(f"{where}: read {bases.shape[0]} bases, expected {e - s}; is the .fai "
+                       "index stale? delete it to rebuild")
+    return lm_example(bases, self.max_length, rc_table=self.tokenizer.complement if flip else None,
+                      replace_n=self.replace_n, mask_pad=self.mask_pad)
+
+
+def decompress_to(src: pathlib.Path, dst: pathlib.Path) -> None:
+  """gunzip src into dst atomically (temp file + rename), so concurrent processes are safe."""
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}")
+  with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+    while chunk := fin.read(1 << 20):
+      fout.write(chunk)
+  os.replace(tmp, dst)
