@@ -78,7 +78,7 @@ def build_model(cfg: HyenaConfig, n_classes: int = 0, pooling: str = "mean",
 
 def abstract_params(model: nnx.Module, shardings: Any = None) -> dict:
   """ShapeDtypeStruct tree of the model's parameters (optionally with shardings)."""
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if shardings is None:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -129,7 +129,7 @@ def restore_model(workdir: str, step: int | None = None, *, shardings: Any = Non
   model = build_model(cfg, n_classes, pooling) if shardings is None else abstract_model
   graphdef, state = nnx.split(model)
   params_state = nnx.state(model, nnx.Param)
-  params_state.replace_by_pure_dict(restored["params"])
+  nnx.replace_by_pure_dict(params_state, restored["params"])
   if shardings is not None:
     # Non-parameter state (dropout RNG) of an abstract model is rebuilt concretely.
     concrete_rest = nnx.state(build_model(cfg, n_classes, pooling, rngs=nnx.Rngs(0)),
@@ -144,7 +144,7 @@ def restore_model(workdir: str, step: int | None = None, *, shardings: Any = Non
 def save_model(workdir: str, model: nnx.Module, run_config: Mapping[str, Any] |
                ml_collections.ConfigDict, step: int = 0) -> str:
   """Writes a parameters-only checkpoint (e.g. a converted PyTorch release) training can start from."""
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with make_manager(workdir, keep_best=False, async_save=False) as mngr:
     if step in mngr.all_steps():
       raise FileExistsError(f"{checkpoint_dir(workdir)} already has step {step}; choose another "

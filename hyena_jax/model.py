@@ -93,15 +93,24 @@ class Backbone(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
     self.ln_f = _layer_norm(cfg.d_model, cfg, rngs)
 
-  def embed(self, input_ids: jax.Array) -> jax.Array:
-    """input_ids: [B, L] -> [B, L, d] float32 (after embedding dropout in training)."""
+  def embed(self, input_ids: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """input_ids: [B, L] -> [B, L, d] float32 (after embedding dropout in training mode).
+
+    `dropout_key` makes the dropout mask a pure function of the key (train steps derive it from
+    the step number, so a resumed run draws the same masks); None uses the module's RNG stream.
+    """
     check_input_ids(input_ids, self.config)
-    return self.embed_dropout(self.word_embeddings(input_ids).astype(jnp.float32))
+    return self.embed_dropout(self.word_embeddings(input_ids).astype(jnp.float32),
+                              rngs=dropout_key)
 
   def __call__(self, input_ids: jax.Array, *, embeddings: jax.Array | None = None,
-               return_layers: bool = False) -> BackboneOutput:
+               return_layers: bool = False, dropout_key: jax.Array | None = None
+               ) -> BackboneOutput:
     """input_ids: [B, L] ints, or `embeddings` [B, L, d] (e.g. with soft prompts prepended)."""
-    x = self.embed(input_ids) if embeddings is None else embeddings.astype(jnp.float32)
+    if embeddings is None:
+      x = self.embed(input_ids, dropout_key)
+    else:
+      x = embeddings.astype(jnp.float32)
     if x.shape[1] > self.config.l_max:
       raise ValueError(f"sequence length {x.shape[1]} exceeds l_max={self.config.l_max}")
     layers = []
@@ -127,9 +136,9 @@ class HyenaLM(nnx.Module):
     table = self.backbone.word_embeddings.embedding[...]
     return jnp.einsum("...d,vd->...v", hidden.astype(jnp.float32), table.astype(jnp.float32))
 
-  def __call__(self, input_ids: jax.Array) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """input_ids: [B, L] -> next-token logits [B, L, V] (float32)."""
-    return self.logits_from_hidden(self.backbone(input_ids).hidden)
+    return self.logits_from_hidden(self.backbone(input_ids, dropout_key=dropout_key).hidden)
 
 
 def pool(hidden: jax.Array, mode: Pooling) -> jax.Array:
@@ -164,9 +173,10 @@ class SequenceClassifier(nnx.Module):
     self.output_transform = nnx.Linear(cfg.d_model, n_classes, kernel_init=uniform,
                                        bias_init=uniform, rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """input_ids: [B, L] -> class logits [B, n_classes] (float32)."""
-    return self.output_transform(pool(self.backbone(input_ids).hidden, self.pooling))
+    hidden = self.backbone(input_ids, dropout_key=dropout_key).hidden
+    return self.output_transform(pool(hidden, self.pooling))
 
 
 def check_input_ids(input_ids: jax.Array, cfg: HyenaConfig) -> None:

@@ -229,7 +229,7 @@ def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.nd
                          f"(max |diff| {np.abs(got - expected).max():.2e}); trained positional "
                          "features or decay rates are not supported")
   state = nnx.state(model, nnx.Param)
-  flat = dict(state.flat_state())
+  flat = dict(nnx.to_flat_state(state))
   for e in entries:
     value = e.to_jax(np.asarray(canonical[e.torch_key]))
     if e.path not in flat:
