@@ -126,17 +126,11 @@ def restore_model(workdir: str, step: int | None = None, *, shardings: Any = Non
   with ocp.CheckpointManager(checkpoint_dir(workdir),
                              options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  model = build_model(cfg, n_classes, pooling) if shardings is None else abstract_model
-  graphdef, state = nnx.split(model)
-  params_state = nnx.state(model, nnx.Param)
+  # The model holds only Params (dropout takes its key per call), so the restored parameters
+  # are the whole state.
+  graphdef, params_state = nnx.split(abstract_model, nnx.Param)
   nnx.replace_by_pure_dict(params_state, restored["params"])
-  if shardings is not None:
-    # Non-parameter state (dropout RNG) of an abstract model is rebuilt concretely.
-    concrete_rest = nnx.state(build_model(cfg, n_classes, pooling, rngs=nnx.Rngs(0)),
-                              nnx.Not(nnx.Param))
-    model = nnx.merge(graphdef, params_state, concrete_rest)
-  else:
-    nnx.update(model, params_state)
+  model = nnx.merge(graphdef, params_state)
   model.eval()  # inference mode (no dropout); call model.train() to fine-tune
   return model, run_config, step
 

@@ -89,15 +89,16 @@ class Backbone(nnx.Module):
     self.config = cfg
     self.word_embeddings = nnx.Embed(cfg.padded_vocab_size, cfg.d_model, rngs=rngs,
                                      embedding_init=_normal(cfg.initializer_range))
-    self.embed_dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
+    # No RNG stream of its own: training passes `dropout_key`, so the model holds only Params.
+    self.embed_dropout = nnx.Dropout(cfg.embed_dropout)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
     self.ln_f = _layer_norm(cfg.d_model, cfg, rngs)
 
   def embed(self, input_ids: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """input_ids: [B, L] -> [B, L, d] float32 (after embedding dropout in training mode).
 
-    `dropout_key` makes the dropout mask a pure function of the key (train steps derive it from
-    the step number, so a resumed run draws the same masks); None uses the module's RNG stream.
+    In training mode `dropout_key` is required: masks are a pure function of the key (train
+    steps derive it from the step number, so a resumed run draws the same masks).
     """
     check_input_ids(input_ids, self.config)
     return self.embed_dropout(self.word_embeddings(input_ids).astype(jnp.float32),

@@ -1,0 +1,124 @@
+"""The pretraining run config: the recipe every file in configs/ starts from.
+
+A config file is `get_config()` returning `base_config()` with fields changed, read top to
+bottom. `validate(config)` runs before anything is built and says what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from hyena_jax.config import HyenaConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from hyena_jax import data  # the data fields are declared beside the pipeline that reads them
+
+  config = ml_collections.ConfigDict()
+  # Model hyperparameters: every HyenaConfig field, with its defaults (tiny-1k).
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(HyenaConfig()))
+  # Input pipeline (FASTA/BED, workers, augmentation); see hyena_jax/data.py.
+  config.data = data.default_config()
+
+  config.train = ml_collections.ConfigDict()
+  # Seed of parameter init, data order and dropout.
+  config.train.seed = 2222
+  # Sequences per optimizer step, constant across stages (the official recipe keeps it fixed).
+  config.train.global_batch_size = 256
+  # Sequence-length warm-up: (steps, seq_len, grad_accum) per stage. Each stage compiles one
+  # step; grad_accum splits the global batch into that many micro-batches (memory), the
+  # learning-rate schedule runs over the sum of steps without restarting.
+  config.train.stages = ((10_000, 1024, 1),)
+  # Log a line (and JSONL/TensorBoard metrics) every N steps.
+  config.train.log_every_steps = 50
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 6e-4
+  # Linear warm-up length as a fraction of all steps (timm warmup_t = 0.01 t_initial upstream).
+  config.optim.warmup_fraction = 0.01
+  config.optim.init_lr = 1e-6
+  config.optim.min_lr_ratio = 0.1
+  config.optim.weight_decay = 0.1
+  # The implicit-filter MLP is trained without weight decay (upstream `_optim` group).
+  config.optim.filter_weight_decay = 0.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.grad_clip = 1.0
+
+  config.mesh = ml_collections.ConfigDict()
+  # Device mesh; -1 takes the remaining devices. fsdp shards parameters and optimizer state.
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  # Context parallelism (split each sequence over devices); 1 = off.
+  config.mesh.sequence = 1
+
+  config.eval = ml_collections.ConfigDict()
+  # Evaluate on the valid split every N steps (and at the end); 0 = only at the end.
+  config.eval.every_steps = 1000
+  # Batches per evaluation (at the last stage's seq_len); each holds eval.batch_size sequences.
+  config.eval.num_batches = 16
+  config.eval.batch_size = 32
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1000
+  # Keep the last N checkpoints plus the best by validation loss.
+  config.checkpoint.keep_last = 3
+  config.checkpoint.keep_best = True
+  config.checkpoint.async_save = True
+  # Start from the parameters of another run's (or a converted release's) checkpoint when the
+  # workdir has none of its own: "" or a workdir path.
+  config.checkpoint.init_from = ""
+  return config
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  return sum(int(stage[0]) for stage in config.train.stages)
+
+
+def stage_boundaries(config: ml_collections.ConfigDict) -> list[int]:
+  """First step of each stage, plus the total at the end."""
+  bounds = [0]
+  for stage in config.train.stages:
+    bounds.append(bounds[-1] + int(stage[0]))
+  return bounds
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> HyenaConfig:
+  """Checks the run config before anything is built; returns the model config."""
+  from hyena_jax import config as config_lib
+  model = config_lib.from_dict(config.model.to_dict())
+  errors = []
+  stages = config.train.stages
+  if not stages:
+    errors.append("train.stages is empty; give at least one (steps, seq_len, grad_accum)")
+  batch = config.train.global_batch_size
+  for i, stage in enumerate(stages):
+    if len(stage) != 3 or not all(isinstance(v, int) and v > 0 for v in stage):
+      errors.append(f"train.stages[{i}]={stage!r}: expected (steps, seq_len, grad_accum) of "
+                    "positive ints")
+      continue
+    steps, seq_len, accum = stage
+    if seq_len > model.l_max:
+      errors.append(f"train.stages[{i}] seq_len={seq_len} exceeds model.l_max={model.l_max}; "
+                    "raise model.l_max or shorten the stage")
+    if batch % accum:
+      errors.append(f"train.stages[{i}] grad_accum={accum} does not divide "
+                    f"train.global_batch_size={batch}")
+    elif num_devices and num_devices > 1:
+      dp = num_devices // max(config.mesh.sequence, 1)
+      if (batch // accum) % dp:
+        errors.append(f"train.stages[{i}]: micro-batch {batch // accum} (global_batch_size/"
+                      f"grad_accum) is not divisible by the {dp} data-parallel devices")
+  if config.eval.batch_size < 1 or config.eval.num_batches < 0:
+    errors.append("eval.batch_size must be >= 1 and eval.num_batches >= 0")
+  elif num_devices and config.eval.batch_size % (num_devices // max(config.mesh.sequence, 1)):
+    errors.append(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
+                  f"{num_devices // max(config.mesh.sequence, 1)} data-parallel devices")
+  if not 0 <= config.optim.warmup_fraction < 1:
+    errors.append(f"optim.warmup_fraction must be in [0, 1), got {config.optim.warmup_fraction}")
+  if errors:
+    raise ValueError("invalid run config:\n  " + "\n  ".join(errors))
+  return model

@@ -1,0 +1,68 @@
+"""The only file that names mesh axes.
+
+Mesh axes: "data" (pure data parallelism), "fsdp" (data parallelism with parameters and optimizer
+state sharded, gathered per layer by XLA), "sequence" (context parallelism: one sequence split
+along its length, see context_parallel.py). Batches are sharded over ("data", "fsdp"); each
+device's long convolutions then run over whole sequences, so FFTs stay device-local.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "sequence")
+BATCH_AXES = ("data", "fsdp")
+# Parameters smaller than this stay replicated: sharding them saves nothing and costs collectives.
+MIN_FSDP_SIZE = 2 ** 14
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1,
+              devices: list | None = None) -> Mesh:
+  """A (data, fsdp, sequence) mesh; one axis may be -1 to take the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, sequence]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} "
+                     f"sequence={sequence}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x sequence={sequence} does not divide "
+                     f"the {len(devices)} available devices")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{len(devices)} are available; set one axis to -1")
+  grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[batch, length] arrays: batch split over data x fsdp, length whole."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+  """Shards the largest axis divisible by the fsdp size (big_vision's "fsdp" rule)."""
+  if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of arrays/ShapeDtypeStructs (parameters or optimizer state)."""
+  fsdp_size = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size)), tree)
