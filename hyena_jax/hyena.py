@@ -24,14 +24,16 @@ from hyena_jax import fftconv
 _normal = nnx.initializers.normal
 
 
-def positional_features(length: int, l_max: int, emb_dim: int) -> tuple[jax.Array, jax.Array]:
-  """First `length` rows of the filter's positional grid, built for `l_max`.
+def positional_features(length: int, l_max: int, emb_dim: int,
+                        start: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
+  """Rows start .. start+length-1 of the filter's positional grid, built for `l_max`.
 
   Returns z: [length, emb_dim] = [t, cos(f_j w), ..., -sin(f_j w), ...] and t: [length, 1],
   with t_i = i / (l_max - 1), w_i = 2 pi i / l_max, f = linspace(1e-4, bands - 1, bands).
+  `start` (may be traced) lets a sequence shard build only its own rows (context parallelism).
   """
   bands = (emb_dim - 1) // 2
-  i = jnp.arange(length, dtype=jnp.float32)[:, None]
+  i = (jnp.arange(length) + start).astype(jnp.float32)[:, None]
   t = i * jnp.float32(1.0 / (l_max - 1))
   w = i * jnp.float32(2.0 * math.pi / l_max)
   f = jnp.linspace(1e-4, bands - 1, bands, dtype=jnp.float32)[None, :]
@@ -63,11 +65,15 @@ class HyenaFilter(nnx.Module):
     self.freq = nnx.Param(jnp.full((1, filter_order), activation_freq, jnp.float32))
     self.bias = nnx.Param(jax.random.normal(rngs.params(), (d_model,), jnp.float32))
 
-  def __call__(self, length: int) -> jax.Array:
-    """Returns the filter k: [d_model, length] in float32 (the FFT runs in float32)."""
+  def __call__(self, length: int, *, start: int | jax.Array = 0) -> jax.Array:
+    """Returns the filter k: [d_model, length] in float32 (the FFT runs in float32).
+
+    With `start`, returns taps start .. start+length-1 instead (a context-parallel shard's own
+    positions); taps at or beyond l_max are extrapolations that the caller must mask.
+    """
     if length > self.l_max:
       raise ValueError(f"sequence length {length} exceeds l_max={self.l_max}")
-    z, t = positional_features(length, self.l_max, self.emb_dim)
+    z, t = positional_features(length, self.l_max, self.emb_dim, start)
     h = z
     for layer in self.implicit_filter[:-1]:
       h = jnp.sin(self.freq[...] * layer(h))

@@ -1,0 +1,383 @@
+"""Context (sequence) parallelism: one sequence sharded along its length across devices.
+
+Layout (N = size of the `sequence` mesh axis, c = Lp / N positions per device):
+
+    ids [B, L] -> embed (+ dropout) -> pad on the right to Lp = N * c -> x [B, Lp, d],
+    sharded [B / data, Lp / N, d]; then, per device inside `jax.shard_map`, for each block:
+      norm1, in_proj, MLP, norm2, gating, out_proj   position-wise on the local [b, c, .] slice
+      short depthwise conv                           2-position halo from the previous shard
+                                                     (`ppermute`; shard 0 receives zeros = causal)
+      long convolution                               all-to-all [b, d, c] -> [b, d / N, Lp]: whole
+                                                     sequences of d / N channels, `fft_long_conv`
+                                                     locally, all-to-all back to [b, d, c]
+      implicit filter                                each shard builds the taps of its own
+                                                     positions [d, c] and the same all-to-all
+                                                     turns them into [d / N, Lp] (computed once
+                                                     per layer, channel-sharded to match)
+    ln_f and the tied LM head stay position-wise; the loss sums reduce with `psum`.
+
+This is the design of StripedHyena 2 / Savanna (SPEC section 12). Communication per layer: three
+all-to-alls of an [L, d] / N activation (v x1 and the filter in, the convolution out) and one
+ppermute of 2 positions; no device ever holds a full-length activation.
+
+Padding: any length works. The sequence is padded on the right (zeros after the embedding) to a
+multiple of N (and to at least 2 positions per shard, the short filter's halo). Every operation
+is causal or position-wise, so right padding never changes an earlier output; padded outputs are
+sliced off (`forward`) or given zero weight (`lm_loss`). Filter taps at padded positions
+(>= L, possibly >= l_max) are set to zero: they only ever reach padded outputs.
+
+Composing with other mesh axes: the batch dimension is sharded over `batch_axes` (e.g.
+("data",) or ("data", "fsdp")); activations are replicated over any other axis. Parameters enter
+the shard_map replicated, so parameters stored sharded over an FSDP axis are all-gathered on the
+way in (parameter-sized, never activation-sized) and their gradients reduced on the way out.
+The mesh's axes should be `AxisType.Auto` (`make_mesh` here builds such a mesh).
+
+Limits: `d_model` must be divisible by N (channels are what the long convolution shards); the
+local long convolution is always the XLA FFT path (`fftconv.fft_long_conv`), whatever
+`conv_impl` says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hyena_jax import fftconv
+from hyena_jax.config import HyenaConfig
+from hyena_jax.model import _REMAT_POLICIES, Backbone, Block, HyenaLM  # one remat policy table
+from hyena_jax.hyena import HyenaFilter, HyenaOperator
+
+SEQ_AXIS = "sequence"
+
+
+def make_mesh(axes: Mapping[str, int], *, devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+  """A mesh with named `axes` (e.g. {"data": 2, "sequence": 4}), all `AxisType.Auto`.
+
+  Uses the first prod(sizes) devices (all of `devices` when given).
+  """
+  names, sizes = tuple(axes), tuple(int(s) for s in axes.values())
+  n = math.prod(sizes)
+  devices = list(jax.devices() if devices is None else devices)
+  if n > len(devices):
+    raise ValueError(f"mesh {dict(axes)} needs {n} devices but only {len(devices)} exist; on CPU "
+                     f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax")
+  return jax.make_mesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                       devices=devices[:n])
+
+
+def padded_length(length: int, n_shards: int) -> int:
+  """Lp: `length` rounded up to a multiple of n_shards, with at least 2 positions per shard."""
+  return max(-(-length // n_shards), 2) * n_shards
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+  """What the per-device code needs to know about the sequence split (all static)."""
+  axis: str     # name of the sequence mesh axis
+  n: int        # its size
+  chunk: int    # positions per device, c = Lp / n
+  length: int   # true sequence length L (positions >= L are padding)
+
+
+def _specs(mesh: jax.sharding.Mesh, batch: int, d_model: int, seq_axis: str,
+           batch_axes: Sequence[str]) -> tuple[Any, int]:
+  """Checks the mesh against the problem; returns (batch partition entry, sequence axis size)."""
+  names = mesh.axis_names
+  if seq_axis not in names:
+    raise ValueError(f"mesh axes {names} have no sequence axis {seq_axis!r}; build the mesh with "
+                     f"it (size 1 turns context parallelism off) or pass seq_axis=")
+  for a in batch_axes:
+    if a not in names or a == seq_axis:
+      raise ValueError(f"batch axis {a!r} must be a mesh axis other than {seq_axis!r}; mesh axes "
+                       f"are {names}")
+  n = mesh.shape[seq_axis]
+  if d_model % n:
+    raise ValueError(f"d_model={d_model} is not divisible by the sequence axis size {n}: the long "
+                     "convolution shards channels across it; choose a sequence axis size that "
+                     "divides d_model")
+  n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+  if batch % n_batch:
+    raise ValueError(f"batch {batch} is not divisible by {n_batch} = size of batch axes "
+                     f"{tuple(batch_axes)}; change the batch or the mesh")
+  return (tuple(batch_axes) if batch_axes else None), n
+
+
+def _constrain(x: jax.Array, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _unpad(out: jax.Array, length: int, unpad: bool) -> jax.Array:
+  """[B, Lp, ...] -> [B, L, ...] when `unpad`.
+
+  A jax.Array cannot be sharded unevenly, so when Lp != L the sliced result is no longer
+  sequence-sharded: XLA gathers it along the length. Callers that must never hold a full-length
+  array pass unpad=False and drop the padding shard by shard.
+  """
+  return out[:, :length] if unpad and out.shape[1] != length else out
+
+
+# ------------------------------------------------------------------ per-device code (shard_map)
+
+def _halo(z: jax.Array, width: int, sh: _Shard) -> jax.Array | None:
+  """The last `width` positions of the previous shard: [b, C, width]; zeros on shard 0."""
+  if sh.n == 1:
+    return None  # ShortFilter pads with zeros: the start of the sequence
+  return jax.lax.ppermute(z[..., -width:], sh.axis, [(i, i + 1) for i in range(sh.n - 1)])
+
+
+def _to_channels(x: jax.Array, sh: _Shard) -> jax.Array:
+  """[..., d, c] sequence-sharded -> [..., d / N, Lp] channel-sharded (one all-to-all)."""
+  return jax.lax.all_to_all(x, sh.axis, x.ndim - 2, x.ndim - 1, tiled=True)
+
+
+def _to_positions(x: jax.Array, sh: _Shard) -> jax.Array:
+  """[..., d / N, Lp] channel-sharded -> [..., d, c] sequence-sharded (one all-to-all)."""
+  return jax.lax.all_to_all(x, sh.axis, x.ndim - 1, x.ndim - 2, tiled=True)
+
+
+def _filter_channels(filter_fn: HyenaFilter, sh: _Shard) -> jax.Array:
+  """This device's channels of the implicit filter over the whole (padded) length: [d / N, Lp].
+
+  Each shard evaluates the filter MLP only at its own c positions, so the layer's filter is
+  computed once across the mesh; the all-to-all then hands every device its channels.
+  """
+  start = jax.lax.axis_index(sh.axis) * sh.chunk
+  k = filter_fn(sh.chunk, start=start)                              # [d, c] float32
+  positions = start + jnp.arange(sh.chunk)
+  k = jnp.where(positions[None, :] < sh.length, k, 0.0)            # taps >= L only reach padding
+  return _to_channels(k, sh)
+
+
+def _mixer(mixer: HyenaOperator, u: jax.Array, sh: _Shard) -> jax.Array:
+  """HyenaOperator.__call__ on a sequence shard. u: [b, c, d] -> [b, c, d] (compute dtype)."""
+  b, c, d = u.shape
+  z = mixer.in_proj(u.reshape(b * c, d).astype(mixer.dtype))
+  z = z.reshape(b, c, 3 * d).transpose(0, 2, 1)                    # [b, 3d, c]
+  taps = mixer.short_filter.kernel.shape[0]
+  z = mixer.short_filter(z, halo=_halo(z, taps - 1, sh))
+  x0, x1, v = z[:, :d], z[:, d:2 * d], z[:, 2 * d:]
+  vx = v * x1                                                       # [b, d, c]
+  k = _filter_channels(mixer.filter_fn, sh)                         # [d / N, Lp]
+  d_local = d // sh.n
+  d_bias = jax.lax.dynamic_slice_in_dim(mixer.filter_fn.bias[...],
+                                        jax.lax.axis_index(sh.axis) * d_local, d_local)
+  # float32 in, so the convolution comes back (and travels) unrounded: together with the gate
+  # applied below in float32 this is exactly fft_long_conv(vx, k, D, gate=x0) of the unsharded op.
+  y = fftconv.fft_long_conv(_to_channels(vx, sh).astype(jnp.float32), k, d_bias)
+  y = _to_positions(y, sh)                                          # [b, d, c] float32
+  y = (y * x0.astype(jnp.float32)).astype(vx.dtype)
+  y = y.transpose(0, 2, 1).reshape(b * c, d)
+  return mixer.out_proj(y).reshape(b, c, d)
+
+
+def _block(block: Block, x: jax.Array, sh: _Shard) -> jax.Array:
+  """Block.__call__ on a sequence shard: x [b, c, d] float32 residual stream -> same."""
+  b, c, d = x.shape
+  x = x + _mixer(block.mixer, block.norm1(x).astype(block.dtype), sh).astype(jnp.float32)
+  flat = x.reshape(b * c, d)
+  flat = flat + block.mlp(block.norm2(flat).astype(block.dtype)).astype(jnp.float32)
+  return flat.reshape(b, c, d)
+
+
+def _backbone(backbone: Backbone, x: jax.Array, sh: _Shard) -> jax.Array:
+  """Blocks and ln_f on a shard (the embedding is done outside): [b, c, d] -> [b, c, d]."""
+  remat = backbone.config.remat
+  step = lambda blk, h: _block(blk, h, sh)  # noqa: E731
+  if remat != "none":
+    step = nnx.remat(step, policy=_REMAT_POLICIES[remat])
+  for block in backbone.layers:
+    x = step(block, x)
+  return backbone.ln_f(x)
+
+
+# ------------------------------------------------------------------ public API
+
+def _run(model: nnx.Module, backbone_of, input_ids: jax.Array, mesh: jax.sharding.Mesh,
+         seq_axis: str, batch_axes: Sequence[str], head, extra: tuple = (),
+         out_specs: Any = None, dropout_key: jax.Array | None = None) -> Any:
+  """Embeds outside, pads, then runs blocks + `head` per device inside `jax.shard_map`.
+
+  `head(model, hidden [b, c, d], *extra_local, sh)` turns the local final hidden state into the
+  local outputs, described by `out_specs`.
+  """
+  backbone = backbone_of(model)
+  cfg = backbone.config
+  batch, length = input_ids.shape
+  bspec, n = _specs(mesh, batch, cfg.d_model, seq_axis, batch_axes)
+  lp = padded_length(length, n)
+  sh = _Shard(axis=seq_axis, n=n, chunk=lp // n, length=length)
+  # Embedding (and its dropout) run outside the shard_map on the unpadded ids, so a training run
+  # draws exactly the dropout mask of the unsharded model (threefry bits do not depend on sharding).
+  x = backbone.embed(input_ids, dropout_key)                        # [B, L, d] float32
+  x = _constrain(jnp.pad(x, ((0, 0), (0, lp - length), (0, 0))), mesh, P(bspec, seq_axis, None))
+  graphdef, state = nnx.split(model)
+
+  def body(state, x, *extra_local):
+    local = nnx.merge(graphdef, state)
+    return head(local, _backbone(backbone_of(local), x, sh), *extra_local, sh)
+
+  specs = (P(), P(bspec, seq_axis, None)) + tuple(
+      P(bspec, seq_axis, *([None] * (e.ndim - 2))) for e in extra)
+  fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_specs)
+  return fn(state, x, *extra)
+
+
+def hidden_states(backbone: Backbone, input_ids: jax.Array, mesh: jax.sharding.Mesh, *,
+                  seq_axis: str = SEQ_AXIS, batch_axes: Sequence[str] = ("data",),
+                  unpad: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
+  """Context-parallel `backbone(input_ids).hidden`: ids [B, L] -> [B, L, d] (after ln_f).
+
+  Sharded [B / batch axes, L / sequence, d] when L divides evenly; otherwise see `forward`.
+  """
+  def head(_, hidden, sh):
+    return hidden
+  bspec = tuple(batch_axes) or None
+  out = _run(backbone, lambda m: m, input_ids, mesh, seq_axis, batch_axes, head,
+             out_specs=P(bspec, seq_axis, None), dropout_key=dropout_key)
+  return _unpad(out, input_ids.shape[1], unpad)
+
+
+def forward(model: HyenaLM, input_ids: jax.Array, mesh: jax.sharding.Mesh, *,
+            seq_axis: str = SEQ_AXIS, batch_axes: Sequence[str] = ("data",),
+            unpad: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
+  """Context-parallel `model(input_ids)`: ids [B, L] -> next-token logits [B, L, V] float32.
+
+  Equal to the unsharded forward up to FFT round-off. Works eagerly or under `jax.jit`. The
+  result is sharded [B / batch axes, L / sequence, V] when the sequence axis size N divides L.
+  Otherwise jax cannot shard length L evenly: with unpad=True the logits are gathered along the
+  length before slicing; unpad=False returns the padded, still sharded [B, Lp, V] (positions >= L
+  are meaningless) for the caller to slice where it is cheap.
+  """
+  def head(local, hidden, sh):
+    return local.logits_from_hidden(hidden)
+  bspec = tuple(batch_axes) or None
+  out = _run(model, lambda m: m.backbone, input_ids, mesh, seq_axis, batch_axes, head,
+             out_specs=P(bspec, seq_axis, None), dropout_key=dropout_key)
+  return _unpad(out, input_ids.shape[1], unpad)
+
+
+def lm_loss(model: HyenaLM, input_ids: jax.Array, targets: jax.Array, mesh: jax.sharding.Mesh,
+            *, weights: jax.Array | None = None, seq_axis: str = SEQ_AXIS,
+            batch_axes: Sequence[str] = ("data",), dropout_key: jax.Array | None = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token cross-entropy, computed per device and reduced over batch and sequence.
+
+  input_ids, targets: [B, L] ints; weights: optional [B, L] (0 drops a position, e.g. PAD when
+  training with ignore_index). Returns (loss, metrics) with metrics {"loss", "accuracy",
+  "tokens"} (weighted sums divided by the total weight; tokens = total weight), all replicated
+  scalars. Differentiate with `nnx.value_and_grad(..., has_aux=True)`. `dropout_key` is passed
+  to the embedding dropout exactly as `HyenaLM.__call__` does, so masks equal the unsharded ones.
+  """
+  if targets.shape != input_ids.shape:
+    raise ValueError(f"targets {targets.shape} must have the shape of input_ids {input_ids.shape}")
+  batch, length = input_ids.shape
+  w = jnp.ones((batch, length), jnp.float32) if weights is None else weights.astype(jnp.float32)
+  if w.shape != input_ids.shape:
+    raise ValueError(f"weights {w.shape} must have the shape of input_ids {input_ids.shape}")
+  n = mesh.shape[seq_axis] if seq_axis in mesh.axis_names else 1
+  pad = ((0, 0), (0, padded_length(length, n) - length))
+  targets = jnp.pad(targets.astype(jnp.int32), pad)
+  w = jnp.pad(w, pad)                                               # padded positions weigh 0
+  axes = tuple(batch_axes) + (seq_axis,)
+
+  def head(local, hidden, tgt, wt, sh):
+    logits = local.logits_from_hidden(hidden)                       # [b, c, V] float32
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    hit = (jnp.argmax(logits, axis=-1) == tgt).astype(jnp.float32)
+    sums = jnp.stack([(wt * nll).sum(), (wt * hit).sum(), wt.sum()])
+    return jax.lax.psum(sums, axes)
+
+  sums = _run(model, lambda m: m.backbone, input_ids, mesh, seq_axis, batch_axes, head,
+              extra=(targets, w), out_specs=P(), dropout_key=dropout_key)
+  total = sums[2]
+  loss = sums[0] / total
+  return loss, {"loss": loss, "accuracy": sums[1] / total, "tokens": total}
+
+
+# ------------------------------------------------------------------ ahead-of-time memory report
+
+def memory_report(model_cfg: HyenaConfig, *, seq_len: int, batch: int,
+                  mesh_shape: Mapping[str, int], dtype: str | None = None,
+                  remat: str | None = None, train: bool = True, seq_axis: str = SEQ_AXIS,
+                  batch_axes: Sequence[str] = ("data",), return_compiled: bool = False
+                  ) -> dict[str, Any]:
+  """Per-device memory XLA plans for a context-parallel step, without allocating anything.
+
+  Lowers `lm_loss` (and its gradient when `train`) on abstract inputs (`jax.ShapeDtypeStruct`)
+  for `batch` sequences of `seq_len` tokens on a mesh of `mesh_shape` (its axes in order, e.g.
+  {"data": 1, "sequence": 8}), compiles it for the local backend and returns
+  `compiled.memory_analysis()` in bytes per device: argument, output, temp, alias, code, and
+  `peak` = argument + output + temp - alias (what must fit in one device's memory). `dtype`
+  and `remat` override the config's. The model's `l_max` is raised to `seq_len` when smaller.
+  On fake CPU devices the plan is the CPU compiler's: the scaling with devices is meaningful,
+  the absolute numbers are only indicative of a GPU/TPU plan.
+  """
+  changes = {"l_max": max(model_cfg.l_max, seq_len)}
+  if dtype is not None:
+    changes["dtype"] = dtype
+  if remat is not None:
+    changes["remat"] = remat
+  cfg = model_cfg.replace(**changes)
+  mesh = make_mesh(mesh_shape)
+  abstract = nnx.eval_shape(lambda: HyenaLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+
+  def loss_of(params, rest, ids):
+    model = nnx.merge(graphdef, params, rest)
+    return lm_loss(model, ids, ids, mesh, seq_axis=seq_axis, batch_axes=batch_axes)[0]
+
+  step = jax.value_and_grad(loss_of) if train else loss_of
+  replicated = NamedSharding(mesh, P())
+  bspec, _ = _specs(mesh, batch, cfg.d_model, seq_axis, batch_axes)
+  n = mesh.shape[seq_axis]
+  ids_sharding = NamedSharding(mesh, P(bspec, seq_axis) if seq_len % n == 0 else P(bspec))
+  as_abstract = lambda tree: jax.tree.map(  # noqa: E731
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+  ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=ids_sharding)
+  compiled = jax.jit(step).lower(as_abstract(params), as_abstract(rest), ids).compile()
+  stats = compiled.memory_analysis()
+  report = {
+      "seq_len": seq_len, "batch": batch, "mesh": dict(mesh_shape), "dtype": cfg.dtype,
+      "remat": cfg.remat, "train": train, "backend": jax.default_backend(),
+      "argument_bytes": int(stats.argument_size_in_bytes),
+      "output_bytes": int(stats.output_size_in_bytes),
+      "temp_bytes": int(stats.temp_size_in_bytes),
+      "alias_bytes": int(stats.alias_size_in_bytes),
+      "code_bytes": int(stats.generated_code_size_in_bytes),
+  }
+  report["peak_bytes"] = (report["argument_bytes"] + report["output_bytes"] +
+                          report["temp_bytes"] - report["alias_bytes"])
+  if return_compiled:
+    report["compiled"] = compiled
+  return report
+
+
+_COLLECTIVE = re.compile(r"\s(all-to-all|all-gather|all-reduce|collective-permute|reduce-scatter)"
+                         r"(?:-start)?\(")
+
+
+def collectives(hlo_text: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+  """(op, result shapes) of every cross-device collective in compiled HLO text (for checks).
+
+  A tuple-shaped collective (CPU splits an all-to-all into one operand per peer) lists all its
+  element shapes.
+  """
+  found = []
+  for line in hlo_text.splitlines():
+    lhs, eq, rhs = line.partition(" = ")
+    m = _COLLECTIVE.search(rhs) if eq else None
+    if m:
+      shapes = [tuple(int(v) for v in dims.split(",") if v)
+                for dims in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", rhs[:m.start()])]
+      found.append((m.group(1), shapes))
+  return found
