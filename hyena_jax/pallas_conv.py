@@ -1,0 +1,590 @@
+"""Pallas long convolution: FFTs as matrix multiplications, fused with the skip term and the gate.
+
+Computes exactly what `fftconv.fft_long_conv` computes,
+
+    y[b, c, t] = (sum_{s <= t} k[c, t - s] u[b, c, s] + D[c] u[b, c, t]) * gate[b, c, t],
+
+but with every DFT written as dense matmuls (the four-step / Monarch decomposition FlashFFTConv
+uses), so that tensor cores and the TPU MXU do the work instead of XLA's FFT.
+
+The maths, for an FFT of size n = p * q (input index j = j1 q + j2, output index f = f1 + p f2):
+
+    X[f1 + p f2] = sum_j2 F_q[j2, f2] * T[f1, j2] * sum_j1 F_p[f1, j1] x[j1, j2]
+    i.e.  X_tile = ((F_p @ x_tile) * T) @ F_q          with T[f1, j2] = exp(-2 pi i f1 j2 / n)
+
+and its inverse conj(F_p) @ ((Y_tile @ conj(F_q)) * conj(T)). Spectra stay in this "tile order";
+every product between spectra is pointwise, so the order never needs undoing. Complex numbers are
+(real, imag) float32 pairs. n is a power of two >= 2L, so the input occupies the first half of
+the tile's rows (half of the first matmul is skipped) and only the first half of the output rows
+is ever computed.
+
+Two tricks keep the kernels small:
+  * the skip term is folded into the filter, conv(u, k) + D u = conv(u, k + D delta), so
+    D never enters a kernel and dD = dk_eff[:, 0];
+  * the filter's spectrum (channels only, shared by the batch) is computed outside the kernels
+    with the same DFT matrices as XLA einsums (matmuls, no FFT op), scaled by 1/n.
+
+Schemes (see `make_plan`):
+  * single pass, n <= `max_onchip` (GPU 4096, TPU 65536): one kernel per (batch, channel) row
+    does DFT, spectrum product, inverse DFT and gate on a [p, q] tile that lives on-chip.
+  * two pass, larger n (up to 1M tokens and beyond): n = n1 * m with m on-chip; kernel 1 does
+    the length-n1 DFTs down the columns of the [n1, m] view (plus twiddles) and writes them to
+    HBM, kernel 2 does each row's length-m DFT on-chip as a [p, q] tile, the spectrum product and
+    the row's inverse DFT, kernel 3 does the inverse column DFTs, the gate and the output cast.
+
+Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
+    du = corr(z, k_eff)                (spectrum product with conj(K)),
+    dgate = dy * s                     (the forward recomputed, not stored),
+    dk_eff = sum_b corr(z_b, u_b)      (product Z conj(U); per-row results are summed over the
+                                        batch by XLA, a documented mix: Pallas grids on GPU cannot
+                                        accumulate across programs),
+    dD = dk_eff[:, 0].
+In the single-pass scheme one kernel computes all three from u, gate and dy.
+
+Lowerings: Triton-flavoured Pallas on GPU, Mosaic on TPU, chosen from `jax.default_backend()`;
+`interpret=True` (the default on CPU) runs the same kernels through the Pallas interpreter.
+Block shapes follow each backend's rules: Triton needs power-of-two blocks and matmul dims >= 16;
+Mosaic needs the last two block dims to be multiples of (8, 128) or the full array dims.
+STATUS: only interpret mode has been run (CPU tests); the GPU and TPU lowerings have not been
+compiled or timed on hardware yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+Platform = Literal["gpu", "tpu"]
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan: FFT size and its factorisation, from the length and the backend's block rules.
+
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+  p_min_half: int   # tile rows in the single-pass scheme (half of them hold the input)
+  p_min: int        # tile rows of a full complex row tile (two-pass row kernel)
+  q_min: int        # tile columns (the lane dimension on TPU)
+  max_onchip: int   # largest FFT done on-chip in one kernel
+  n1_min: int       # smallest column factor of the two-pass scheme
+  n1_max: int       # largest column factor (its DFT matrix is loaded whole per block)
+  col_block: int    # columns per program in the column kernels
+  row_block: int    # output rows per program in the column kernels
+
+
+_RULES = {
+    # Triton: power-of-two blocks, each matmul dim >= 16; tiles held in registers/shared memory.
+    "gpu": _Rules(p_min_half=32, p_min=16, q_min=16, max_onchip=4096, n1_min=32, n1_max=512,
+                  col_block=32, row_block=32),
+    # Mosaic: last two block dims multiples of (8, 128) (or full); tiles live in VMEM.
+    "tpu": _Rules(p_min_half=16, p_min=8, q_min=128, max_onchip=65536, n1_min=16, n1_max=512,
+                  col_block=512, row_block=512),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How a length-`length` causal convolution is computed.
+
+  n = n1 * p * q is the FFT size (a power of two >= 2 * length). n1 == 1 selects the single-pass
+  scheme; otherwise rows of length m = p * q are transformed on-chip and the n1-point DFTs run
+  down the columns in separate kernels.
+  """
+  length: int
+  n: int
+  n1: int
+  p: int
+  q: int
+  platform: Platform
+  col_block: int = 0
+  row_block: int = 0
+
+  @property
+  def m(self) -> int:
+    return self.p * self.q
+
+
+def _pow2_at_least(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def _split(m: int, p_min: int, q_min: int) -> tuple[int, int]:
+  """m = p * q with q close to sqrt(m), q >= q_min and p >= p_min (m a power of two)."""
+  q = 1 << ((m.bit_length() - 1 + 1) // 2)
+  q = max(q_min, min(q, m // p_min))
+  return m // q, q
+
+
+def make_plan(length: int, platform: Platform = "gpu", max_onchip: int | None = None) -> Plan:
+  """Chooses the FFT size and factors for `length` under `platform`'s block rules."""
+  if length < 1:
+    raise ValueError(f"length must be >= 1, got {length}")
+  if platform not in _RULES:
+    raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
+  r = _RULES[platform]
+  max_onchip = max_onchip or r.max_onchip
+  n = _pow2_at_least(2 * length)
+  if n <= max_onchip:
+    n = max(n, r.p_min_half * r.q_min)
+    p, q = _split(n, r.p_min_half, r.q_min)
+    return Plan(length, n, 1, p, q, platform)
+  n1 = max(r.n1_min, n // max_onchip)
+  m = max(n // n1, r.p_min * r.q_min)
+  if n1 > r.n1_max:
+    raise ValueError(
+        f"length {length} needs an FFT of size {n}, beyond this kernel's two-pass limit "
+        f"({r.n1_max} x {max_onchip} = {r.n1_max * max_onchip} points on {platform}); "
+        "use conv_impl='fft' for such lengths")
+  p, q = _split(m, r.p_min, r.q_min)
+  n1h = n1 // 2
+  return Plan(length, n1 * m, n1, p, q, platform,
+              col_block=min(r.col_block, m), row_block=min(r.row_block, n1h))
+
+
+# ----------------------------------------------------------------------------------------------
+# DFT matrices and twiddles (float64 maths, float32 storage), as (real, imag) numpy pairs.
+
+@functools.lru_cache(maxsize=64)
+def _dft(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """F[j, f] = exp(-2 pi i j f / n): [n, n]; symmetric."""
+  jf = np.outer(np.arange(n), np.arange(n)) % n
+  angle = -2.0 * np.pi * jf / n
+  return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _twiddle(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+  """T[f1, j2] = exp(-2 pi i f1 j2 / (rows * cols)): [rows, cols]."""
+  n = rows * cols
+  angle = -2.0 * np.pi * (np.outer(np.arange(rows), np.arange(cols)) % n) / n
+  return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def _tile_consts(p: int, q: int) -> list[np.ndarray]:
+  """Constants of one on-chip [p, q] tile, in the order the kernels unpack them.
+
+  fp: F_p [p, p], fph: F_p[:, :p/2] (forward of a half-filled tile), fhp: F_p[:p/2, :] (inverse
+  keeping the first half of the rows), fq: F_q [q, q], tw: twiddles [p, q]. Each as (re, im).
+  """
+  fpr, fpi = _dft(p)
+  fqr, fqi = _dft(q)
+  twr, twi = _twiddle(p, q)
+  h = p // 2
+  return [fpr, fpi, fpr[:, :h].copy(), fpi[:, :h].copy(), fpr[:h].copy(), fpi[:h].copy(),
+          fqr, fqi, twr, twi]
+
+
+# ----------------------------------------------------------------------------------------------
+# In-kernel tile maths on values (float32, complex as pairs).
+
+def _mm(a, b, precision):
+  return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _cmul(ar, ai, br, bi):
+  return ar * br - ai * bi, ar * bi + ai * br
+
+
+def _cmul_conj(ar, ai, br, bi):
+  """a * conj(b)."""
+  return ar * br + ai * bi, ai * br - ar * bi
+
+
+class _Tile:
+  """The [p, q] four-step DFT on values loaded from the constant refs."""
+
+  def __init__(self, refs, precision):
+    (self.fpr, self.fpi, self.fphr, self.fphi, self.fhpr, self.fhpi,
+     self.fqr, self.fqi, self.twr, self.twi) = [r[...] for r in refs]
+    self.precision = precision
+
+  def _row_dft(self, ar, ai):
+    """(a * T) @ F_q."""
+    ar, ai = _cmul(ar, ai, self.twr, self.twi)
+    mm = functools.partial(_mm, precision=self.precision)
+    return mm(ar, self.fqr) - mm(ai, self.fqi), mm(ar, self.fqi) + mm(ai, self.fqr)
+
+  def forward_real_half(self, x):
+    """x: [p/2, q] real, the first half of a zero-padded tile -> spectrum (re, im) [p, q]."""
+    mm = functools.partial(_mm, precision=self.precision)
+    return self._row_dft(mm(self.fphr, x), mm(self.fphi, x))
+
+  def forward(self, xr, xi):
+    """Full complex tile [p, q] -> spectrum [p, q]."""
+    mm = functools.partial(_mm, precision=self.precision)
+    ar = mm(self.fpr, xr) - mm(self.fpi, xi)
+    ai = mm(self.fpr, xi) + mm(self.fpi, xr)
+    return self._row_dft(ar, ai)
+
+  def _row_idft(self, yr, yi):
+    """(y @ conj(F_q)) * conj(T)."""
+    mm = functools.partial(_mm, precision=self.precision)
+    cr = mm(yr, self.fqr) + mm(yi, self.fqi)
+    ci = mm(yi, self.fqr) - mm(yr, self.fqi)
+    return _cmul_conj(cr, ci, self.twr, self.twi)
+
+  def inverse_real_half(self, yr, yi):
+    """Spectrum [p, q] -> real part of the first p/2 rows of the (unscaled) inverse DFT."""
+    mm = functools.partial(_mm, precision=self.precision)
+    cr, ci = self._row_idft(yr, yi)
+    return mm(self.fhpr, cr) + mm(self.fhpi, ci)
+
+  def inverse(self, yr, yi):
+    """Spectrum [p, q] -> full complex (unscaled) inverse DFT [p, q]."""
+    mm = functools.partial(_mm, precision=self.precision)
+    cr, ci = self._row_idft(yr, yi)
+    return mm(self.fpr, cr) + mm(self.fpi, ci), mm(self.fpr, ci) - mm(self.fpi, cr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Refs arrive as (inputs..., outputs...); tile constants are the last inputs.
+
+def _single_fwd_kernel(*refs, has_gate, precision):
+  """y = IDFT(DFT(u) K)[:n/2] * gate on one [p/2, q] half tile."""
+  u_ref, kr_ref, ki_ref = refs[:3]
+  gate_ref = refs[3] if has_gate else None
+  consts = refs[3 + has_gate:-1]
+  (y_ref,) = refs[-1:]
+  tile = _Tile(consts, precision)
+  ur, ui = tile.forward_real_half(u_ref[...].astype(jnp.float32))
+  y = tile.inverse_real_half(*_cmul(ur, ui, kr_ref[...], ki_ref[...]))
+  if has_gate:
+    y = y * gate_ref[...].astype(jnp.float32)
+  y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, scale, precision):
+  """du = corr(dy g, k), dg = dy conv(u, k), dkb = corr(dy g, u) for one (batch, channel) row."""
+  consts, (du_ref, dg_ref, dkb_ref) = refs[:-3], refs[-3:]
+  tile = _Tile(consts, precision)
+  u = u_ref[...].astype(jnp.float32)
+  dy = dy_ref[...].astype(jnp.float32)
+  ur, ui = tile.forward_real_half(u)
+  zr, zi = tile.forward_real_half(dy * g_ref[...].astype(jnp.float32))
+  kr, ki = kr_ref[...], ki_ref[...]
+  s = tile.inverse_real_half(*_cmul(ur, ui, kr, ki))
+  dg_ref[...] = (dy * s).astype(dg_ref.dtype)
+  du_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, kr, ki)).astype(du_ref.dtype)
+  dkb_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, ur, ui)) * scale
+
+
+def _col_fwd_kernel(*refs, has_pre, precision):
+  """A[rows, cols] = T * (F_n1[rows, :n1/2] @ x[:n1/2, cols]) for x = u (or u * pre)."""
+  x_ref = refs[0]
+  pre_ref = refs[1] if has_pre else None
+  gr_ref, gi_ref, twr_ref, twi_ref, ar_ref, ai_ref = refs[1 + has_pre:]
+  x = x_ref[...].astype(jnp.float32)
+  if has_pre:
+    x = x * pre_ref[...].astype(jnp.float32)
+  ar = _mm(gr_ref[...], x, precision)
+  ai = _mm(gi_ref[...], x, precision)
+  ar_ref[...], ai_ref[...] = _cmul(ar, ai, twr_ref[...], twi_ref[...])
+
+
+def _row_fwd_kernel(ar_ref, ai_ref, kr_ref, ki_ref, *refs, precision):
+  """One row of the column-transformed signal: row IDFT(row DFT(a) * K), complex [p, q]."""
+  consts, (cr_ref, ci_ref) = refs[:-2], refs[-2:]
+  tile = _Tile(consts, precision)
+  xr, xi = tile.forward(ar_ref[...], ai_ref[...])
+  cr_ref[...], ci_ref[...] = tile.inverse(*_cmul(xr, xi, kr_ref[...], ki_ref[...]))
+
+
+def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, scale, precision):
+  """Row-pass of the backward: U K (for dgate), Z conj(K) (for du), Z conj(U) / n (for dk)."""
+  consts, outs = refs[:-6], refs[-6:]
+  tile = _Tile(consts, precision)
+  ur, ui = tile.forward(aur_ref[...], aui_ref[...])
+  zr, zi = tile.forward(azr_ref[...], azi_ref[...])
+  kr, ki = kr_ref[...], ki_ref[...]
+  wr, wi = _cmul_conj(zr, zi, ur, ui)
+  products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr * scale, wi * scale))
+  for i, spec in enumerate(products):
+    outs[2 * i][...], outs[2 * i + 1][...] = tile.inverse(*spec)
+
+
+def _col_inv_kernel(*refs, has_post, precision):
+  """y[rows, cols] = Re(conj(F_n1)[rows, :] @ (conj(T) * C[:, cols])) (* post)."""
+  cr_ref, ci_ref = refs[:2]
+  post_ref = refs[2] if has_post else None
+  hr_ref, hi_ref, twr_ref, twi_ref, y_ref = refs[2 + has_post:]
+  cr, ci = _cmul_conj(cr_ref[...], ci_ref[...], twr_ref[...], twi_ref[...])
+  y = _mm(hr_ref[...], cr, precision) + _mm(hi_ref[...], ci, precision)
+  if has_post:
+    y = y * post_ref[...].astype(jnp.float32)
+  y_ref[...] = y.astype(y_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas_call wrappers.
+
+def _compiler_params(platform: Platform, interpret: bool, ndim: int):
+  if interpret:
+    return None
+  if platform == "tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * ndim)
+  from jax.experimental.pallas import triton as pltriton
+  # Untuned: 4 warps suit the <= 64 x 64 tiles these block rules produce.
+  return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _const_specs(arrays):
+  """Whole-array blocks of 2-D constants with a constant index (fetched once per core on TPU)."""
+  return [pl.BlockSpec(a.shape, lambda *_: (0, 0)) for a in arrays]
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, plan, interpret):
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      interpret=interpret, compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
+  )
+
+
+def _halves(x: jax.Array, plan: Plan, rows: int) -> jax.Array:
+  """[B, C, L] -> [B, C, rows, n / (2 rows)]: zero-padded to n/2 (a free reshape when L = n/2)."""
+  half = plan.n // 2
+  if x.shape[-1] != half:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, half - x.shape[-1])])
+  return x.reshape(*x.shape[:-1], rows, half // rows)
+
+
+def _unhalves(y: jax.Array, plan: Plan) -> jax.Array:
+  return y.reshape(*y.shape[:-2], plan.n // 2)[..., :plan.length]
+
+
+def _single_forward(u, spec, gate, plan, interpret, precision):
+  b, c, _ = u.shape
+  ph, q = plan.p // 2, plan.q
+  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
+  kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
+  ins = [_halves(u, plan, ph), *spec] + ([_halves(gate, plan, ph)] if gate is not None else [])
+  in_specs = [row, kspec, kspec] + ([row] if gate is not None else []) + _const_specs(consts)
+  kernel = functools.partial(_single_fwd_kernel, has_gate=gate is not None, precision=precision)
+  y = _call(kernel, (c, b), in_specs, row, jax.ShapeDtypeStruct((b, c, ph, q), u.dtype),
+            plan, interpret)(*ins, *consts)
+  return _unhalves(y, plan)
+
+
+def _single_backward(u, gate, dy, spec, plan, interpret, precision):
+  b, c, _ = u.shape
+  ph, q = plan.p // 2, plan.q
+  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
+  kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
+  shape = (b, c, ph, q)
+  kernel = functools.partial(_single_bwd_kernel, scale=1.0 / plan.n, precision=precision)
+  du, dg, dkb = _call(
+      kernel, (c, b), [row, row, row, kspec, kspec] + _const_specs(consts), [row] * 3,
+      [jax.ShapeDtypeStruct(shape, u.dtype), jax.ShapeDtypeStruct(shape, gate.dtype),
+       jax.ShapeDtypeStruct(shape, jnp.float32)], plan, interpret,
+  )(*(_halves(x, plan, ph) for x in (u, gate, dy)), *spec, *consts)
+  return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0)
+
+
+def _col_forward(x, pre, plan, interpret, precision):
+  """x (and pre): [B, C, L] real -> column-transformed (re, im) [B, C, n1, m] float32."""
+  b, c, _ = x.shape
+  n1, n1h, m = plan.n1, plan.n1 // 2, plan.m
+  bm, bk = plan.col_block, plan.row_block
+  fr, fi = _dft(n1)
+  twr, twi = _twiddle(n1, m)
+  consts = [jnp.asarray(fr[:, :n1h]), jnp.asarray(fi[:, :n1h]), jnp.asarray(twr), jnp.asarray(twi)]
+  grid = (c, b, m // bm, n1 // bk)
+  xspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
+  gspec = pl.BlockSpec((bk, n1h), lambda ci, bi, j, i: (i, 0))
+  tspec = pl.BlockSpec((bk, bm), lambda ci, bi, j, i: (i, j))
+  ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
+  ins = [_halves(x, plan, n1h)] + ([_halves(pre, plan, n1h)] if pre is not None else [])
+  kernel = functools.partial(_col_fwd_kernel, has_pre=pre is not None, precision=precision)
+  out = jax.ShapeDtypeStruct((b, c, n1, m), jnp.float32)
+  return _call(kernel, grid, [xspec] * len(ins) + [gspec, gspec, tspec, tspec], [ospec, ospec],
+               [out, out], plan, interpret)(*ins, *consts)
+
+
+def _col_inverse(cr, ci, post, out_dtype, plan, interpret, precision):
+  """(re, im) [B, C, n1, m] -> Re(inverse column DFT)[:, :, :n1/2] (* post) -> [B, C, L]."""
+  b, c = cr.shape[:2]
+  n1, n1h, m = plan.n1, plan.n1 // 2, plan.m
+  bm, bk = plan.col_block, plan.row_block
+  fr, fi = _dft(n1)
+  twr, twi = _twiddle(n1, m)
+  consts = [jnp.asarray(fr[:n1h]), jnp.asarray(fi[:n1h]), jnp.asarray(twr), jnp.asarray(twi)]
+  grid = (c, b, m // bm, n1h // bk)
+  cspec = pl.BlockSpec((None, None, n1, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
+  ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
+  hspec = pl.BlockSpec((bk, n1), lambda ci, bi, j, i: (i, 0))
+  tspec = pl.BlockSpec((n1, bm), lambda ci, bi, j, i: (0, j))
+  ins = [cr, ci] + ([_halves(post, plan, n1h)] if post is not None else [])
+  in_specs = [cspec, cspec] + ([ospec] if post is not None else []) + [hspec, hspec, tspec, tspec]
+  kernel = functools.partial(_col_inv_kernel, has_post=post is not None, precision=precision)
+  y = _call(kernel, grid, in_specs, ospec, jax.ShapeDtypeStruct((b, c, n1h, m), out_dtype),
+            plan, interpret)(*ins, *consts)
+  return _unhalves(y, plan)
+
+
+def _row_specs(plan):
+  p, q = plan.p, plan.q
+  row = pl.BlockSpec((None, None, None, p, q), lambda ci, r, bi: (bi, ci, r, 0, 0))
+  kspec = pl.BlockSpec((None, None, p, q), lambda ci, r, bi: (ci, r, 0, 0))
+  return row, kspec
+
+
+def _rows(x, plan):
+  return x.reshape(*x.shape[:-1], plan.p, plan.q)
+
+
+def _two_pass_forward(u, spec, gate, plan, interpret, precision):
+  b, c, _ = u.shape
+  ar, ai = _col_forward(u, None, plan, interpret, precision)
+  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  row, kspec = _row_specs(plan)
+  out = jax.ShapeDtypeStruct((b, c, plan.n1, plan.p, plan.q), jnp.float32)
+  cr, ci = _call(
+      functools.partial(_row_fwd_kernel, precision=precision), (c, plan.n1, b),
+      [row, row, kspec, kspec] + _const_specs(consts), [row, row], [out, out], plan, interpret,
+  )(_rows(ar, plan), _rows(ai, plan), *spec, *consts)
+  flat = lambda x: x.reshape(b, c, plan.n1, plan.m)  # noqa: E731
+  return _col_inverse(flat(cr), flat(ci), gate, u.dtype, plan, interpret, precision)
+
+
+def _two_pass_backward(u, gate, dy, spec, plan, interpret, precision):
+  b, c, _ = u.shape
+  aur, aui = _col_forward(u, None, plan, interpret, precision)
+  azr, azi = _col_forward(dy, gate, plan, interpret, precision)
+  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  row, kspec = _row_specs(plan)
+  out = jax.ShapeDtypeStruct((b, c, plan.n1, plan.p, plan.q), jnp.float32)
+  kernel = functools.partial(_row_bwd_kernel, scale=1.0 / plan.n, precision=precision)
+  outs = _call(
+      kernel, (c, plan.n1, b), [row] * 4 + [kspec, kspec] + _const_specs(consts), [row] * 6,
+      [out] * 6, plan, interpret,
+  )(*(_rows(x, plan) for x in (aur, aui, azr, azi)), *spec, *consts)
+  flat = [x.reshape(b, c, plan.n1, plan.m) for x in outs]
+  dg = _col_inverse(flat[0], flat[1], dy, gate.dtype, plan, interpret, precision)
+  du = _col_inverse(flat[2], flat[3], None, u.dtype, plan, interpret, precision)
+  dkb = _col_inverse(flat[4], flat[5], None, jnp.float32, plan, interpret, precision)
+  return du, dg, dkb.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The filter's spectrum, in tile order, as XLA matmuls (channels only: shared by the batch).
+
+def filter_spectrum(k_eff: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array]:
+  """k_eff: [C, L] float32 -> DFT_n(k_eff) / n in the kernels' tile order, (re, im).
+
+  Single pass: [C, p, q] with entry [f1, f2] = X[f1 + p f2]. Two pass: [C, n1, p, q] with entry
+  [f1, g1, g2] = X[f1 + n1 (g1 + p g2)].
+  """
+  ein = functools.partial(jnp.einsum, precision=_HIGHEST)
+  c = k_eff.shape[0]
+
+  def col_step(xr, xi, p, q, half):
+    """T * (F_p @ x) over the last two axes [..., p or p/2, q] (xi None: real input)."""
+    fr, fi = (np.ascontiguousarray(a[:, :p // 2]) if half else a for a in _dft(p))
+    ar = ein("fj,...jq->...fq", fr, xr)
+    ai = ein("fj,...jq->...fq", fi, xr)
+    if xi is not None:
+      ar, ai = ar - ein("fj,...jq->...fq", fi, xi), ai + ein("fj,...jq->...fq", fr, xi)
+    return _cmul(ar, ai, *_twiddle(p, q))
+
+  def tile_dft(xr, xi, p, q, half):
+    """Four-step DFT over the last two axes: (T * (F_p @ x)) @ F_q."""
+    ar, ai = col_step(xr, xi, p, q, half)
+    gr, gi = _dft(q)
+    return (ein("...fj,jg->...fg", ar, gr) - ein("...fj,jg->...fg", ai, gi),
+            ein("...fj,jg->...fg", ar, gi) + ein("...fj,jg->...fg", ai, gr))
+
+  rows = plan.p // 2 if plan.n1 == 1 else plan.n1 // 2
+  x = _halves(k_eff.astype(jnp.float32)[None], plan, rows)[0]       # [C, rows, n / (2 rows)]
+  if plan.n1 == 1:
+    xr, xi = tile_dft(x, None, plan.p, plan.q, half=True)
+  else:
+    ar, ai = col_step(x, None, plan.n1, plan.m, half=True)          # [C, n1, m]: columns + twiddle
+    split = lambda a: a.reshape(c, plan.n1, plan.p, plan.q)           # noqa: E731
+    xr, xi = tile_dft(split(ar), split(ai), plan.p, plan.q, half=False)
+  return xr / plan.n, xi / plan.n
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op.
+
+def _default_platform() -> Platform:
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv(u, k_eff, gate, plan, interpret, precision):
+  spec = filter_spectrum(k_eff, plan)
+  fwd = _single_forward if plan.n1 == 1 else _two_pass_forward
+  return fwd(u, spec, gate, plan, interpret, precision)
+
+
+def _conv_fwd(u, k_eff, gate, plan, interpret, precision):
+  return _conv(u, k_eff, gate, plan, interpret, precision), (u, k_eff, gate)
+
+
+def _conv_bwd(plan, interpret, precision, residuals, dy):
+  u, k_eff, gate = residuals
+  spec = filter_spectrum(k_eff, plan)
+  g = jnp.ones_like(u) if gate is None else gate
+  bwd = _single_backward if plan.n1 == 1 else _two_pass_backward
+  du, dg, dk = bwd(u, g, dy, spec, plan, interpret, precision)
+  return du, dk.astype(k_eff.dtype), None if gate is None else dg
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | None = None, *,
+              interpret: bool | None = None, platform: Platform | None = None,
+              max_onchip: int | None = None,
+              precision: jax.lax.Precision | str = "highest") -> jax.Array:
+  """Gated causal long convolution, `(causal_conv(u, k) + d_bias[:, None] * u) * gate`.
+
+  Same semantics as `fftconv.fft_long_conv`; differentiable in u, k, d_bias and gate; works
+  under jit and vmap.
+
+  Args:
+    u: [batch, channels, length] float32 or bfloat16.
+    k: [channels, length] filter (computed in float32).
+    d_bias: [channels] skip term D.
+    gate: optional [batch, channels, length] multiplier.
+    interpret: run the Pallas interpreter; None means True when the default backend is CPU.
+    platform: block rules to follow, 'gpu' (Triton) or 'tpu' (Mosaic); None follows the default
+      backend ('gpu' on CPU). Tests use it to check both plans in interpret mode.
+    max_onchip: largest FFT done in one kernel (default: the platform's); smaller values force
+      the two-pass scheme (tests use it at small lengths).
+    precision: matmul precision of the DFTs. 'highest' keeps float32 accuracy (IEEE fp32 on
+      Triton, multi-pass on the MXU); 'default' allows TF32 / single-pass bf16, faster and about
+      1e-3 relative error.
+
+  Returns:
+    [batch, channels, length] in u's dtype; all DFT arithmetic is float32.
+  """
+  if u.ndim != 3 or k.ndim != 2 or u.shape[1:] != k.shape:
+    raise ValueError(f"long_conv expects u [B, C, L] and k [C, L]; got {u.shape}, {k.shape}")
+  if d_bias.shape != (u.shape[1],):
+    raise ValueError(f"d_bias must be [channels] = ({u.shape[1]},), got {d_bias.shape}")
+  if gate is not None and gate.shape != u.shape:
+    raise ValueError(f"gate must have u's shape {u.shape}, got {gate.shape}")
+  if not jnp.issubdtype(u.dtype, jnp.floating):
+    raise TypeError(f"u must be a float array (float32 or bfloat16), got {u.dtype}")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  plan = make_plan(u.shape[-1], platform or _default_platform(), max_onchip)
+  if isinstance(precision, str):
+    if precision.upper() not in ("DEFAULT", "HIGH", "HIGHEST"):
+      raise ValueError(f"precision must be 'default', 'high' or 'highest', got {precision!r}")
+    precision = jax.lax.Precision[precision.upper()]
+  # conv(u, k) + D u == conv(u, k + D delta): D joins the filter's first tap.
+  k_eff = k.astype(jnp.float32).at[:, 0].add(d_bias.astype(jnp.float32))
+  return _conv(u, k_eff, gate, plan, bool(interpret), precision)

@@ -1,0 +1,158 @@
+"""The Pallas long convolution (interpret mode on CPU) against the jnp.fft reference.
+
+Tolerances, measured here and kept with ~10x headroom:
+  * float32: |pallas - fft| <= 2e-5 * max|fft| for outputs and gradients (matmul DFTs and XLA's
+    FFT round differently; observed 1e-7 .. 2e-6 relative at these sizes).
+  * bfloat16 inputs: both paths compute in float32 and round once to bfloat16, so they differ by
+    at most about one bfloat16 ulp: <= 1e-2 * max|fft|. Float32 gradients (dk, dD) use 1e-3.
+"""
+
+import functools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from conftest import shared_path
+from hyena_jax import fftconv, pallas_conv, weights
+
+F32_TOL = 2e-5
+BF16_TOL = 1e-2
+
+
+def _inputs(batch, channels, length, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  u = jax.random.normal(ks[0], (batch, channels, length)).astype(dtype)
+  # Decaying filter, like the model's: the conv output stays O(1) at every length.
+  k = jax.random.normal(ks[1], (channels, length)) * jnp.exp(-jnp.arange(length) / 50.0)
+  d_bias = jax.random.normal(ks[2], (channels,))
+  gate = jax.random.normal(ks[3], (batch, channels, length)).astype(dtype)
+  cotangent = jax.random.normal(ks[4], (batch, channels, length)).astype(dtype)
+  return u, k, d_bias, gate, cotangent
+
+
+def _value_and_grads(fn, u, k, d_bias, gate, cotangent):
+  """Output and the VJP of a fixed cotangent w.r.t. (u, k, d_bias, gate): one compilation."""
+  def run(u, k, d_bias, gate, cotangent):
+    out, vjp = jax.vjp(fn, u, k, d_bias, gate)
+    return out, vjp(cotangent)
+  return jax.jit(run)(u, k, d_bias, gate, cotangent)
+
+
+def _assert_close(actual, expected, tol, what):
+  actual = np.asarray(actual, np.float32)
+  expected = np.asarray(expected, np.float32)
+  assert actual.shape == expected.shape, what
+  scale = max(float(np.abs(expected).max()), 1e-6)
+  err = float(np.abs(actual - expected).max())
+  assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * {scale:.3g}"
+
+
+CASES = [
+    # (length, dtype, plan options): single pass on the GPU rules, non-powers of two included.
+    (5, jnp.float32, {}),
+    (300, jnp.float32, {}),
+    (1000, jnp.float32, {}),
+    (300, jnp.bfloat16, {}),
+    # Two-pass scheme (column kernels + on-chip row kernel), forced at small lengths.
+    (1000, jnp.float32, {"max_onchip": 512}),
+    (300, jnp.bfloat16, {"max_onchip": 512}),
+    # The TPU block rules (q a multiple of 128), single and two pass.
+    (300, jnp.float32, {"platform": "tpu"}),
+    (1000, jnp.float32, {"platform": "tpu", "max_onchip": 1024}),
+]
+
+
+def _case_id(case):
+  length, dtype, options = case
+  return "-".join([f"L{length}", jnp.dtype(dtype).name] + [f"{k}{v}" for k, v in options.items()])
+
+
+@pytest.mark.parametrize("length,dtype,options", CASES, ids=[_case_id(c) for c in CASES])
+def test_forward_and_gradients_match_fft(length, dtype, options):
+  plan = pallas_conv.make_plan(length, options.get("platform", "gpu"), options.get("max_onchip"))
+  assert (plan.n1 > 1) == ("max_onchip" in options)  # the case exercises the scheme it names
+  args = _inputs(2, 3, length, dtype)
+  out, grads = _value_and_grads(
+      lambda *a: pallas_conv.long_conv(*a, interpret=True, **options), *args)
+  ref_out, ref_grads = _value_and_grads(fftconv.fft_long_conv, *args)
+  assert out.dtype == dtype
+  tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
+  _assert_close(out, ref_out, tol, "output")
+  for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
+    assert g.dtype == r.dtype, name
+    _assert_close(g, r, tol if g.dtype != jnp.float32 else max(F32_TOL, tol / 10), name)
+
+
+def test_no_gate_and_vmap():
+  """gate=None is the plain skip-term conv, and the op (and its gradient) vmaps."""
+  u, k, d_bias, _, _ = _inputs(2, 2, 37, jnp.float32, seed=1)
+  stacked = jnp.stack([u, -2 * u])                                   # [2, B, C, L]
+
+  def run(conv):
+    loss = lambda u, k: jnp.sum(conv(u, k, d_bias) ** 2)  # noqa: E731
+    return jax.vmap(lambda u: (conv(u, k, d_bias), jax.grad(loss, argnums=(0, 1))(u, k)))(stacked)
+
+  out, grads = jax.jit(functools.partial(
+      run, lambda *a: pallas_conv.long_conv(*a, interpret=True)))()
+  ref_out, ref_grads = jax.jit(functools.partial(run, fftconv.fft_long_conv))()
+  _assert_close(out, ref_out, F32_TOL, "vmapped output without gate")
+  for name, g, r in zip(("du", "dk"), grads, ref_grads):
+    _assert_close(g, r, F32_TOL, f"vmapped {name} without gate")
+
+
+@pytest.mark.parametrize("platform,length,max_onchip",
+                         [("gpu", 300, None), ("gpu", 1000, 512), ("tpu", 1000, 1024)])
+def test_filter_spectrum_is_the_dft_in_tile_order(platform, length, max_onchip):
+  plan = pallas_conv.make_plan(length, platform, max_onchip)
+  k = jax.random.normal(jax.random.key(2), (2, length))
+  re, im = pallas_conv.filter_spectrum(k, plan)
+  full = np.fft.fft(np.asarray(k, np.float64), n=plan.n) / plan.n          # [C, n]
+  if plan.n1 == 1:    # entry [f1, f2] holds frequency f1 + p f2
+    expected = full.reshape(2, plan.q, plan.p).transpose(0, 2, 1)
+  else:               # entry [f1, g1, g2] holds frequency f1 + n1 (g1 + p g2)
+    expected = full.reshape(2, plan.q, plan.p, plan.n1).transpose(0, 3, 2, 1)
+  np.testing.assert_allclose(np.asarray(re), expected.real, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(im), expected.imag, atol=1e-6)
+
+
+def test_plans_respect_block_rules():
+  for platform in ("gpu", "tpu"):
+    for length in (1, 5, 256, 1000, 1024, 4097, 65_536, 1_000_000, 1 << 20):
+      plan = pallas_conv.make_plan(length, platform)
+      assert plan.n >= 2 * length and plan.n & (plan.n - 1) == 0
+      assert plan.n == plan.n1 * plan.p * plan.q
+      if platform == "gpu":      # Triton: power-of-two blocks, matmul dims >= 16
+        assert min(plan.p // (2 if plan.n1 == 1 else 1), plan.q) >= 16
+      else:                      # Mosaic: lane dim a multiple of 128
+        assert plan.q % 128 == 0
+      if plan.n1 > 1:
+        assert plan.m % plan.col_block == 0 and (plan.n1 // 2) % plan.row_block == 0
+  assert pallas_conv.make_plan(1 << 20, "gpu").n1 > 1   # 1M tokens run two-pass
+  with pytest.raises(ValueError, match="conv_impl='fft'"):
+    pallas_conv.make_plan(1 << 22, "gpu")
+
+
+def test_bad_inputs_raise():
+  u, k, d_bias, gate, _ = _inputs(1, 2, 8, jnp.float32)
+  with pytest.raises(ValueError, match="u \\[B, C, L\\]"):
+    pallas_conv.long_conv(u, k[:, :4], d_bias, gate)
+  with pytest.raises(ValueError, match="d_bias"):
+    pallas_conv.long_conv(u, k, d_bias[:1], gate)
+  with pytest.raises(ValueError, match="gate"):
+    pallas_conv.long_conv(u, k, d_bias, gate[:, :1])
+  with pytest.raises(ValueError, match="precision"):
+    pallas_conv.long_conv(u, k, d_bias, gate, precision="fast")
+
+
+def test_model_with_pallas_conv_matches_parity_fixture():
+  """tiny_1k (2 x 1024 tokens) through the Pallas path reproduces the official logits."""
+  folder = shared_path("parity", "tiny_1k")
+  model, cfg, _ = weights.load_pretrained(folder / "weights.safetensors", conv_impl="pallas")
+  assert cfg.conv_impl == "pallas"
+  tokens = jnp.asarray(np.load(folder / "tokens.npy"), jnp.int32)
+  logits = nnx.jit(lambda m, x: m(x))(model, tokens)
+  np.testing.assert_allclose(np.asarray(logits), np.load(folder / "logits.npy"),
+                             rtol=1e-4, atol=1e-4)
