@@ -30,7 +30,7 @@ Composing with other mesh axes: the batch dimension is sharded over `batch_axes`
 ("data",) or ("data", "fsdp")); activations are replicated over any other axis. Parameters enter
 the shard_map replicated, so parameters stored sharded over an FSDP axis are all-gathered on the
 way in (parameter-sized, never activation-sized) and their gradients reduced on the way out.
-The mesh's axes should be `AxisType.Auto` (`make_mesh` here builds such a mesh).
+The mesh's axes should be `AxisType.Auto`, as `sharding.make_mesh(data, fsdp, sequence)` builds.
 
 Limits: `d_model` must be divisible by N (channels are what the long convolution shards); the
 local long convolution is always the XLA FFT path (`fftconv.fft_long_conv`), whatever
@@ -50,28 +50,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hyena_jax import fftconv
+from hyena_jax import fftconv, sharding
 from hyena_jax.config import HyenaConfig
 from hyena_jax.model import _REMAT_POLICIES, Backbone, Block, HyenaLM  # one remat policy table
 from hyena_jax.hyena import HyenaFilter, HyenaOperator
 
-SEQ_AXIS = "sequence"
-
-
-def make_mesh(axes: Mapping[str, int], *, devices: Sequence[jax.Device] | None = None
-              ) -> jax.sharding.Mesh:
-  """A mesh with named `axes` (e.g. {"data": 2, "sequence": 4}), all `AxisType.Auto`.
-
-  Uses the first prod(sizes) devices (all of `devices` when given).
-  """
-  names, sizes = tuple(axes), tuple(int(s) for s in axes.values())
-  n = math.prod(sizes)
-  devices = list(jax.devices() if devices is None else devices)
-  if n > len(devices):
-    raise ValueError(f"mesh {dict(axes)} needs {n} devices but only {len(devices)} exist; on CPU "
-                     f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax")
-  return jax.make_mesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
-                       devices=devices[:n])
+SEQ_AXIS = "sequence"                 # the mesh axis of sharding.AXES that splits the length
+BATCH_AXES = sharding.BATCH_AXES      # ("data", "fsdp")
 
 
 def padded_length(length: int, n_shards: int) -> int:
@@ -86,6 +71,7 @@ class _Shard:
   n: int        # its size
   chunk: int    # positions per device, c = Lp / n
   length: int   # true sequence length L (positions >= L are padding)
+  batch_axes: tuple[str, ...] = ()  # mesh axes the batch is split over
 
 
 def _specs(mesh: jax.sharding.Mesh, batch: int, d_model: int, seq_axis: str,
@@ -151,6 +137,10 @@ def _filter_channels(filter_fn: HyenaFilter, sh: _Shard) -> jax.Array:
   computed once across the mesh; the all-to-all then hands every device its channels.
   """
   start = jax.lax.axis_index(sh.axis) * sh.chunk
+  # Mark the filter as varying over the batch axes from its very first op, so that in the
+  # backward pass the sum of its gradient over batch shards happens on the (small) filter-MLP
+  # parameters instead of on the channel-sharded spectrum [d / N, Lp / 2 + 1] (complex).
+  start = jax.lax.pcast(start, tuple(sh.batch_axes), to="varying")
   k = filter_fn(sh.chunk, start=start)                              # [d, c] float32
   positions = start + jnp.arange(sh.chunk)
   k = jnp.where(positions[None, :] < sh.length, k, 0.0)            # taps >= L only reach padding
@@ -214,7 +204,7 @@ def _run(model: nnx.Module, backbone_of, input_ids: jax.Array, mesh: jax.shardin
   batch, length = input_ids.shape
   bspec, n = _specs(mesh, batch, cfg.d_model, seq_axis, batch_axes)
   lp = padded_length(length, n)
-  sh = _Shard(axis=seq_axis, n=n, chunk=lp // n, length=length)
+  sh = _Shard(axis=seq_axis, n=n, chunk=lp // n, length=length, batch_axes=tuple(batch_axes))
   # Embedding (and its dropout) run outside the shard_map on the unpadded ids, so a training run
   # draws exactly the dropout mask of the unsharded model (threefry bits do not depend on sharding).
   x = backbone.embed(input_ids, dropout_key)                        # [B, L, d] float32
@@ -232,7 +222,7 @@ def _run(model: nnx.Module, backbone_of, input_ids: jax.Array, mesh: jax.shardin
 
 
 def hidden_states(backbone: Backbone, input_ids: jax.Array, mesh: jax.sharding.Mesh, *,
-                  seq_axis: str = SEQ_AXIS, batch_axes: Sequence[str] = ("data",),
+                  seq_axis: str = SEQ_AXIS, batch_axes: Sequence[str] = BATCH_AXES,
                   unpad: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
   """Context-parallel `backbone(input_ids).hidden`: ids [B, L] -> [B, L, d] (after ln_f).
 
@@ -247,7 +237,7 @@ def hidden_states(backbone: Backbone, input_ids: jax.Array, mesh: jax.sharding.M
 
 
 def forward(model: HyenaLM, input_ids: jax.Array, mesh: jax.sharding.Mesh, *,
-            seq_axis: str = SEQ_AXIS, batch_axes: Sequence[str] = ("data",),
+            seq_axis: str = SEQ_AXIS, batch_axes: Sequence[str] = BATCH_AXES,
             unpad: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
   """Context-parallel `model(input_ids)`: ids [B, L] -> next-token logits [B, L, V] float32.
 
@@ -267,7 +257,7 @@ def forward(model: HyenaLM, input_ids: jax.Array, mesh: jax.sharding.Mesh, *,
 
 def lm_loss(model: HyenaLM, input_ids: jax.Array, targets: jax.Array, mesh: jax.sharding.Mesh,
             *, weights: jax.Array | None = None, seq_axis: str = SEQ_AXIS,
-            batch_axes: Sequence[str] = ("data",), dropout_key: jax.Array | None = None
+            batch_axes: Sequence[str] = BATCH_AXES, dropout_key: jax.Array | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean next-token cross-entropy, computed per device and reduced over batch and sequence.
 
@@ -306,21 +296,22 @@ def lm_loss(model: HyenaLM, input_ids: jax.Array, targets: jax.Array, mesh: jax.
 
 # ------------------------------------------------------------------ ahead-of-time memory report
 
-def memory_report(model_cfg: HyenaConfig, *, seq_len: int, batch: int,
-                  mesh_shape: Mapping[str, int], dtype: str | None = None,
-                  remat: str | None = None, train: bool = True, seq_axis: str = SEQ_AXIS,
-                  batch_axes: Sequence[str] = ("data",), return_compiled: bool = False
-                  ) -> dict[str, Any]:
+def memory_report(model_cfg: HyenaConfig, *, seq_len: int, batch: int, data: int = 1,
+                  fsdp: int = 1, sequence: int = 1, dtype: str | None = None,
+                  remat: str | None = None, train: bool = True,
+                  return_compiled: bool = False) -> dict[str, Any]:
   """Per-device memory XLA plans for a context-parallel step, without allocating anything.
 
-  Lowers `lm_loss` (and its gradient when `train`) on abstract inputs (`jax.ShapeDtypeStruct`)
-  for `batch` sequences of `seq_len` tokens on a mesh of `mesh_shape` (its axes in order, e.g.
-  {"data": 1, "sequence": 8}), compiles it for the local backend and returns
-  `compiled.memory_analysis()` in bytes per device: argument, output, temp, alias, code, and
-  `peak` = argument + output + temp - alias (what must fit in one device's memory). `dtype`
-  and `remat` override the config's. The model's `l_max` is raised to `seq_len` when smaller.
-  On fake CPU devices the plan is the CPU compiler's: the scaling with devices is meaningful,
-  the absolute numbers are only indicative of a GPU/TPU plan.
+  Lowers `lm_loss` (and its parameter gradient when `train`) on abstract inputs
+  (`jax.ShapeDtypeStruct`) for `batch` sequences of `seq_len` tokens on the first
+  data * fsdp * sequence local devices arranged as `sharding.make_mesh(data, fsdp, sequence)`,
+  with parameters sharded by `sharding.tree_shardings` (FSDP), compiles it for the local backend
+  and returns `compiled.memory_analysis()` in bytes per device: argument, output, temp, alias,
+  code, and `peak` = argument + output + temp - alias (what must fit on one device). `dtype` and
+  `remat` override the config's; `l_max` is raised to `seq_len` when smaller. The optimizer
+  state (2 x parameters for AdamW) is not included: Hyena's parameters are small next to
+  long-context activations. On fake CPU devices the plan is the CPU compiler's: the scaling with
+  devices is meaningful, the absolute numbers only indicate a GPU/TPU plan.
   """
   changes = {"l_max": max(model_cfg.l_max, seq_len)}
   if dtype is not None:
@@ -328,27 +319,37 @@ def memory_report(model_cfg: HyenaConfig, *, seq_len: int, batch: int,
   if remat is not None:
     changes["remat"] = remat
   cfg = model_cfg.replace(**changes)
-  mesh = make_mesh(mesh_shape)
+  n_devices = data * fsdp * sequence
+  if n_devices > jax.device_count():
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x sequence={sequence} needs {n_devices} "
+                     f"devices, {jax.device_count()} exist; on CPU set XLA_FLAGS="
+                     f"--xla_force_host_platform_device_count={n_devices} before importing jax")
+  mesh = sharding.make_mesh(data, fsdp, sequence, devices=jax.devices()[:n_devices])
   abstract = nnx.eval_shape(lambda: HyenaLM(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  bspec, _ = _specs(mesh, batch, cfg.d_model, SEQ_AXIS, BATCH_AXES)
+  key = jax.random.key(0) if train else None  # dropout on, as in training
 
   def loss_of(params, rest, ids):
     model = nnx.merge(graphdef, params, rest)
-    return lm_loss(model, ids, ids, mesh, seq_axis=seq_axis, batch_axes=batch_axes)[0]
+    if not train:
+      model.eval()
+    return lm_loss(model, ids, ids, mesh, dropout_key=key)[0]
 
   step = jax.value_and_grad(loss_of) if train else loss_of
-  replicated = NamedSharding(mesh, P())
-  bspec, _ = _specs(mesh, batch, cfg.d_model, seq_axis, batch_axes)
-  n = mesh.shape[seq_axis]
-  ids_sharding = NamedSharding(mesh, P(bspec, seq_axis) if seq_len % n == 0 else P(bspec))
-  as_abstract = lambda tree: jax.tree.map(  # noqa: E731
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
-  ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=ids_sharding)
-  compiled = jax.jit(step).lower(as_abstract(params), as_abstract(rest), ids).compile()
+  with_sharding = lambda tree, shardings: jax.tree.map(  # noqa: E731
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+  params = with_sharding(params, sharding.tree_shardings(params, mesh))
+  rest = with_sharding(rest, jax.tree.map(lambda _: sharding.replicated(mesh), rest))
+  # jax shards only evenly: ids of a length the sequence axis does not divide arrive unsplit.
+  ids_spec = P(bspec, SEQ_AXIS) if seq_len % sequence == 0 else P(bspec)
+  ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=NamedSharding(mesh, ids_spec))
+  compiled = jax.jit(step).lower(params, rest, ids).compile()
   stats = compiled.memory_analysis()
   report = {
-      "seq_len": seq_len, "batch": batch, "mesh": dict(mesh_shape), "dtype": cfg.dtype,
-      "remat": cfg.remat, "train": train, "backend": jax.default_backend(),
+      "seq_len": seq_len, "batch": batch, "mesh": {"data": data, "fsdp": fsdp,
+                                                   "sequence": sequence},
+      "dtype": cfg.dtype, "remat": cfg.remat, "train": train, "backend": jax.default_backend(),
       "argument_bytes": int(stats.argument_size_in_bytes),
       "output_bytes": int(stats.output_size_in_bytes),
       "temp_bytes": int(stats.temp_size_in_bytes),
@@ -366,18 +367,18 @@ _COLLECTIVE = re.compile(r"\s(all-to-all|all-gather|all-reduce|collective-permut
                          r"(?:-start)?\(")
 
 
-def collectives(hlo_text: str) -> list[tuple[str, list[tuple[int, ...]]]]:
-  """(op, result shapes) of every cross-device collective in compiled HLO text (for checks).
+def collectives(hlo_text: str) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+  """(op, [(dtype, shape), ...]) of every cross-device collective in compiled HLO text.
 
-  A tuple-shaped collective (CPU splits an all-to-all into one operand per peer) lists all its
-  element shapes.
+  For checks such as "no all-gather of a full-length activation". A tuple-shaped collective
+  (CPU splits an all-to-all into one operand per peer) lists all its elements.
   """
   found = []
   for line in hlo_text.splitlines():
-    lhs, eq, rhs = line.partition(" = ")
+    _, eq, rhs = line.partition(" = ")
     m = _COLLECTIVE.search(rhs) if eq else None
     if m:
-      shapes = [tuple(int(v) for v in dims.split(",") if v)
-                for dims in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", rhs[:m.start()])]
+      shapes = [(dtype, tuple(int(v) for v in dims.split(",") if v))
+                for dtype, dims in re.findall(r"([a-z][a-z0-9]*)\[([0-9,]*)\]", rhs[:m.start()])]
       found.append((m.group(1), shapes))
   return found
