@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import multiprocessing
 import os
 import pathlib
 import struct
@@ -221,6 +222,12 @@ def make_pretrain_dataset(data_cfg: Mapping[str, Any], *, split: str, seq_len: i
                            prefetch_buffer_size=data_cfg["prefetch_buffer"])
   it_ds = ds.to_iter_dataset(read)
   if data_cfg["num_workers"] > 0:
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+      # A spawned Grain worker is re-importing a main module that builds the pipeline at import
+      # time: without this error the worker dies quietly and the parent waits forever.
+      raise RuntimeError("make_pretrain_dataset with num_workers > 0 ran while a worker process "
+                         "was importing the main module: put the script's code under `if "
+                         "__name__ == '__main__':` (absl.app.run scripts already are)")
     # Grain's worker processes read absl flags; outside absl.app.run (tests, notebooks) they are
     # not parsed yet, and the defaults are what we want.
     from absl import flags  # pylint: disable=g-import-not-at-top
