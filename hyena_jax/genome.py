@@ -226,35 +226,14 @@ def window_span(start: int, end: int, lo: int, hi: int, max_length: int, offset:
   return start, end
 
 
-def lm_example(bases: np.ndarray, max_length: int, *, rc_table: np.ndarray | None,
-               replace_n: bool, mask_pad: bool) -> dict[str, np.ndarray]:
-  """Language-model example from base ids int32 [<= max_length] (steps 4-5).
-
-  Returns {"inputs": int32 [max_length - 1], "targets": int32 [max_length - 1],
-  "loss_mask": float32 [max_length - 1]}.
-  """
-  # Imported here to keep the token constants in one place (tokenizer.py).
-  from hyena_jax.tokenizer import N, PAD, SEP  # pylint: disable=g-import-not-at-top
-
-  if rc_table is not None:
-    bases = rc_table[bases[::-1]]
-  keep = min(bases.shape[0], max_length - 1)
-  ids = np.full(max_length, PAD, np.int32)
-  ids[max_length - 1 - keep:max_length - 1] = bases[:keep]
-  ids[-1] = SEP
-  if replace_n:
-    ids[ids == N] = PAD
-  targets = ids[1:]
-  loss_mask = (targets != PAD).astype(np.float32) if mask_pad else np.ones(max_length - 1,
-                                                                           np.float32)
-  return {"inputs": ids[:-1], "targets": targets, "loss_mask": loss_mask}
-
-
 class GenomeWindows:
-  """Random access to tokenized windows: `example(i, rng)` for interval i.
+  """Tokenized LM windows over a FASTA, built a batch at a time.
 
-  Picklable for Grain worker processes: the pyfaidx handle is opened lazily in each process and
-  dropped when pickled.
+  `batch(indices, offsets_u, flips)` gives {"inputs": int32 [b, seq_len], "targets": int32
+  [b, seq_len], "loss_mask": float32 [b, seq_len]}; index -1 is a filler row (all [PAD],
+  loss_mask 0). The augmentation draws come from the caller (Grain's random_map RNG) so that the
+  windows are a pure function of (indices, draws). Picklable for Grain worker processes: the
+  pyfaidx handle is opened lazily in each process and dropped when pickled.
   """
 
   def __init__(self, fasta_path: str, intervals: Intervals, seq_len: int, tokenizer, *,
@@ -277,31 +256,70 @@ class GenomeWindows:
   def __len__(self) -> int:
     return len(self.intervals)
 
-  def span(self, i: int, rng: np.random.Generator | None) -> tuple[str, int, int, bool]:
-    """(chrom, s, e, reverse_complement) of window i; draws from `rng` in a fixed order."""
+  def span(self, i: int, offset_u: float | None = None) -> tuple[str, int, int]:
+    """(chrom, s, e) read for window i. `offset_u` in [0, 1) picks the crop of an interval longer
+    than the window when `random_offset` is on (None: the official first bases)."""
     iv = self.intervals
     start, end = int(iv.start[i]), int(iv.end[i])
-    offset, flip = 0, False
-    if rng is not None and self.random_offset and end - start > self.max_length:
-      offset = int(rng.integers(0, end - start - self.max_length + 1))
-    if rng is not None and self.rc_aug:
-      flip = bool(rng.random() < 0.5)
+    offset = 0
+    if offset_u is not None and self.random_offset and end - start > self.max_length:
+      choices = end - start - self.max_length + 1
+      offset = min(int(offset_u * choices), choices - 1)
     s, e = window_span(start, end, int(iv.lo[i]), int(iv.hi[i]), self.max_length, offset)
-    return iv.names[iv.chrom[i]], s, e, flip
+    return iv.names[iv.chrom[i]], s, e
 
-  def example(self, i: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    """Tokenized LM example of window i (see `lm_example`); `rng=None` = no augmentation."""
+  def bases(self, i: int, offset_u: float | None = None) -> np.ndarray:
+    """Base ids of window i before truncation, int32 [e - s] (<= seq_len + 1)."""
     if self._fasta is None:
       self._fasta = open_fasta(self.fasta_path)
-    chrom, s, e, flip = self.span(i, rng)
+    chrom, s, e = self.span(i, offset_u)
     where = f"{self.fasta_path} {chrom}:{s}-{e}"
     seq = self._fasta.get_seq(chrom, s + 1, e) if e > s else ""
-    bases = self.tokenizer.tokenize(seq, where=where)
-    if bases.shape[0] != e - s:
-      raise ValueError(f"{where}: read {bases.shape[0]} bases, expected {e - s}; is the .fai "
+    ids = self.tokenizer.tokenize(seq, where=where)
+    if ids.shape[0] != e - s:
+      raise ValueError(f"{where}: read {ids.shape[0]} bases, expected {e - s}; is the .fai "
                        "index stale? delete it to rebuild")
-    return lm_example(bases, self.max_length, rc_table=self.tokenizer.complement if flip else None,
-                      replace_n=self.replace_n, mask_pad=self.mask_pad)
+    return ids
+
+  def batch(self, indices: np.ndarray, offsets_u: np.ndarray | None = None,
+            flips: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """LM examples for windows `indices` [b] (steps 1-5 of the module docstring).
+
+    `offsets_u` float [b] in [0, 1) and `flips` bool [b] are the augmentation draws; they are
+    ignored unless `random_offset` / `rc_aug` is on.
+    """
+    # Imported here to keep the token constants in one place (tokenizer.py).
+    from hyena_jax.tokenizer import N, PAD, SEP  # pylint: disable=g-import-not-at-top
+
+    indices = np.asarray(indices).reshape(-1)
+    length = self.max_length - 1
+    ids = np.full((indices.shape[0], self.max_length), PAD, np.int32)
+    real = indices >= 0
+    for row, i in enumerate(indices):
+      if i < 0:
+        continue
+      bases = self.bases(int(i), None if offsets_u is None else float(offsets_u[row]))
+      if self.rc_aug and flips is not None and flips[row]:
+        bases = self.tokenizer.complement[bases[::-1]]
+      keep = min(bases.shape[0], length)  # the tokenizer keeps max_length - 1 bases + [SEP]
+      ids[row, length - keep:length] = bases[:keep]
+    ids[real, -1] = SEP
+    if self.replace_n:
+      ids[ids == N] = PAD
+    targets = ids[:, 1:]
+    if self.mask_pad:
+      loss_mask = (targets != PAD).astype(np.float32)
+    else:
+      loss_mask = np.repeat(real[:, None].astype(np.float32), length, axis=1)
+    return {"inputs": np.ascontiguousarray(ids[:, :-1]), "targets": np.ascontiguousarray(targets),
+            "loss_mask": loss_mask}
+
+  def example(self, i: int, offset_u: float | None = None, flip: bool = False
+              ) -> dict[str, np.ndarray]:
+    """One window: the arrays of `batch` without the batch axis, [seq_len]."""
+    out = self.batch(np.array([i]), None if offset_u is None else np.array([offset_u]),
+                     np.array([flip]))
+    return {k: v[0] for k, v in out.items()}
 
 
 def decompress_to(src: pathlib.Path, dst: pathlib.Path) -> None:
