@@ -66,7 +66,9 @@ def main() -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   meta = {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
           "python": platform.python_version(), "genome": "bundled E. coli K-12 W3110",
-          "augment": "rc_aug + random_offset", "read_threads": args.read_threads}
+          "augment": "rc_aug + random_offset", "read_threads": args.read_threads,
+          "seconds_per_setting": args.seconds,
+          "loadavg_1min_at_end": round(os.getloadavg()[0], 2)}  # >cpu_count: contended numbers
   out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
   print(f"wrote {out}")
 
