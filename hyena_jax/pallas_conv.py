@@ -25,7 +25,7 @@ Two tricks keep the kernels small:
     with the same DFT matrices as XLA einsums (matmuls, no FFT op), scaled by 1/n.
 
 Schemes (see `make_plan`):
-  * single pass, n <= `max_onchip` (GPU 4096, TPU 65536): one kernel per (batch, channel) row
+  * single pass, n <= `max_onchip` (GPU 4096, TPU 16384): one kernel per (batch, channel) row
     does DFT, spectrum product, inverse DFT and gate on a [p, q] tile that lives on-chip.
   * two pass, larger n (up to 1M tokens and beyond): n = n1 * m with m on-chip; kernel 1 does
     the length-n1 DFTs down the columns of the [n1, m] view (plus twiddles) and writes them to
@@ -85,7 +85,7 @@ _RULES = {
     "gpu": _Rules(p_min_half=32, p_min=16, q_min=16, max_onchip=4096, n1_min=32, n1_max=512,
                   col_block=32, row_block=32),
     # Mosaic: last two block dims multiples of (8, 128) (or full); tiles live in VMEM.
-    "tpu": _Rules(p_min_half=16, p_min=8, q_min=128, max_onchip=65536, n1_min=16, n1_max=512,
+    "tpu": _Rules(p_min_half=16, p_min=8, q_min=128, max_onchip=16384, n1_min=16, n1_max=512,
                   col_block=512, row_block=512),
 }
 
@@ -199,47 +199,58 @@ def _cmul_conj(ar, ai, br, bi):
 
 
 class _Tile:
-  """The [p, q] four-step DFT on values loaded from the constant refs."""
+  """The [p, q] four-step DFT on values from the constant refs (each loaded once, on first use,
+  so a kernel only reads the constants it needs)."""
+
+  _NAMES = ("fpr", "fpi", "fphr", "fphi", "fhpr", "fhpi", "fqr", "fqi", "twr", "twi")
 
   def __init__(self, refs, precision):
-    (self.fpr, self.fpi, self.fphr, self.fphi, self.fhpr, self.fhpi,
-     self.fqr, self.fqi, self.twr, self.twi) = [r[...] for r in refs]
+    self._refs = dict(zip(self._NAMES, refs, strict=True))
+    self._values = {}
     self.precision = precision
+
+  def __getattr__(self, name):
+    if name not in self._NAMES:
+      raise AttributeError(name)
+    if name not in self._values:
+      self._values[name] = self._refs[name][...]
+    return self._values[name]
+
+  def _mm(self, a, b):
+    return _mm(a, b, self.precision)
 
   def _row_dft(self, ar, ai):
     """(a * T) @ F_q."""
     ar, ai = _cmul(ar, ai, self.twr, self.twi)
-    mm = functools.partial(_mm, precision=self.precision)
+    mm = self._mm
     return mm(ar, self.fqr) - mm(ai, self.fqi), mm(ar, self.fqi) + mm(ai, self.fqr)
 
   def forward_real_half(self, x):
     """x: [p/2, q] real, the first half of a zero-padded tile -> spectrum (re, im) [p, q]."""
-    mm = functools.partial(_mm, precision=self.precision)
-    return self._row_dft(mm(self.fphr, x), mm(self.fphi, x))
+    return self._row_dft(self._mm(self.fphr, x), self._mm(self.fphi, x))
 
   def forward(self, xr, xi):
     """Full complex tile [p, q] -> spectrum [p, q]."""
-    mm = functools.partial(_mm, precision=self.precision)
+    mm = self._mm
     ar = mm(self.fpr, xr) - mm(self.fpi, xi)
     ai = mm(self.fpr, xi) + mm(self.fpi, xr)
     return self._row_dft(ar, ai)
 
   def _row_idft(self, yr, yi):
     """(y @ conj(F_q)) * conj(T)."""
-    mm = functools.partial(_mm, precision=self.precision)
+    mm = self._mm
     cr = mm(yr, self.fqr) + mm(yi, self.fqi)
     ci = mm(yi, self.fqr) - mm(yr, self.fqi)
     return _cmul_conj(cr, ci, self.twr, self.twi)
 
   def inverse_real_half(self, yr, yi):
     """Spectrum [p, q] -> real part of the first p/2 rows of the (unscaled) inverse DFT."""
-    mm = functools.partial(_mm, precision=self.precision)
     cr, ci = self._row_idft(yr, yi)
-    return mm(self.fhpr, cr) + mm(self.fhpi, ci)
+    return self._mm(self.fhpr, cr) + self._mm(self.fhpi, ci)
 
   def inverse(self, yr, yi):
     """Spectrum [p, q] -> full complex (unscaled) inverse DFT [p, q]."""
-    mm = functools.partial(_mm, precision=self.precision)
+    mm = self._mm
     cr, ci = self._row_idft(yr, yi)
     return mm(self.fpr, cr) + mm(self.fpi, ci), mm(self.fpr, ci) - mm(self.fpi, cr)
 
@@ -341,7 +352,23 @@ def _const_specs(arrays):
   return [pl.BlockSpec(a.shape, lambda *_: (0, 0)) for a in arrays]
 
 
+def _reverse_grid(spec: pl.BlockSpec) -> pl.BlockSpec:
+  return pl.BlockSpec(spec.block_shape, lambda *ids, f=spec.index_map: f(*ids[::-1]))
+
+
 def _call(kernel, grid, in_specs, out_specs, out_shape, plan, interpret):
+  """pallas_call with grids written outermost-first, as TPU runs them.
+
+  TPU iterates the last grid axis innermost, so a block that only changes with outer axes (a
+  channel's filter spectrum while the batch varies) is fetched once. Triton maps the FIRST grid
+  axis to the fastest-varying CUDA block index, so on GPU the grid is reversed to keep programs
+  that share such blocks adjacent (L2 reuse).
+  """
+  if plan.platform == "gpu":
+    grid = grid[::-1]
+    in_specs = [_reverse_grid(s) for s in in_specs]
+    out_specs = (_reverse_grid(out_specs) if isinstance(out_specs, pl.BlockSpec)
+                 else [_reverse_grid(s) for s in out_specs])
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret, compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
