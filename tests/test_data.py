@@ -299,6 +299,19 @@ def test_checkpoint_restore_reproduces_batches(with_n, tmp_path, workers):
     i.close()
 
 
+def test_worker_error_reaches_the_caller(tmp_path):
+  bad = tmp_path / "bad.fa"
+  bad.write_text(">a\n" + "ACGT" * 10 + "\n" + "AC*T" * 10 + "\n")
+  ds = data.make_pretrain_dataset(cfg_for(str(bad), valid_fraction=0.1, num_workers=1),
+                                  split="train", seq_len=7, global_batch_size=2, seed=0,
+                                  process_index=0, process_count=1)
+  it = iter(ds)
+  with pytest.raises(ValueError, match=r"bad\.fa a:\d+-\d+: invalid character '\*'"):
+    for _ in range(3):  # the first batch might come from the clean half
+      next(it)
+  it.close()
+
+
 def test_to_global_batch_shards_rows():
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
