@@ -28,8 +28,8 @@ from hyena_jax import weights
 from hyena_jax.model import Pooling
 
 # Searched in this order inside a directory: safetensors first (exact and pickle-free).
-WEIGHT_NAMES = ("model.safetensors", "weights.safetensors", "pytorch_model.bin", "weights.ckpt", "weights.pt",
-                "last.ckpt")
+WEIGHT_NAMES = ("model.safetensors", "weights.safetensors", "pytorch_model.bin", "weights.ckpt",
+                "weights.pt", "last.ckpt")
 
 
 def find_weights(path: str | os.PathLike) -> str:

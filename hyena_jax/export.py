@@ -261,7 +261,8 @@ def write_safetensors(path: str, tensors: Sequence[LazyTensor],
     if t.key in header:
       raise ValueError(f"duplicate tensor key {t.key}")
     nbytes = 4 * int(np.prod(t.shape, dtype=np.int64))
-    header[t.key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+    header[t.key] = {"dtype": "F32", "shape": list(t.shape),
+                     "data_offsets": [offset, offset + nbytes]}
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)

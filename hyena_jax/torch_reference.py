@@ -30,7 +30,8 @@ try:
   from torch import nn
   from torch.nn import functional as F
 except ImportError as e:  # the JAX package never imports this module itself
-  raise ImportError("hyena_jax.torch_reference needs PyTorch: pip install 'hyena_jax[torch]'") from e
+  raise ImportError("hyena_jax.torch_reference needs PyTorch: "
+                    "pip install 'hyena_jax[torch]'") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,7 +43,8 @@ def _hf_fields(config: Mapping[str, Any]) -> dict[str, Any]:
   c = dict(config)
   layer = dict(c.pop("layer", {}) or {})
   out = {
-      "d_model": c["d_model"], "n_layer": c["n_layer"], "d_inner": c.get("d_inner", 4 * c["d_model"]),
+      "d_model": c["d_model"], "n_layer": c["n_layer"],
+      "d_inner": c.get("d_inner", 4 * c["d_model"]),
       "vocab_size": c.get("vocab_size", 12),
       "pad_vocab_size_multiple": c.get("pad_vocab_size_multiple", 8),
       "max_seq_len": c.get("max_seq_len", layer.get("l_max")),
@@ -147,7 +149,7 @@ def causal_fft_conv(u: torch.Tensor, k: torch.Tensor, d_skip: torch.Tensor) -> t
 
 
 class HyenaOperator(nn.Module):
-  """Order-2 Hyena: in_proj -> causal depthwise conv(3) -> x0 | x1 | v -> out_proj(x0 (k*(x1 v) + D x1 v))."""
+  """Order 2: in_proj -> causal depthwise conv(3) -> x0|x1|v -> out_proj(x0 (k * x1v + D x1v))."""
 
   def __init__(self, d_model: int, filter_kwargs: dict):
     super().__init__()

@@ -179,7 +179,8 @@ def test_torch_reference_reproduces_fixture(name):
   state = torch_reference.to_hf_keys(torch_reference._read(path))
   tokens = np.load(folder / "tokens.npy")
   if "head.output_transform.weight" in state:
-    model = torch_reference.HyenaDNAClassifier(config, state["head.output_transform.weight"].shape[0])
+    n_classes = state["head.output_transform.weight"].shape[0]
+    model = torch_reference.HyenaDNAClassifier(config, n_classes)
   else:
     model = torch_reference.HyenaDNAForCausalLM(config)
   torch_reference.load_weights(model, state)
@@ -193,7 +194,8 @@ def test_torch_reference_reproduces_fixture(name):
     np.testing.assert_allclose(out, np.load(folder / "class_logits.npy"), **tol)
   else:
     np.testing.assert_allclose(out, np.load(folder / "logits.npy"), **tol)
-    np.testing.assert_allclose(torch.stack(per_block).numpy(), np.load(folder / "layers.npy"), **tol)
+    np.testing.assert_allclose(torch.stack(per_block).numpy(), np.load(folder / "layers.npy"),
+                               **tol)
   # Its freshly built buffers equal the stored ones (to float32 rounding: the classifier's
   # were made by another PyTorch build).
   fresh = type(model)(config, *([2] if name == "tiny1k_classifier" else [])).state_dict()
