@@ -86,8 +86,11 @@ def stage_boundaries(config: ml_collections.ConfigDict) -> list[int]:
   return bounds
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> HyenaConfig:
-  """Checks the run config before anything is built; returns the model config."""
+def validate(config: ml_collections.ConfigDict, data_parallel: int | None = None) -> HyenaConfig:
+  """Checks the run config before anything is built; returns the model config.
+
+  `data_parallel` is the number of devices the batch is split over (mesh data x fsdp).
+  """
   from hyena_jax import config as config_lib
   model = config_lib.from_dict(config.model.to_dict())
   errors = []
@@ -107,18 +110,49 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if batch % accum:
       errors.append(f"train.stages[{i}] grad_accum={accum} does not divide "
                     f"train.global_batch_size={batch}")
-    elif num_devices and num_devices > 1:
-      dp = num_devices // max(config.mesh.sequence, 1)
-      if (batch // accum) % dp:
-        errors.append(f"train.stages[{i}]: micro-batch {batch // accum} (global_batch_size/"
-                      f"grad_accum) is not divisible by the {dp} data-parallel devices")
+    elif data_parallel and (batch // accum) % data_parallel:
+      errors.append(f"train.stages[{i}]: micro-batch {batch // accum} (global_batch_size/"
+                    f"grad_accum) is not divisible by the {data_parallel} data-parallel devices")
   if config.eval.batch_size < 1 or config.eval.num_batches < 0:
     errors.append("eval.batch_size must be >= 1 and eval.num_batches >= 0")
-  elif num_devices and config.eval.batch_size % (num_devices // max(config.mesh.sequence, 1)):
+  elif data_parallel and config.eval.batch_size % data_parallel:
     errors.append(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
-                  f"{num_devices // max(config.mesh.sequence, 1)} data-parallel devices")
+                  f"{data_parallel} data-parallel devices")
   if not 0 <= config.optim.warmup_fraction < 1:
     errors.append(f"optim.warmup_fraction must be in [0, 1), got {config.optim.warmup_fraction}")
   if errors:
     raise ValueError("invalid run config:\n  " + "\n  ".join(errors))
   return model
+
+
+def warmup_stages(final_seq_len: int, *, final_steps: int, warmup_steps_per_stage: int,
+                  global_batch_size: int, max_tokens_per_micro_batch: int,
+                  start_seq_len: int = 64) -> tuple[tuple[int, int, int], ...]:
+  """Sequence-length warm-up as in the paper: start at 64 and double up to the final length.
+
+  Each stage gets the gradient accumulation that keeps one micro-batch under
+  `max_tokens_per_micro_batch` tokens (a power of two dividing the global batch).
+  """
+  lengths = []
+  seq_len = min(start_seq_len, final_seq_len)
+  while seq_len < final_seq_len:
+    lengths.append(seq_len)
+    seq_len *= 2
+  lengths.append(final_seq_len)
+  stages = []
+  for i, length in enumerate(lengths):
+    accum = 1
+    while (global_batch_size // accum) * length > max_tokens_per_micro_batch and \
+        accum < global_batch_size and global_batch_size % (accum * 2) == 0:
+      accum *= 2
+    steps = final_steps if i == len(lengths) - 1 else warmup_steps_per_stage
+    stages.append((steps, length, accum))
+  return tuple(stages)
+
+
+def release_config(name: str) -> ml_collections.ConfigDict:
+  """base_config() with the model of a released size; l_max = seq_len + 2 as upstream."""
+  from hyena_jax import config as config_lib
+  config = base_config()
+  config.model.update(dataclasses.asdict(config_lib.released(name)))
+  return config

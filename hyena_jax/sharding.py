@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "sequence")
@@ -23,20 +24,26 @@ MIN_FSDP_SIZE = 2 ** 14
 
 def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1,
               devices: list | None = None) -> Mesh:
-  """A (data, fsdp, sequence) mesh; one axis may be -1 to take the remaining devices."""
+  """A (data, fsdp, sequence) mesh; one axis may be -1 to take the remaining devices.
+
+  With every axis given explicitly the mesh may use fewer devices than exist (the first ones);
+  a warning says so.
+  """
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, sequence]
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} "
                      f"sequence={sequence}")
   known = math.prod(s for s in sizes if s != -1)
-  if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+  if any(s == 0 or s < -1 for s in sizes) or (-1 in sizes and len(devices) % known) \
+      or known > len(devices):
     raise ValueError(f"mesh data={data} x fsdp={fsdp} x sequence={sequence} does not divide "
                      f"the {len(devices)} available devices")
+  if -1 not in sizes and known < len(devices):
+    logging.warning("mesh %s uses %d of the %d devices; set one axis to -1 to use all",
+                    dict(zip(AXES, sizes)), known, len(devices))
+    devices = devices[:known]
   sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"{len(devices)} are available; set one axis to -1")
   grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
@@ -50,9 +57,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_FSDP_SIZE) -> P:
   """Shards the largest axis divisible by the fsdp size (big_vision's "fsdp" rule)."""
-  if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
+  if fsdp_size == 1 or math.prod(shape) < min_size:
     return P()
   for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
     if shape[axis] % fsdp_size == 0:
@@ -62,7 +69,8 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
   return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_FSDP_SIZE) -> Any:
   """NamedShardings for a tree of arrays/ShapeDtypeStructs (parameters or optimizer state)."""
   fsdp_size = mesh.shape["fsdp"]
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size)), tree)
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)), tree)

@@ -8,7 +8,15 @@ os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=-reduce")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests build the same small programs many times (every training run compiles its steps anew):
+# a persistent compilation cache for the session turns repeats into cache hits.
+_CACHE = os.environ.get("HYENA_JAX_TEST_COMPILE_CACHE", "/tmp/hyena_jax_test_compile_cache")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 SHARED = pathlib.Path(os.environ.get(
     "HYENA_JAX_SHARED", pathlib.Path(__file__).resolve().parents[1].parent / "shared"))

@@ -1,0 +1,76 @@
+"""What a user sees of a run: JSONL metrics, TensorBoard events, and a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import jax
+
+
+class MetricsWriter:
+  """Appends `{"step": s, **metrics}` lines to WORKDIR/metrics.jsonl and TensorBoard events.
+
+  Only process 0 writes. On resume, lines of steps after `resume_step` (written after the last
+  checkpoint by the interrupted run) are dropped so the file reads as one uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = workdir
+    self.enabled = jax.process_index() == 0
+    self._tb = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard output is optional; JSONL always works
+      self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+    if self._tb is not None:
+      for key, value in metrics.items():
+        self._tb.add_scalar(key, float(value), int(step))
+
+  def close(self, plot: bool = True) -> None:
+    if not self.enabled:
+      return
+    if self._tb is not None:
+      self._tb.close()
+    if plot:
+      plot_curves(self.path, os.path.join(self.workdir, "curves.png"))
+
+
+def plot_curves(metrics_path: str, out_path: str) -> str:
+  """Training and validation loss against step, from metrics.jsonl, as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+  train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+  valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if train:
+    ax.plot(*zip(*train), label="train loss")
+  if valid:
+    ax.plot(*zip(*valid), "o-", label="valid loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/base)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path
