@@ -1,0 +1,260 @@
+"""Sampling continuations of a DNA prompt, with an incremental (cached) Hyena decoder.
+
+    python -m hyena_jax.generate --model=PATH --prompt=ACGTTGCA --num_new=200 \
+        [--num_samples=4] [--temperature=1.0] [--top_k=0] [--seed=0] [--allow_n] \
+        [--method=cached|recompute] [--output=samples.fa]
+
+Only base tokens are sampled (A C G T, plus N with `allow_n`): the other logits are dropped
+before temperature and top-k. temperature 0 is greedy decoding. Step t draws with
+`fold_in(PRNGKey(seed), t)`, so a seed reproduces the samples exactly, whichever method runs.
+
+Both methods run the whole loop inside one jitted `lax.fori_loop` over a fixed buffer of
+T = bucket(len(prompt) + num_new) tokens (a power of two, capped at l_max), so nothing
+recompiles per step; sampling settings are traced values, so one compilation per method and
+(num_samples, T) serves every prompt length, temperature, top-k and seed:
+
+  * "recompute" runs the full model on the buffer at every step and reads position t-1
+    (exact by causality; the positions after t are still [PAD] and influence nothing before
+    them). Cost per new base: a full forward at length T, O(T log T) per layer for the FFT
+    convolution plus O(T d^2) projections.
+  * "cached" (default) runs the full model once on the prompt (prefill) and then advances one
+    position at a time. Per layer it caches the last two in_proj outputs (the 3-tap short
+    filter's state), the gated inputs u_s = v_s * x1_s of the long convolution for s < t,
+    and the filter k (flipped and zero-padded). The long convolution at t is then one dot
+    product, y_t = sum_{s<=t} k[t-s] u_s + D u_t, O(T d) per layer (T, not t: the buffer has a
+    fixed size), and everything else touches one position: O(d^2 + T d) per layer per base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from hyena_jax import inference
+from hyena_jax import tokenizer as tok
+from hyena_jax.model import HyenaLM
+
+Method = Literal["cached", "recompute"]
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass
+class Generation:
+  prompt: str
+  sequences: list[str]      # the continuations (without the prompt), one per sample
+  tokens: np.ndarray        # int32 [num_samples, num_new]
+  logits: np.ndarray        # float32 [num_samples, num_new, V]: what each new token was drawn from
+
+
+def _sample(logits: jax.Array, key: jax.Array, params: dict) -> jax.Array:
+  """logits [B, V] -> token ids [B], drawn among the allowed tokens only.
+
+  `params` holds traced values (one compilation serves every setting): `allowed` bool [V],
+  `temperature` (0 = greedy), `top_k` (0 = off).
+  """
+  logits = jnp.where(params["allowed"], logits.astype(jnp.float32), -jnp.inf)
+  greedy = jnp.argmax(logits, axis=-1)
+  scaled = logits / jnp.maximum(params["temperature"], 1e-6)
+  kth = jnp.take_along_axis(jnp.sort(scaled, axis=-1),
+                            jnp.full((scaled.shape[0], 1), scaled.shape[-1]) - params["top_k"],
+                            axis=-1, mode="clip")
+  scaled = jnp.where((params["top_k"] > 0) & (scaled < kth), -jnp.inf, scaled)
+  drawn = jax.random.categorical(key, scaled, axis=-1)
+  return jnp.where(params["temperature"] > 0, drawn, greedy).astype(jnp.int32)
+
+
+@nnx.jit
+def _generate_recompute(model: HyenaLM, buf: jax.Array, start: jax.Array, stop: jax.Array,
+                        key: jax.Array, params: dict) -> tuple[jax.Array, jax.Array]:
+  """buf [B, T] holds the prompt in [0, start); fills [start, stop). Returns (buf, logits
+  [B, T, V] with row t = the logits token t was drawn from)."""
+  def body(t, carry):
+    buf, record = carry
+    logits = model(buf)[:, t - 1]
+    token = _sample(logits, jax.random.fold_in(key, t), params)
+    return buf.at[:, t].set(token), record.at[:, t].set(logits)
+
+  record = jnp.zeros(buf.shape + (model.config.padded_vocab_size,), jnp.float32)
+  return jax.lax.fori_loop(start, stop, body, (buf, record))
+
+
+# ------------------------------------------------------------------------------------------------
+# Incremental decoding
+
+
+def _prefill(model: HyenaLM, buf: jax.Array, start: jax.Array) -> tuple[list[dict], jax.Array]:
+  """Full forward over buf [B, T]; per-layer caches describing positions < start, and the
+  logits [B, V] at position start - 1."""
+  backbone = model.backbone
+  out = backbone(buf, return_layers=True)
+  batch, length = buf.shape
+  keep = (jnp.arange(length) < start)[None, None, :]
+  caches = []
+  block_inputs = [backbone.embed(buf)] + list(out.layers[:-1])
+  for block, x in zip(backbone.layers, block_inputs):
+    mixer, d = block.mixer, block.mixer.d_model
+    h = block.norm1(x).astype(block.dtype).reshape(batch * length, d).astype(mixer.dtype)
+    z = mixer.in_proj(h).reshape(batch, length, 3 * d).transpose(0, 2, 1)  # [B, 3d, T]
+    zc = mixer.short_filter(z)
+    gated = (zc[:, 2 * d:] * zc[:, d:2 * d]).astype(jnp.float32)           # u = v * x1
+    z_pad = jnp.concatenate([jnp.zeros(z.shape[:2] + (2,), z.dtype), z], axis=-1)
+    k = mixer.filter_fn(length)                                             # [d, T] float32
+    caches.append({
+        "z_prev": jax.lax.dynamic_slice_in_dim(z_pad, start, 2, axis=2),   # z at start-2, start-1
+        "u": gated * keep,                                                  # [B, d, T]
+        # k flipped and zero-padded: a length-T slice at T-1-t is [k[t-s] if s <= t else 0]_s.
+        "k_pad": jnp.concatenate([k[:, ::-1], jnp.zeros_like(k)], axis=1),  # [d, 2T]
+    })
+  last = jax.lax.dynamic_index_in_dim(out.hidden, start - 1, axis=1, keepdims=False)
+  return caches, model.logits_from_hidden(last)
+
+
+def _step(model: HyenaLM, caches: list[dict], token: jax.Array, t: jax.Array
+          ) -> tuple[jax.Array, list[dict]]:
+  """Advances every layer by one position: token [B] at position t -> logits [B, V] at t."""
+  backbone = model.backbone
+  x = backbone.embed(token[:, None])[:, 0]                                  # [B, d] float32
+  new_caches = []
+  for block, cache in zip(backbone.layers, caches):
+    mixer, d = block.mixer, block.mixer.d_model
+    z = mixer.in_proj(block.norm1(x).astype(block.dtype).astype(mixer.dtype))  # [B, 3d]
+    # The 3-tap short filter on positions t-2, t-1, t, summed in ShortFilter's order.
+    w = mixer.short_filter.kernel[...][:, 0, :].astype(z.dtype)             # [3, 3d]
+    taps = (cache["z_prev"][..., 0], cache["z_prev"][..., 1], z)
+    zc = mixer.short_filter.bias[...].astype(z.dtype)
+    for j in range(3):
+      zc = zc + w[j] * taps[j]
+    x0, x1, v = zc[:, :d], zc[:, d:2 * d], zc[:, 2 * d:]
+    u_t = (v * x1).astype(jnp.float32)                                      # [B, d]
+    u = jax.lax.dynamic_update_slice_in_dim(cache["u"], u_t[:, :, None], t, axis=2)
+    length = u.shape[-1]
+    k_t = jax.lax.dynamic_slice_in_dim(cache["k_pad"], length - 1 - t, length, axis=1)  # [d, T]
+    y = jnp.einsum("bds,ds->bd", u, k_t, precision=_HIGHEST)
+    y = (y + u_t * mixer.filter_fn.bias[...][None, :]) * x0.astype(jnp.float32)
+    x = x + mixer.out_proj(y.astype(x0.dtype)).astype(jnp.float32)
+    x = x + block.mlp(block.norm2(x).astype(block.dtype)).astype(jnp.float32)
+    new_caches.append({"z_prev": jnp.stack([cache["z_prev"][..., 1], z], axis=-1), "u": u,
+                       "k_pad": cache["k_pad"]})
+  return model.logits_from_hidden(backbone.ln_f(x)), new_caches
+
+
+@nnx.jit
+def _generate_cached(model: HyenaLM, buf: jax.Array, start: jax.Array, stop: jax.Array,
+                     key: jax.Array, params: dict) -> tuple[jax.Array, jax.Array]:
+  """Same contract as `_generate_recompute`, decoding incrementally after one prefill."""
+  caches, logits = _prefill(model, buf, start)
+
+  def body(t, carry):
+    buf, record, caches, logits = carry
+    token = _sample(logits, jax.random.fold_in(key, t), params)
+    buf, record = buf.at[:, t].set(token), record.at[:, t].set(logits)
+    logits, caches = _step(model, caches, token, t)
+    return buf, record, caches, logits
+
+  record = jnp.zeros(buf.shape + (model.config.padded_vocab_size,), jnp.float32)
+  buf, record, _, _ = jax.lax.fori_loop(start, stop, body, (buf, record, caches, logits))
+  return buf, record
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+
+
+def generate(model: HyenaLM, prompt: str, num_new: int, *, num_samples: int = 1,
+             temperature: float = 1.0, top_k: int = 0, seed: int = 0, allow_n: bool = False,
+             method: Method = "cached", tokenizer: tok.CharacterTokenizer | None = None
+             ) -> Generation:
+  """Samples `num_samples` continuations of `num_new` bases after `prompt` (at least one base).
+
+  len(prompt) + num_new must fit the model's l_max. See the module docstring for the methods
+  and the sampling rules; both methods give the same tokens for the same seed.
+  """
+  model = inference.require_lm(model, "generation")
+  tokenizer = tokenizer or tok.CharacterTokenizer()
+  if method not in ("cached", "recompute"):
+    raise ValueError(f"method must be 'cached' or 'recompute', got {method!r}")
+  prompt_ids = tokenizer.encode(prompt, add_eos=False, where="prompt")
+  if prompt_ids.size == 0:
+    raise ValueError("the prompt is empty: give at least one base to condition on")
+  if num_new < 1 or num_samples < 1:
+    raise ValueError(f"num_new and num_samples must be >= 1, got {num_new}, {num_samples}")
+  total, l_max = prompt_ids.size + num_new, model.config.l_max
+  if total > l_max:
+    raise ValueError(f"prompt ({prompt_ids.size} bases) + num_new ({num_new}) = {total} exceeds "
+                     f"l_max={l_max}; shorten the prompt (keep its end) or generate fewer bases")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  allowed = (tok.A, tok.C, tok.G, tok.T) + ((tok.N,) if allow_n else ())
+  if not 0 <= top_k <= len(allowed):
+    raise ValueError(f"top_k must lie in 0..{len(allowed)} (0 = no top-k), got {top_k}")
+  length = inference.bucket_length(total, l_max)
+  buf = np.full((num_samples, length), tok.PAD, np.int32)
+  buf[:, :prompt_ids.size] = prompt_ids
+  mask = np.zeros(model.config.padded_vocab_size, bool)
+  mask[list(allowed)] = True
+  params = {"allowed": jnp.asarray(mask), "temperature": jnp.float32(temperature),
+            "top_k": jnp.int32(top_k)}
+  run = _generate_cached if method == "cached" else _generate_recompute
+  out, record = run(model, jnp.asarray(buf), jnp.int32(prompt_ids.size), jnp.int32(total),
+                    jax.random.PRNGKey(seed), params)
+  tokens = np.asarray(out)[:, prompt_ids.size:total]
+  return Generation(prompt=prompt, sequences=[tokenizer.decode(row) for row in tokens],
+                    tokens=tokens, logits=np.asarray(record)[:, prompt_ids.size:total])
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags of the CLI (defined only when run as a program)."""
+  inference.define_common_flags()
+  flags.DEFINE_string("prompt", None, "DNA prompt")
+  flags.DEFINE_string("prompt_fasta", None, "FASTA of prompts (one generation per record)")
+  flags.DEFINE_integer("num_new", 100, "bases to generate per sample")
+  flags.DEFINE_integer("num_samples", 1, "samples per prompt")
+  flags.DEFINE_float("temperature", 1.0, "softmax temperature; 0 = greedy")
+  flags.DEFINE_integer("top_k", 0, "sample among the k most likely bases (0 = all)")
+  flags.DEFINE_integer("seed", 0, "random seed (same seed, same samples)")
+  flags.DEFINE_bool("allow_n", False, "also sample N")
+  flags.DEFINE_enum("method", "cached", ["cached", "recompute"], "decoder (see module doc)")
+  flags.DEFINE_string("output", None, "FASTA to write (default: stdout)")
+  flags.mark_flags_as_required(["model"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if (FLAGS.prompt is None) == (FLAGS.prompt_fasta is None):
+    raise app.UsageError("pass exactly one of --prompt or --prompt_fasta")
+  model, _ = inference.load_model(FLAGS.model, step=FLAGS.step, shift=FLAGS.shift)
+  prompts = ([("prompt", FLAGS.prompt)] if FLAGS.prompt is not None else
+             [(r.name, r.seq) for r in inference.read_fasta(FLAGS.prompt_fasta)])
+  lines = []
+  for name, prompt in prompts:
+    result = generate(model, prompt, FLAGS.num_new, num_samples=FLAGS.num_samples,
+                      temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed,
+                      allow_n=FLAGS.allow_n, method=FLAGS.method)
+    for i, seq in enumerate(result.sequences):
+      lines += [f">{name}_sample{i} seed={FLAGS.seed} temperature={FLAGS.temperature} "
+                f"top_k={FLAGS.top_k}", seq]
+  text = "\n".join(lines) + "\n"
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      f.write(text)
+    logging.info("wrote %d samples to %s", len(lines) // 2, FLAGS.output)
+  else:
+    print(text, end="")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(inference.run_cli(main))
