@@ -235,6 +235,9 @@ def test_variant_bad_input(model, tmp_path):
     vcf = _write(tmp_path / "v.vcf", "#CHROM\tPOS\tID\tREF\tALT\n" + line)
     with pytest.raises(ValueError, match=message):
       score.score_vcf_file(model, str(vcf), str(fasta), str(tmp_path / "o.tsv"))
+  vcf = _write(tmp_path / "v.vcf", "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\n")
+  with pytest.raises(ValueError, match=r"v\.vcf: no variants found"):
+    score.score_vcf_file(model, str(vcf), str(fasta), str(tmp_path / "o.tsv"))
   vcf = _write(tmp_path / "v.vcf", f"chrA\t10\t.\t{chroms['chrA'][9]}\t{'A' * 120}\n")
   with pytest.raises(ValueError, match=r"v\.vcf:1: .* exceeds l_max=128; pass a smaller window"):
     score.score_vcf_file(model, str(vcf), str(fasta), str(tmp_path / "o.tsv"), window=100)
