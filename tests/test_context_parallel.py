@@ -1,4 +1,4 @@
-"""Context parallelism on 8 fake CPU devices: sharded == unsharded, and the HLO is what we intend."""
+"""Context parallelism on 8 fake CPU devices: sharded == unsharded; the HLO is what we intend."""
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,8 @@ def test_forward_with_fsdp_sharded_params_on_data_fsdp_sequence_mesh(fwd_case):
   mesh = _mesh(data=2, fsdp=2, sequence=2)
   # Shard every parameter whose first axis is even over fsdp (the project's rule would leave
   # these tiny ones replicated), so the step has to gather parameters on the way in.
-  fsdp = lambda x: NamedSharding(mesh, P("fsdp") if x.shape and x.shape[0] % 2 == 0 else P())  # noqa: E731
+  def fsdp(x):
+    return NamedSharding(mesh, P("fsdp") if x.shape and x.shape[0] % 2 == 0 else P())
   state = jax.device_put(state, jax.tree.map(fsdp, state))
   ids = jax.device_put(ids, NamedSharding(mesh, P(sharding.BATCH_AXES)))
   f = jax.jit(lambda s, t: cp.forward(nnx.merge(graphdef, s), t, mesh, unpad=False))
