@@ -52,20 +52,31 @@ def fwd_case(model):
   model.eval()
   ids = jax.random.randint(jax.random.key(1), (4, FWD_LEN), 0, CFG.vocab_size)
   graphdef, state = nnx.split(model)
-  want = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, ids)
-  return graphdef, state, ids, np.asarray(want)
+
+  def ref(s, t):
+    m = nnx.merge(graphdef, s)
+    return m(t), m.backbone(t).hidden
+
+  want, want_hidden = jax.jit(ref)(state, ids)
+  return graphdef, state, ids, np.asarray(want), np.asarray(want_hidden)
 
 
 def test_forward_matches_unsharded_on_8_sequence_shards(fwd_case):
-  graphdef, state, ids, want = fwd_case
+  graphdef, state, ids, want, want_hidden = fwd_case
   mesh = _mesh(sequence=8)
-  got = jax.jit(lambda s, t: cp.forward(nnx.merge(graphdef, s), t, mesh))(state, ids)
-  assert got.shape == want.shape
+
+  def sharded(s, t):
+    m = nnx.merge(graphdef, s)
+    return cp.forward(m, t, mesh), cp.hidden_states(m.backbone, t, mesh)
+
+  got, hidden = jax.jit(sharded)(state, ids)
+  assert got.shape == want.shape and hidden.shape == want_hidden.shape
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(hidden), want_hidden, rtol=1e-4, atol=1e-4)
 
 
 def test_forward_with_fsdp_sharded_params_on_data_fsdp_sequence_mesh(fwd_case):
-  graphdef, state, ids, want = fwd_case
+  graphdef, state, ids, want, _ = fwd_case
   mesh = _mesh(data=2, fsdp=2, sequence=2)
   # Shard every parameter whose first axis is even over fsdp (the project's rule would leave
   # these tiny ones replicated), so the step has to gather parameters on the way in.
