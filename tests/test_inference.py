@@ -47,10 +47,15 @@ def _random_dna(rng, n):
   return "".join(rng.choice(list("ACGT"), n))
 
 
-def _direct_logp(lm, ids):
-  """log p(ids[t] | ids[<t]) for t >= 1, straight from the logits of the unbatched model."""
-  _, _, logits = _alone(lm, jnp.asarray(ids)[None])
-  logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+def _direct_logp(lm, ids, append_sep=True):
+  """log p(ids[t] | ids[<t]) for t >= 1, straight from the logits of the unbatched model.
+
+  With `append_sep` the model runs on ids + [SEP] (the -hf encoding, and shapes the embedding
+  test already compiled); by causality the appended token changes no logit before it.
+  """
+  inputs = np.append(ids, tok.SEP) if append_sep else ids
+  _, _, logits = _alone(lm, jnp.asarray(inputs)[None])
+  logp = jax.nn.log_softmax(np.asarray(logits[0, :len(ids) - 1], np.float64), axis=-1)
   return np.asarray(logp)[np.arange(len(ids) - 1), ids[1:]]
 
 
@@ -78,6 +83,7 @@ def test_embed_batch_equals_each_sequence_alone(model):
 def test_embed_pad_to_reproduces_official_classifier_input():
   """pad_to = the official fine-tuning input: left [PAD]s, mean over all positions."""
   path = shared_path("parity", "tiny1k_classifier")
+  pytest.importorskip("torch", reason="the fixture's weights.pt is a torch pickle")
   clf, _, _ = weights.load_pretrained(path / "weights.pt")
   seqs = (path / "sequences.txt").read_text().split()
   pooled = embed.embed(clf, seqs, pad_to=512, pooling="mean", batch_size=8)[:, 0]
@@ -168,7 +174,8 @@ def test_scores_equal_sum_of_log_probs_from_logits(model):
     np.testing.assert_allclose(logp[1:], direct, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(totals[i], direct.sum(), rtol=1e-5, atol=1e-4)
     # With a context token the first base is scored given [SEP].
-    direct_ctx = _direct_logp(model, np.concatenate([[tok.SEP], ids]))
+    direct_ctx = _direct_logp(model, np.concatenate([[tok.SEP], ids]), append_sep=False)
+    assert with_ctx[i][1].shape == (len(s),)
     np.testing.assert_allclose(with_ctx[i][1], direct_ctx, rtol=1e-5, atol=1e-5)
 
 
