@@ -123,6 +123,7 @@ class Run:
   total_steps: int
   bounds: list[int]
   forward: Callable | None  # context-parallel forward when mesh.sequence > 1, else None
+  config_workdir: str = ""
 
 
 def build_run(config: ml_collections.ConfigDict, devices: list | None = None) -> Run:
@@ -232,10 +233,17 @@ def save_checkpoint(mngr: ocp.CheckpointManager, run: Run, state: State, data_it
 def restore_checkpoint(mngr: ocp.CheckpointManager, run: Run, step: int) -> tuple[State, dict]:
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           run.abstract_state, run.state_shardings)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract["params"]),
-      opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
-      progress=ocp.args.JsonRestore()))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract["params"]),
+        opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+        progress=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+    path = os.path.join(ckpt_lib.checkpoint_dir(run.config_workdir), str(step))
+    raise RuntimeError(
+        f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). It is damaged or "
+        "from another program: move it out of the checkpoints folder to resume from the "
+        "previous step, or use a new --workdir") from e
   state = {"step": jax.device_put(jnp.asarray(step, jnp.int32), run.state_shardings["step"]),
            "params": restored["params"], "opt_state": restored["opt_state"]}
   return state, dict(restored["progress"])
@@ -276,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   would (a checkpoint is saved) — used by tests of exact resumption.
   """
   os.makedirs(workdir, exist_ok=True)
-  run = build_run(config)
+  run = dataclasses.replace(build_run(config), config_workdir=workdir)
   logging.info("mesh %s; %d steps in %d stage(s)", dict(run.mesh.shape), run.total_steps,
                len(config.train.stages))
   batch_sharding = sharding.batch_sharding(run.mesh)
@@ -306,6 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   data_iter, data_stage, compiled_stage, train_step = None, -1, -1, None
   tokens_since, time_since = 0, time.perf_counter()
   steps_this_call = 0
+  last_finite = start
   with _Preemption() as preemption:
     while step < run.total_steps:
       stage = stage_of(run, step)
@@ -338,8 +347,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         metrics = jax.device_get(metrics)
         if not all(np.isfinite(v) for v in metrics.values()):
           raise FloatingPointError(
-              f"non-finite training metrics at step {step}: {metrics}. Lower optim.learning_rate, "
-              "check the data, or resume from the last checkpoint (it holds finite values)")
+              f"non-finite training metrics at step {step} (finite at step {last_finite}): "
+              f"{metrics}. Lower optim.learning_rate or check the data; the last checkpoint "
+              "holds finite values and the run resumes from it")
+        last_finite = step
         elapsed = time.perf_counter() - time_since
         tokens_per_s = tokens_since / max(elapsed, 1e-9)
         eta = (run.total_steps - step) * elapsed / max(config.train.log_every_steps, 1)

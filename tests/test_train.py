@@ -72,13 +72,19 @@ def test_interrupted_run_resumes_bitwise_identically_across_a_stage_boundary(tmp
     np.testing.assert_array_equal(a, b)
 
 
-def test_incompatible_workdir_and_bad_configs_are_refused(tmp_path):
+def test_incompatible_or_damaged_workdir_and_bad_configs_are_refused(tmp_path):
   config = tiny_config(stages=((2, 64, 1),))
   train.train_and_evaluate(config, str(tmp_path))
   other = tiny_config(stages=((2, 64, 1),))
   other.model.d_model = 48
   with pytest.raises(ValueError, match="model.d_model was 32"):
     train.train_and_evaluate(other, str(tmp_path))
+  # A damaged checkpoint is named, with what to do about it.
+  for path in (tmp_path / "checkpoints" / "2" / "params").rglob("*"):
+    if path.is_file() and "manifest" not in path.name and path.stat().st_size > 100:
+      path.write_bytes(b"garbage")
+  with pytest.raises(RuntimeError, match="cannot be restored"):
+    train.train_and_evaluate(config, str(tmp_path))
   bad = tiny_config(stages=((2, 256, 1),))
   with pytest.raises(ValueError, match="exceeds model.l_max=130"):
     run_config.validate(bad)
@@ -93,6 +99,15 @@ def test_incompatible_workdir_and_bad_configs_are_refused(tmp_path):
   locked.lock()
   with pytest.raises(AttributeError):
     locked.train.global_bach_size = 4
+
+
+def test_sigterm_requests_a_checkpointed_stop():
+  import signal
+  with train._Preemption() as preemption:
+    assert not preemption.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.requested
+  assert signal.getsignal(signal.SIGTERM) is not preemption._handler
 
 
 def test_sharded_step_matches_single_device_and_shards_parameters():
