@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -204,8 +205,10 @@ def infer_config(canonical: Mapping[str, np.ndarray], **overrides) -> HyenaConfi
 
 
 def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.ndarray], *,
-              n_classes: int = 0, head_prefix: str = "head", source: str = "checkpoint") -> None:
-  """Copies canonical tensors into `model` in place, refusing unknown, missing or misshapen keys."""
+              n_classes: int = 0, head_prefix: str = "head", source: str = "checkpoint"
+              ) -> nnx.Module:
+  """Copies canonical tensors into `model` in place (also an `nnx.eval_shape` model), refusing
+  unknown, missing or misshapen keys. Returns the model."""
   entries = key_map(cfg, n_classes, head_prefix)
   expected_buffers = buffers(cfg)
   known = {e.torch_key for e in entries} | set(expected_buffers)
@@ -228,8 +231,9 @@ def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.nd
         raise ValueError(f"{source}: {key} differs from the deterministic buffer "
                          f"(max |diff| {np.abs(got - expected).max():.2e}); trained positional "
                          "features or decay rates are not supported")
-  state = nnx.state(model, nnx.Param)
+  graphdef, state = nnx.split(model, nnx.Param)
   flat = dict(nnx.to_flat_state(state))
+  values = {}
   for e in entries:
     value = e.to_jax(np.asarray(canonical[e.torch_key]))
     if e.path not in flat:
@@ -239,12 +243,25 @@ def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.nd
       raise ValueError(f"{source}: {e.torch_key} has shape {canonical[e.torch_key].shape}, the "
                        f"model expects {tuple(var.shape)} (after layout conversion) at "
                        f"{'.'.join(map(str, e.path))}; check d_model/n_layer/d_inner/filter_order")
-    var[...] = value.astype(var.dtype)
+    values[e.path] = jnp.asarray(value, dtype=var.dtype)
+  # Works for concrete and abstract (nnx.eval_shape) models alike: values replace whole leaves.
+  nnx.replace_by_pure_dict(state, _unflatten(values))
   nnx.update(model, state)
+  return model
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return tree
 
 
 def load_pretrained(path: str | os.PathLike, *, config_path: str | os.PathLike | None = None,
-                    shift: float | None = None, rngs: nnx.Rngs | None = None, **overrides):
+                    shift: float | None = None, **overrides):
   """Builds and loads a HyenaLM or SequenceClassifier (in eval mode) from any official layout.
 
   The architecture comes from `config_path` (an official config.json; by default the one beside
@@ -266,8 +283,9 @@ def load_pretrained(path: str | os.PathLike, *, config_path: str | os.PathLike |
     cfg = infer_config(canonical, **overrides)
   head_key = f"{head_prefix}.output_transform.weight"
   n_classes = canonical[head_key].shape[0] if head_key in canonical else 0
-  rngs = rngs or nnx.Rngs(0)
-  model = (SequenceClassifier(cfg, n_classes, rngs=rngs) if n_classes else HyenaLM(cfg, rngs=rngs))
+  # Built abstractly: every parameter is replaced by the checkpoint's, so no random init is spent.
+  model = nnx.eval_shape(lambda: SequenceClassifier(cfg, n_classes, rngs=nnx.Rngs(0)) if n_classes
+                         else HyenaLM(cfg, rngs=nnx.Rngs(0)))
   load_into(model, cfg, canonical, n_classes=n_classes, head_prefix=head_prefix, source=str(path))
   model.eval()  # inference mode (no dropout); call model.train() to fine-tune
   return model, cfg, layout
