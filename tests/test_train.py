@@ -147,6 +147,27 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
     assert "96" not in shape, line
 
 
+def test_context_parallel_train_step_matches_single_device():
+  config = tiny_config(stages=((1, 64, 1),))
+  config.mesh.update(data=2, fsdp=1, sequence=4)
+  run = train.build_run(config)
+  assert run.forward is not None
+  state = train.init_state(run.model_cfg, run.tx, 0)
+  rng = np.random.default_rng(1)
+  batch = {"inputs": rng.integers(7, 11, (8, 64)).astype(np.int32),
+           "targets": rng.integers(7, 11, (8, 64)).astype(np.int32),
+           "loss_mask": (rng.random((8, 64)) > 0.1).astype(np.float32)}
+  kwargs = dict(grad_accum=1, seed=0)
+  single = jax.jit(train.make_train_step(run.graphdef, run.tx, run.schedule, **kwargs))
+  split = jax.jit(train.make_train_step(run.graphdef, run.tx, run.schedule, forward=run.forward,
+                                        **kwargs),
+                  in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh)))
+  (s1, m1), (s2, m2) = single(state, batch), split(state, batch)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s2["params"]), jax.tree.leaves(s1["params"])):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
 def test_weight_decay_groups_and_learning_rate_schedule():
   cfg = tiny_config()
   run = train.build_run(cfg)
