@@ -267,7 +267,15 @@ def _open_text(path: str):
   return open(path, newline="")
 
 
-def _parse_label(text: str, where: str) -> int:
+def _parse_label(text: str, where: str, float_labels: bool = False) -> int | float:
+  if float_labels:  # regression targets
+    try:
+      value = float(text.strip())
+    except ValueError:
+      raise ValueError(f"{where}: label {text!r} is not a number (regression target)") from None
+    if not np.isfinite(value):
+      raise ValueError(f"{where}: label {text!r} is not finite")
+    return value
   try:
     label = int(text.strip())
   except ValueError:
@@ -286,11 +294,14 @@ def _check_dna(seq: str, where: str) -> None:
                      "ACGTN and IUPAC codes, any case")
 
 
-def read_labelled_sequences(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+def read_labelled_sequences(path: str | os.PathLike, *, float_labels: bool = False,
+                            return_lines: bool = False) -> tuple[Any, ...]:
   """Reads `seq<sep>label` rows (TSV for .tsv/.txt, CSV for .csv, else sniffed; `.gz` allowed).
 
-  A first row whose label is not an integer is a header; the columns named `seq`/`sequence`
-  and `label` are then used (else the first two). Returns (sequences, int64 labels [N]).
+  A first row whose label is not a number is a header; the columns named `seq`/`sequence`
+  and `label` are then used (else the first two). Returns (sequences, int64 labels [N]), labels
+  float32 with `float_labels` (regression), plus int64 line numbers [N] with `return_lines` (for
+  error messages that point at the row).
   """
   path = os.fspath(path)
   stem = path[:-3] if path.endswith(".gz") else path
@@ -302,7 +313,7 @@ def read_labelled_sequences(path: str | os.PathLike) -> tuple[list[str], np.ndar
     delim = "\t"
   else:
     delim = "\t" if "\t" in text.split("\n", 1)[0] else ","
-  seqs, labels = [], []
+  seqs, labels, lines = [], [], []
   seq_col, label_col, header_done = 0, 1, False
   for lineno, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delim), 1):
     if not row or not "".join(row).strip():
@@ -310,7 +321,7 @@ def read_labelled_sequences(path: str | os.PathLike) -> tuple[list[str], np.ndar
     where = f"{path}:{lineno}"
     if not header_done:
       header_done = True
-      if len(row) >= 2 and not row[1].strip().lstrip("-").isdigit():
+      if len(row) >= 2 and not _is_number(row[1]):
         names = [c.strip().lower() for c in row]
         seq_col = next((names.index(n) for n in ("seq", "sequence") if n in names), 0)
         label_col = names.index("label") if "label" in names else 1
@@ -319,11 +330,21 @@ def read_labelled_sequences(path: str | os.PathLike) -> tuple[list[str], np.ndar
       raise ValueError(f"{where}: expected `seq{delim!r}label`, got {len(row)} column(s)")
     seq = row[seq_col].strip()
     _check_dna(seq, where)
-    labels.append(_parse_label(row[label_col], where))
+    labels.append(_parse_label(row[label_col], where, float_labels))
     seqs.append(seq)
+    lines.append(lineno)
   if not seqs:
     raise ValueError(f"{path}: no labelled sequences")
-  return seqs, np.asarray(labels, np.int64)
+  out = (seqs, np.asarray(labels, np.float32 if float_labels else np.int64))
+  return out + (np.asarray(lines, np.int64),) if return_lines else out
+
+
+def _is_number(text: str) -> bool:
+  try:
+    float(text.strip())
+  except ValueError:
+    return False
+  return True
 
 
 def read_fasta_records(path: str | os.PathLike) -> list[tuple[str, str, int]]:
@@ -355,11 +376,13 @@ def read_fasta_records(path: str | os.PathLike) -> list[tuple[str, str, int]]:
   return out
 
 
-def read_labelled_fasta(fasta_path: str | os.PathLike, labels_path: str | os.PathLike
-                        ) -> tuple[list[str], np.ndarray]:
+def read_labelled_fasta(fasta_path: str | os.PathLike, labels_path: str | os.PathLike, *,
+                        float_labels: bool = False, return_lines: bool = False
+                        ) -> tuple[Any, ...]:
   """FASTA sequences + a `name<TAB>label` file (optional header); every record needs a label.
 
-  Returns (sequences, int64 labels [N]) in FASTA order.
+  Returns (sequences, int64 labels [N]) in FASTA order; labels float32 with `float_labels`, plus
+  the int64 FASTA header line of each record [N] with `return_lines`.
   """
   records = read_fasta_records(fasta_path)
   labels_path = os.fspath(labels_path)
@@ -372,16 +395,19 @@ def read_labelled_fasta(fasta_path: str | os.PathLike, labels_path: str | os.Pat
       where = f"{labels_path}:{lineno}"
       if len(cols) != 2:
         raise ValueError(f"{where}: expected `name<TAB>label`, got {len(cols)} column(s)")
-      if not by_name and lineno == 1 and not cols[1].lstrip("-").isdigit():
+      if not by_name and lineno == 1 and not _is_number(cols[1]):
         continue  # header
       if cols[0] in by_name:
         raise ValueError(f"{where}: duplicate label for {cols[0]!r}")
-      by_name[cols[0]] = _parse_label(cols[1], where)
+      by_name[cols[0]] = _parse_label(cols[1], where, float_labels)
   missing = [(name, line) for name, _, line in records if name not in by_name]
   if missing:
     raise ValueError(f"{fasta_path}:{missing[0][1]}: record {missing[0][0]!r} has no label in "
                      f"{labels_path} ({len(missing)} unlabelled)")
-  return [s for _, s, _ in records], np.asarray([by_name[n] for n, _, _ in records], np.int64)
+  out = ([s for _, s, _ in records],
+         np.asarray([by_name[n] for n, _, _ in records],
+                    np.float32 if float_labels else np.int64))
+  return out + (np.asarray([line for _, _, line in records], np.int64),) if return_lines else out
 
 
 def encode_classification(seqs: list[str], labels: np.ndarray, max_length: int,
