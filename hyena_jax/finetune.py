@@ -1,0 +1,506 @@
+"""Sequence classification (and regression) fine-tuning, SPEC section 6.1.
+
+    python -m hyena_jax.finetune --config=configs/finetune/human_enhancers_cohn.py \
+        --workdir=runs/cohn --config.data.train=PATH.tsv [--config.pretrained=WORKDIR_OR_FILE]
+
+Read top to bottom in data-flow order: metrics -> labelled data -> model (scratch, orbax workdir
+or official PyTorch release) -> steps -> the loop (evaluate, early stopping, best checkpoint)
+-> results.json.
+
+The official recipe: the head pools the final hidden states (mean over ALL positions, left
+[PAD] included, or the last token) into Linear(d_model, n_classes); AdamW with the implicit-filter
+group, timm cosine with warm-up, full fine-tuning (or a frozen backbone). Known differences from
+the official code: the learning-rate schedule is defined in real optimizer steps (upstream counts
+`ceil(train_len / batch) * epochs` too, so they agree when train_len is the real row count);
+float32 instead of fp16 AMP; the last incomplete training batch is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from hyena_jax import checkpoint as ckpt_lib
+from hyena_jax import config as config_lib
+from hyena_jax import data as data_lib
+from hyena_jax import metrics_writer, optim, sharding
+from hyena_jax import tokenizer as tok
+from hyena_jax.config import HyenaConfig
+from hyena_jax.finetune_config import METRICS
+from hyena_jax.model import SequenceClassifier
+
+State = dict[str, Any]  # {"step": int32 [], "params": tree, "opt_state": tree}
+
+# ------------------------------------------------------------------------------------------------
+# Metrics (host side, numpy). Classification: labels and predictions are int arrays [N].
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+  """C[i, j] = number of rows of true class i predicted as j; int64 [n_classes, n_classes]."""
+  matrix = np.zeros((n_classes, n_classes), np.int64)
+  np.add.at(matrix, (np.asarray(labels, np.int64), np.asarray(preds, np.int64)), 1)
+  return matrix
+
+
+def accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
+  return float(np.mean(np.asarray(labels) == np.asarray(preds)))
+
+
+def mcc(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
+  """Matthews correlation (multi-class form of Gorodkin 2004, as scikit-learn); 0 when undefined.
+
+  (c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2)), with c correct rows,
+  s all rows, t_k rows of true class k and p_k rows predicted as k.
+  """
+  cm = confusion_matrix(labels, preds, n_classes).astype(np.float64)
+  t, p, c, s = cm.sum(1), cm.sum(0), np.trace(cm), cm.sum()
+  denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+  return float((c * s - p @ t) / denom) if denom > 0 else 0.0
+
+
+def macro_f1(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
+  """Unweighted mean of per-class F1 = 2TP / (2TP + FP + FN) over the classes that occur in
+  labels or predictions (as scikit-learn's average='macro'); a class with no TP scores 0."""
+  cm = confusion_matrix(labels, preds, n_classes).astype(np.float64)
+  tp, fp, fn = np.diag(cm), cm.sum(0) - np.diag(cm), cm.sum(1) - np.diag(cm)
+  present = (cm.sum(0) + cm.sum(1)) > 0
+  f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+  return float(f1[present].mean())
+
+
+def r2_score(targets: np.ndarray, preds: np.ndarray) -> float:
+  """Coefficient of determination 1 - SS_res / SS_tot (0 when the targets are constant)."""
+  targets, preds = np.asarray(targets, np.float64), np.asarray(preds, np.float64)
+  ss_tot = np.sum((targets - targets.mean()) ** 2)
+  return float(1.0 - np.sum((targets - preds) ** 2) / ss_tot) if ss_tot > 0 else 0.0
+
+
+def task_metrics(outputs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
+  """All metrics of the task family plus the loss. outputs: logits [N, n_classes] (regression:
+  predictions [N, 1]); labels: int [N] (regression: float [N])."""
+  outputs = np.asarray(outputs, np.float64)
+  if n_classes == 1:
+    from scipy import stats
+    pred, target = outputs[:, 0], np.asarray(labels, np.float64)
+    constant = np.ptp(pred) == 0 or np.ptp(target) == 0
+    return {"loss": float(np.mean((pred - target) ** 2)),
+            "pearson": 0.0 if constant else float(stats.pearsonr(pred, target)[0]),
+            "spearman": 0.0 if constant else float(stats.spearmanr(pred, target)[0]),
+            "r2": r2_score(target, pred)}
+  labels = np.asarray(labels, np.int64)
+  log_probs = outputs - np.logaddexp.reduce(outputs, axis=1, keepdims=True)
+  preds = outputs.argmax(1)
+  return {"loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+          "accuracy": accuracy(labels, preds), "mcc": mcc(labels, preds, n_classes),
+          "macro_f1": macro_f1(labels, preds, n_classes)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Labelled data
+
+
+@dataclasses.dataclass
+class LabelledSplit:
+  inputs: np.ndarray   # int32 [N, max_length], left-padded with [PAD], no [SEP]
+  labels: np.ndarray   # int32 [N] class ids, or float32 [N] regression targets
+  source: str          # where the rows came from (file, or file + hold-out description)
+
+  def take(self, index: np.ndarray, source: str) -> "LabelledSplit":
+    return LabelledSplit(self.inputs[index], self.labels[index], source)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def read_split(path: str, labels_path: str = "", *, max_length: int, n_classes: int,
+               truncate: bool = False, tokenizer: tok.CharacterTokenizer | None = None
+               ) -> LabelledSplit:
+  """Reads and encodes a labelled file: TSV/CSV `seq<TAB>label`, or FASTA + `name<TAB>label`.
+
+  Errors name the file and line: a missing or non-numeric label, a class id outside
+  [0, n_classes), a sequence longer than max_length (unless `truncate`), an empty file.
+  """
+  if not path:
+    raise ValueError("no data file given: set --config.data.train=PATH (TSV/CSV `seq<TAB>label`"
+                     " or FASTA with --config.data.train_labels)")
+  regression = n_classes == 1
+  suffix = path[:-3] if path.endswith(".gz") else path
+  if suffix.endswith((".fa", ".fasta", ".fna")):
+    if not labels_path:
+      raise ValueError(f"{path} is FASTA: give its labels (`name<TAB>label` per record) with the "
+                       "matching data.*_labels field")
+    seqs, labels, lines = data_lib.read_labelled_fasta(path, labels_path,
+                                                       float_labels=regression, return_lines=True)
+  else:
+    seqs, labels, lines = data_lib.read_labelled_sequences(path, float_labels=regression,
+                                                           return_lines=True)
+  if not regression:
+    bad = np.flatnonzero(labels >= n_classes)
+    if bad.size:
+      raise ValueError(f"{path}:{lines[bad[0]]}: label {labels[bad[0]]} is not a class id of this "
+                       f"task (head.n_classes={n_classes}: ids 0..{n_classes - 1}); "
+                       f"{bad.size} such row(s)")
+  if not truncate:
+    lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
+    long = np.flatnonzero(lengths > max_length)
+    if long.size:
+      raise ValueError(f"{path}:{lines[long[0]]}: sequence of {lengths[long[0]]} bases exceeds "
+                       f"data.max_length={max_length} ({long.size} such row(s)); raise "
+                       "data.max_length (at most model.l_max) or set data.truncate=True to keep "
+                       "the first max_length bases")
+  tokenizer = tokenizer or tok.CharacterTokenizer()
+  inputs = tokenizer.encode_batch(seqs, max_length, add_eos=False, truncate=truncate)
+  return LabelledSplit(inputs.astype(np.int32),
+                       labels.astype(np.float32 if regression else np.int32), path)
+
+
+def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelledSplit]:
+  """train/valid/test splits from the files and hold-out fields of config.data (module doc of
+  hyena_jax.finetune_config)."""
+  d = config.data
+  kw = dict(max_length=d.max_length, n_classes=config.head.n_classes, truncate=d.truncate)
+  train = read_split(d.train, d.train_labels, **kw)
+  if d.test:
+    test = read_split(d.test, d.test_labels, **kw)
+  else:
+    tr, te = data_lib.split_train_test(len(train), d.test_fraction, d.split_seed)
+    held = f"{d.train} (hold-out {d.test_fraction:g}, split_train_test seed {d.split_seed})"
+    train, test = train.take(tr, f"{d.train} (rest after test hold-out)"), train.take(te, held)
+  if d.valid:
+    valid = read_split(d.valid, d.valid_labels, **kw)
+  elif d.valid_fraction > 0:
+    tr, va = data_lib.split_train_test(len(train), d.valid_fraction, d.split_seed + 1)
+    held = (f"{train.source}: hold-out {d.valid_fraction:g} of the training rows "
+            f"(split_train_test seed {d.split_seed + 1})")
+    train, valid = train.take(tr, train.source), train.take(va, held)
+  else:
+    valid = LabelledSplit(test.inputs, test.labels, f"the test split ({test.source})")
+  return {"train": train, "valid": valid, "test": test}
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+
+def _execution_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {k: config.model[k] for k in ("dtype", "conv_impl", "remat", "embed_dropout")}
+
+
+def build_classifier(config: ml_collections.ConfigDict) -> tuple[SequenceClassifier, str]:
+  """The classifier to fine-tune, in train mode: from scratch (config.model) or with the backbone
+  (and optionally the head) of `config.pretrained`. Returns (model, description of the init)."""
+  n_classes, pooling = config.head.n_classes, config.head.pooling
+  rngs = nnx.Rngs(params=config.train.seed)
+  if not config.pretrained:
+    cfg = config_lib.from_dict(config.model.to_dict())
+    model = SequenceClassifier(cfg, n_classes, pooling=pooling, rngs=rngs)
+    model.train()
+    return model, "scratch"
+  from hyena_jax import inference  # the loader shared with embed/score/generate
+  source, source_cfg = inference.load_model(config.pretrained, step=config.pretrained_step,
+                                            shift=config.pretrained_shift)
+  cfg = dataclasses.replace(source_cfg, **_execution_fields(config))
+  model = SequenceClassifier(cfg, n_classes, pooling=pooling, rngs=rngs)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  loaded = nnx.to_pure_dict(nnx.state(source, nnx.Param))
+  params["backbone"] = loaded["backbone"]
+  what = f"backbone of {config.pretrained}"
+  if config.keep_pretrained_head:
+    if not isinstance(source, SequenceClassifier) or source.n_classes != n_classes:
+      have = (f"a {source.n_classes}-class head" if isinstance(source, SequenceClassifier)
+              else "no classification head (a language model)")
+      raise ValueError(f"keep_pretrained_head=True but {config.pretrained} has {have}; "
+                       f"head.n_classes is {n_classes}. Set keep_pretrained_head=False for a "
+                       "fresh head")
+    params["output_transform"] = loaded["output_transform"]
+    what += " with its head"
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  model.train()
+  return model, what
+
+
+def frozen_mask(params: Any, freeze_backbone: bool) -> Any:
+  """Bool tree over the parameter dict: True for backbone leaves when freezing it."""
+  return {k: jax.tree.map(lambda _: freeze_backbone and k == "backbone", v)
+          for k, v in params.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps (pure functions; decided once from the config when built)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """logits [B, C] f32, labels int [B] -> mean cross-entropy."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def regression_loss(preds: jax.Array, targets: jax.Array) -> jax.Array:
+  """preds [B, 1], targets float [B] -> mean squared error."""
+  return jnp.mean((preds[:, 0] - targets) ** 2)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, loss_fn: Callable, *, seed: int,
+                    frozen: Any = None) -> Callable[[State, dict], tuple[State, dict]]:
+  """batch {"inputs": int32 [B, L], "labels": [B]}. Frozen leaves get no gradient at all
+  (stop_gradient, so XLA drops their backward pass), and the optimizer zeroes their update."""
+  def step_fn(state: State, batch: dict) -> tuple[State, dict]:
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+    def loss(params):
+      if frozen is not None:
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+      return loss_fn(nnx.merge(graphdef, params)(batch["inputs"], dropout_key=key),
+                     batch["labels"])
+
+    value, grads = jax.value_and_grad(loss)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state["step"])}
+    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, metrics
+
+  return step_fn
+
+
+def make_predict_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
+  """(params, inputs [B, L]) -> head outputs [B, n_classes], dropout off."""
+  def predict_fn(params, inputs):
+    model = nnx.merge(graphdef, params)
+    model.eval()
+    return model(inputs)
+  return predict_fn
+
+
+def predict(predict_fn: Callable, params: Any, inputs: np.ndarray, batch_size: int,
+            batch_sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
+  """Head outputs for all rows [N, n_classes]; the last batch is padded with [PAD] rows (one
+  compiled shape) whose outputs are dropped."""
+  outputs = []
+  for start in range(0, len(inputs), batch_size):
+    chunk = inputs[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.full((batch_size - n, chunk.shape[1]), tok.PAD,
+                                             chunk.dtype)])
+    chunk = jax.device_put(chunk, batch_sharding) if batch_sharding is not None else chunk
+    outputs.append(np.asarray(jax.device_get(predict_fn(params, chunk)))[:n])
+  return np.concatenate(outputs).astype(np.float32)
+
+
+def evaluate(predict_fn: Callable, params: Any, split: LabelledSplit, n_classes: int,
+             batch_size: int, batch_sharding=None) -> tuple[dict[str, float], np.ndarray]:
+  """(metrics of the task family, outputs [N, n_classes]) of one split."""
+  outputs = predict(predict_fn, params, split.inputs, batch_size, batch_sharding)
+  return task_metrics(outputs, split.labels, n_classes), outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
+  errors = []
+  if config.head.n_classes < 1:
+    errors.append(f"head.n_classes must be >= 1 (1 = regression), got {config.head.n_classes}")
+  regression = config.head.n_classes == 1
+  allowed = METRICS[3:] if regression else METRICS[:3]
+  if config.eval.metric not in allowed:
+    errors.append(f"eval.metric={config.eval.metric!r} does not suit "
+                  f"{'regression' if regression else 'classification'}: use one of {allowed}")
+  for name in ("train.batch_size", "eval.batch_size"):
+    section, key = name.split(".")
+    value = config[section][key]
+    if value < 1 or value % n_devices:
+      errors.append(f"{name}={value} must be positive and divisible by the {n_devices} "
+                    "data-parallel device(s) (or set mesh.data)")
+  if config.train.epochs < 0 or config.train.num_steps < 0 or config.train.patience < 0:
+    errors.append("train.epochs, train.num_steps and train.patience must be >= 0")
+  if errors:
+    raise ValueError("invalid fine-tuning config:\n  " + "\n  ".join(errors))
+
+
+def _tx_and_schedule(config: ml_collections.ConfigDict, total_steps: int, frozen: Any):
+  o = config.optim
+  schedule = optim.learning_rate_schedule(o.learning_rate, max(total_steps, 1),
+                                          int(o.warmup_fraction * total_steps),
+                                          init_lr=o.init_lr, min_lr_ratio=o.min_lr_ratio)
+  tx = optim.make_optimizer(learning_rate=schedule, weight_decay=o.weight_decay,
+                            filter_weight_decay=o.filter_weight_decay, b1=o.b1, b2=o.b2,
+                            eps=o.eps, grad_clip=o.grad_clip, frozen=frozen)
+  return tx, schedule
+
+
+def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Fine-tunes on config.data, keeps the best validation checkpoint, evaluates it on the test
+  split; writes WORKDIR/{results.json, metrics.jsonl, test_outputs.npy, checkpoints/} and
+  returns the results dict. train.epochs = train.num_steps = 0 evaluates the initial weights."""
+  os.makedirs(workdir, exist_ok=True)
+  if ckpt_lib.latest_step(workdir) is not None:
+    raise FileExistsError(f"{workdir} already holds a fine-tuning run (checkpoints/); use a new "
+                          "--workdir")
+  mesh = sharding.make_mesh(config.mesh.data, 1, 1)
+  n_devices = mesh.shape["data"]
+  validate_config(config, n_devices)
+  splits = load_splits(config)
+  n_classes = config.head.n_classes
+  model, init = build_classifier(config)
+  if config.data.max_length > model.config.l_max:
+    raise ValueError(f"data.max_length={config.data.max_length} exceeds the model's l_max="
+                     f"{model.config.l_max}; lower it (with data.truncate=True) or use a model "
+                     "with a longer context")
+  logging.info("init: %s; rows train %d / valid %d / test %d", init, len(splits["train"]),
+               len(splits["valid"]), len(splits["test"]))
+
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  frozen = frozen_mask(params, config.train.freeze_backbone)
+  batch = config.train.batch_size
+  steps_per_epoch = len(splits["train"]) // batch
+  total = config.train.num_steps or config.train.epochs * steps_per_epoch
+  if total and steps_per_epoch == 0:
+    raise ValueError(f"{len(splits['train'])} training rows do not fill one batch of "
+                     f"train.batch_size={batch}; lower it")
+  tx, schedule = _tx_and_schedule(config, total, frozen if config.train.freeze_backbone else None)
+  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
+                          "opt_state": tx.init(params)}, replicated)
+  loss_fn = regression_loss if n_classes == 1 else classification_loss
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, loss_fn, seed=config.train.seed,
+                                       frozen=frozen if config.train.freeze_backbone else None),
+                       donate_argnums=0)
+  predict_fn = jax.jit(make_predict_fn(graphdef))
+  run_eval = lambda params, split: evaluate(  # noqa: E731
+      predict_fn, params, splits[split], n_classes, config.eval.batch_size, batch_sharding)
+
+  run_config = ckpt_lib.config_to_json(config)
+  run_config["model"] = dataclasses.asdict(model.config)  # the architecture actually trained
+  writer = metrics_writer.MetricsWriter(workdir)
+  mngr = ckpt_lib.make_manager(workdir, keep_last=1, keep_best=True, async_save=False,
+                               best_metric="valid_objective")
+  metric = config.eval.metric
+  eval_every = config.train.eval_every_steps or steps_per_epoch
+  best = {"step": 0, "score": -np.inf}
+  since_best, stopped_early, step, start = 0, False, 0, time.perf_counter()
+  rng_epoch, order = -1, None
+
+  def save(step, params, score):
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            config=ocp.args.JsonSave(run_config)),
+              metrics={"valid_objective": -score})
+
+  while step < total:
+    epoch, pos = divmod(step, steps_per_epoch)
+    if epoch != rng_epoch:  # a fresh permutation every epoch, from (seed, epoch)
+      order = np.random.default_rng([config.train.seed, epoch]).permutation(len(splits["train"]))
+      rng_epoch = epoch
+    rows = order[pos * batch:(pos + 1) * batch]
+    host = {"inputs": splits["train"].inputs[rows], "labels": splits["train"].labels[rows]}
+    state, metrics = train_step(state, jax.device_put(host, batch_sharding))
+    step += 1
+    if step % config.train.log_every_steps == 0 or step == total:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"non-finite loss at step {step}: lower optim.learning_rate")
+      writer.write(step, {**metrics, "epoch": step / steps_per_epoch})
+      logging.info("step %d/%d (epoch %.2f)  loss %.4f  lr %.2e  %.1f s", step, total,
+                   step / steps_per_epoch, metrics["loss"], metrics["learning_rate"],
+                   time.perf_counter() - start)
+    if step % eval_every == 0 or step == total:
+      valid, _ = run_eval(state["params"], "valid")
+      writer.write(step, {f"valid_{k}": v for k, v in valid.items()})
+      logging.info("step %d  valid %s", step, "  ".join(f"{k} {v:.4f}" for k, v in valid.items()))
+      if valid[metric] > best["score"]:
+        best, since_best = {"step": step, "score": valid[metric]}, 0
+        save(step, state["params"], valid[metric])
+      else:
+        since_best += 1
+        if config.train.patience and since_best >= config.train.patience:
+          logging.info("early stop at step %d: valid %s has not improved for %d evaluations "
+                       "(best %.4f at step %d)", step, metric, since_best, best["score"],
+                       best["step"])
+          stopped_early = True
+          break
+  train_seconds = time.perf_counter() - start
+
+  params = state["params"]
+  if total:
+    mngr.wait_until_finished()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          params)
+    params = mngr.restore(best["step"], args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))["params"]
+  else:  # evaluation only: keep the initial weights as the run's checkpoint
+    save(0, params, 0.0)
+    mngr.wait_until_finished()
+  mngr.close()
+  valid, _ = run_eval(params, "valid")
+  test, test_outputs = run_eval(params, "test")
+  np.save(os.path.join(workdir, "test_outputs.npy"), test_outputs)
+  writer.close(plot=bool(total))
+  results = {
+      "task": config.task, "metric": metric, "init": init,
+      "test": test, "valid": valid, "best_step": best["step"], "steps": step,
+      "epochs": step / max(steps_per_epoch, 1), "stopped_early": stopped_early,
+      "train_seconds": round(train_seconds, 1),
+      "rows": {k: len(v) for k, v in splits.items()},
+      "sources": {k: v.source for k, v in splits.items()},
+      "devices": f"{n_devices} x {jax.devices()[0].platform}",
+      "config": run_config,
+  }
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  logging.info("test %s (best valid %s %.4f at step %d)",
+               "  ".join(f"{k} {v:.4f}" for k, v in test.items()), metric, best["score"],
+               best["step"])
+  return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def quiet_orbax_logs() -> None:
+  """Orbax logs every file it writes at INFO; keep its warnings (as hyena_jax.main does)."""
+  import logging as py_logging
+
+  class _Filter(py_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+  logging.get_absl_handler().addFilter(_Filter())
+
+
+def main(argv) -> None:
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_orbax_logs()
+  finetune_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_experimental_ynn_fusion_type=-reduce").strip()
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Fine-tuning config, e.g. "
+                                  "configs/finetune/human_enhancers_cohn.py", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.json go.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

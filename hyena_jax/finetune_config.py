@@ -1,0 +1,160 @@
+"""Fine-tuning and in-context-learning run configs (SPEC section 6): the recipe every file in
+configs/finetune/ starts from.
+
+A task file is `get_config()` returning `base_config()` (or `icl_config()`) with its task fields
+set. Data are files the user provides:
+
+  * TSV/CSV: one row per sequence, `seq<TAB>label` (`.csv`: comma), optional header naming the
+    columns `seq`/`sequence` and `label`; `.gz` allowed. Labels are class ids 0..n_classes-1
+    (or real numbers for regression, head.n_classes = 1).
+  * FASTA: `data.train = "x.fa"` with `data.train_labels = "x.labels.tsv"` holding
+    `name<TAB>label` per record (the first word of the header line is the name).
+
+Without `data.test` the test split is a seeded hold-out of `data.train` (`data.test_fraction`,
+`data.split_seed`); without `data.valid`, validation (early stopping, best checkpoint) is a
+seeded hold-out of the remaining training rows (`data.valid_fraction`), or with
+`valid_fraction = 0` the test split itself, as the official code does ("val" = test split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from hyena_jax.config import HyenaConfig
+
+METRICS = ("accuracy", "mcc", "macro_f1", "pearson", "spearman", "r2")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Classification fine-tuning with the official recipe (AdamW 6e-4, wd 0.1, batch 128, cosine
+  with 1% warm-up from 1e-6 to 0.1x, clip 1.0, embed dropout 0.1, mean pooling, seed 2222)."""
+  config = ml_collections.ConfigDict()
+  # Task name (goes into results.json).
+  config.task = ""
+  # Model hyperparameters for training from scratch (every HyenaConfig field, tiny-1k defaults).
+  # With `pretrained` the architecture comes from the checkpoint instead; only the execution
+  # fields (dtype, conv_impl, remat) and embed_dropout are taken from here.
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(HyenaConfig()))
+  # Starting weights: "" = from scratch; an orbax workdir (ours, or one written by
+  # `python -m hyena_jax.convert`); or an official PyTorch release file/folder
+  # (.safetensors / weights.ckpt / weights.pt with its config.json).
+  config.pretrained = ""
+  # Step of an orbax workdir to start from (None = latest).
+  config.pretrained_step = config_dict.placeholder(int)
+  # Modulation shift of official PyTorch files (None = the loader's default, 0.05; SPEC 1.5).
+  config.pretrained_shift = config_dict.placeholder(float)
+  # Keep the pretrained checkpoint's classification head (to evaluate or continue a fine-tuned
+  # model) instead of a fresh one (the official `load_backbone` re-initialises the head).
+  config.keep_pretrained_head = False
+
+  config.head = ml_collections.ConfigDict()
+  # Number of classes; 1 = regression (MSE loss).
+  config.head.n_classes = 2
+  # mean (over all positions, left padding included: official) | last | first | sum.
+  config.head.pooling = "mean"
+
+  config.data = ml_collections.ConfigDict()
+  # Labelled training file (TSV/CSV, or FASTA with train_labels). Required.
+  config.data.train = ""
+  config.data.train_labels = ""
+  # Validation file ("" = hold out data.valid_fraction of the training rows; see module doc).
+  config.data.valid = ""
+  config.data.valid_labels = ""
+  # Test file ("" = hold out data.test_fraction of the training file).
+  config.data.test = ""
+  config.data.test_labels = ""
+  config.data.test_fraction = 0.2
+  config.data.valid_fraction = 0.1
+  # Seed of the hold-out permutations (hyena_jax.data.split_train_test).
+  config.data.split_seed = 0
+  # Every sequence is left-padded with [PAD] to max_length (no [SEP]: official encoding).
+  config.data.max_length = 1024
+  # Longer sequences are an error naming file and line, unless truncate (keep the first bases).
+  config.data.truncate = False
+
+  config.train = ml_collections.ConfigDict()
+  config.train.seed = 2222
+  config.train.batch_size = 128
+  # Passes over the training rows (last incomplete batch dropped; reshuffled every epoch).
+  config.train.epochs = 100
+  # If > 0, overrides epochs with an exact number of optimizer steps. epochs = 0 and
+  # num_steps = 0: evaluate the starting weights only.
+  config.train.num_steps = 0
+  # Freeze the backbone (train only the head); the official recipe fine-tunes everything.
+  config.train.freeze_backbone = False
+  config.train.log_every_steps = 50
+  # Evaluate on validation every N steps (0 = once per epoch) and at the end.
+  config.train.eval_every_steps = 0
+  # Early stopping: stop after this many evaluations without improving the validation metric
+  # (0 = never stop early).
+  config.train.patience = 0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 6e-4
+  config.optim.warmup_fraction = 0.01
+  config.optim.init_lr = 1e-6
+  config.optim.min_lr_ratio = 0.1
+  config.optim.weight_decay = 0.1
+  config.optim.filter_weight_decay = 0.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.grad_clip = 1.0
+
+  config.eval = ml_collections.ConfigDict()
+  # Metric for early stopping and the best checkpoint; the results report all that apply.
+  # accuracy | mcc | macro_f1 (classification); pearson | spearman | r2 (regression).
+  config.eval.metric = "accuracy"
+  config.eval.batch_size = 128
+
+  config.mesh = ml_collections.ConfigDict()
+  # Data-parallel devices (-1 = all); the batch sizes must divide by it.
+  config.mesh.data = -1
+  return config
+
+
+def task_config(task: str, *, max_length: int, n_classes: int, metric: str,
+                model: str = "tiny-1k") -> ml_collections.ConfigDict:
+  """base_config() for one benchmark task, with the released architecture the paper used."""
+  from hyena_jax import config as config_lib
+  config = base_config()
+  config.task = task
+  config.model.update(dataclasses.asdict(config_lib.released(model)))
+  config.data.max_length = max_length
+  config.head.n_classes = n_classes
+  config.eval.metric = metric
+  return config
+
+
+def icl_config() -> ml_collections.ConfigDict:
+  """In-context learning (SPEC 6.2-6.3) on top of a pretrained language model.
+
+  mode "soft_prompt": n_soft learnable embeddings (N(0, 0.02)) prepended after the embedding
+  layer, LM frozen, AdamW lr 1e-3 wd 0. mode "instruction": every weight tuned (lr 1e-4, wd 0,
+  one epoch) on `train_examples` examples. Both show `shots` demonstrations PER CLASS (drawn from
+  the training rows with the seed) before each query; the loss is taken at label positions only.
+  """
+  config = base_config()
+  config.icl = ml_collections.ConfigDict()
+  # soft_prompt | instruction
+  config.icl.mode = "soft_prompt"
+  # Learnable prompt embeddings (soft_prompt mode).
+  config.icl.n_soft = 32
+  # Demonstrations per class in each context (0 = the query alone).
+  config.icl.shots = 2
+  # Training rows used for tuning (instruction mode: {2, 16, 64, 256} in the paper; 0 = all).
+  config.icl.train_examples = 0
+  # Contexts per optimizer step (official: batch 2 x grad-accum 8 for soft prompting).
+  config.icl.batch_size = 2
+  config.icl.grad_accum = 8
+  # Test queries evaluated (0 = all); each is shown with its own seeded demonstrations.
+  config.icl.eval_examples = 0
+  config.train.epochs = 20
+  config.train.seed = 12345
+  config.optim.learning_rate = 1e-3
+  config.optim.weight_decay = 0.0
+  config.head.n_classes = 2
+  return config
