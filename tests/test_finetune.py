@@ -1,0 +1,264 @@
+"""Fine-tuning and in-context learning: metrics, learning on real data, frozen parts stay
+bitwise unchanged, the fine-tuned fixture classifier through the evaluation path, bad inputs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import shared_path
+from hyena_jax import checkpoint as ckpt_lib
+from hyena_jax import config as config_lib
+from hyena_jax import finetune, finetune_config, icl
+from hyena_jax import tokenizer as tok
+from hyena_jax.model import HyenaLM
+
+TINY = dict(d_model=32, n_layer=2, d_inner=64, filter_order=16, l_max=256)
+
+
+def _write_rows(path, rows):
+  path.write_text("seq\tlabel\n" + "".join(f"{s}\t{label}\n" for s, label in rows))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def promoters():
+  """Balanced real rows of GenomicBenchmarks human_nontata_promoters (251 bp)."""
+  path = shared_path("data", "genomic_benchmarks", "human_nontata_promoters.test.tsv")
+  rows = [line.rstrip("\n").split("\t") for line in open(path)][1:]
+  rng = np.random.default_rng(0)
+  picked = []
+  for label in ("0", "1"):
+    cls = [r for r in rows if r[1] == label]
+    picked += [cls[i] for i in rng.choice(len(cls), 40, replace=False)]
+  return [picked[i] for i in rng.permutation(len(picked))]
+
+
+def _config(train, test, **train_fields):
+  config = finetune_config.base_config()
+  config.model.update(TINY)
+  # The first 128 bases of each promoter: half the compute of the full 251.
+  config.data.update(train=train, test=test, valid_fraction=0.0, max_length=128, truncate=True)
+  config.train.update(batch_size=16, log_every_steps=1, **train_fields)
+  config.eval.batch_size = 16
+  config.optim.learning_rate = 3e-3
+  config.mesh.data = 1
+  return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics against hand-computed values
+
+
+def test_metrics_match_hand_computed_values():
+  labels, preds = np.array([0, 0, 1, 1, 1, 2]), np.array([0, 1, 1, 1, 0, 2])
+  np.testing.assert_array_equal(finetune.confusion_matrix(labels, preds, 3),
+                                [[1, 1, 0], [1, 2, 0], [0, 0, 1]])
+  assert finetune.accuracy(labels, preds) == pytest.approx(4 / 6)
+  # c = 4, s = 6, t = p = (2, 3, 1): (24 - 14) / sqrt((36 - 14)^2) = 10 / 22.
+  assert finetune.mcc(labels, preds, 3) == pytest.approx(10 / 22)
+  # F1 per class: 2/4, 4/6, 1.
+  assert finetune.macro_f1(labels, preds, 3) == pytest.approx((0.5 + 4 / 6 + 1) / 3)
+  # Binary: TP 2, FN 1, FP 1, TN 1 -> (2 - 1) / sqrt(3 * 3 * 2 * 2).
+  assert finetune.mcc(np.array([1, 1, 1, 0, 0]), np.array([1, 0, 1, 0, 1]), 2) == \
+      pytest.approx(1 / 6)
+  assert finetune.mcc(np.array([0, 1, 1]), np.array([1, 1, 1]), 2) == 0.0  # undefined -> 0
+  # A class absent from labels and predictions does not count (as scikit-learn).
+  assert finetune.macro_f1(np.array([0, 1]), np.array([0, 0]), 3) == pytest.approx((2 / 3) / 2)
+  out = finetune.task_metrics(np.array([[0.0, np.log(3.0)], [2.0, 0.0]]), np.array([1, 1]), 2)
+  assert out["loss"] == pytest.approx((-np.log(0.75) - np.log(1 / (1 + np.e ** 2))) / 2)
+  assert out["accuracy"] == 0.5
+  reg = finetune.task_metrics(np.array([[1.0], [2.0], [4.0]]), np.array([1.0, 2.0, 3.0]), 1)
+  assert reg["loss"] == pytest.approx(1 / 3)
+  assert reg["r2"] == pytest.approx(0.5)
+  assert reg["pearson"] == pytest.approx(9 / np.sqrt(84))
+  assert reg["spearman"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def test_finetuning_lowers_the_loss_and_keeps_the_best_checkpoint(tmp_path, promoters):
+  train = _write_rows(tmp_path / "train.tsv", promoters[:64])
+  test = _write_rows(tmp_path / "test.tsv", promoters[64:])
+  config = _config(train, test, epochs=5)
+  workdir = tmp_path / "run"
+  results = finetune.finetune_and_evaluate(config, str(workdir))
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 20
+  assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+  valid = [(r["step"], r["valid_accuracy"]) for r in rows if "valid_accuracy" in r]
+  assert results["best_step"] == max(valid, key=lambda sv: (sv[1], -sv[0]))[0]
+  assert results["rows"] == {"train": 64, "valid": 16, "test": 16}
+  assert set(results["test"]) == {"loss", "accuracy", "mcc", "macro_f1"}
+  saved = json.load(open(workdir / "results.json"))
+  assert saved["test"] == results["test"]
+  # The kept checkpoint is the best one, restorable as a classifier, and gave the test outputs.
+  model, run_config, step = ckpt_lib.restore_model(str(workdir), results["best_step"])
+  assert step == results["best_step"] and ckpt_lib.head_of(run_config) == (2, "mean")
+  split = finetune.read_split(test, max_length=128, n_classes=2, truncate=True)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(split.inputs))),
+                             np.load(workdir / "test_outputs.npy"), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_backbone_leaves_the_backbone_bitwise_unchanged(tmp_path, promoters):
+  config = _config("", "", epochs=1)
+  config.train.freeze_backbone = True
+  model, _ = finetune.build_classifier(config)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  frozen = finetune.frozen_mask(params, True)
+  tx, schedule = finetune._tx_and_schedule(config, 3, frozen)
+  step = jax.jit(finetune.make_train_step(graphdef, tx, schedule, finetune.classification_loss,
+                                          seed=0, frozen=frozen))
+  inputs = tok.CharacterTokenizer().encode_batch([r[0] for r in promoters[:16]], 128,
+                                                 add_eos=False, truncate=True)
+  batch = {"inputs": inputs, "labels": np.array([int(r[1]) for r in promoters[:16]], np.int32)}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  for a, b in zip(jax.tree.leaves(params["backbone"]),
+                  jax.tree.leaves(state["params"]["backbone"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(params["output_transform"]["kernel"],
+                            state["params"]["output_transform"]["kernel"])
+
+
+def test_fixture_classifier_through_the_evaluation_path(tmp_path):
+  folder = shared_path("parity", "tiny1k_classifier")
+  seqs = (folder / "sequences.txt").read_text().split()
+  data = _write_rows(tmp_path / "fixture.tsv", [(s, 1) for s in seqs])  # 8 enhancer sequences
+  split = finetune.read_split(data, max_length=512, n_classes=2)
+  np.testing.assert_array_equal(split.inputs, np.load(folder / "tokens.npy"))
+  config = finetune_config.base_config()
+  config.pretrained = str(folder / "weights.pt")
+  config.keep_pretrained_head = True
+  config.data.update(train=data, test=data, valid_fraction=0.0, max_length=512)
+  config.train.update(epochs=0, batch_size=8)
+  config.eval.batch_size = 8
+  config.mesh.data = 1
+  results = finetune.finetune_and_evaluate(config, str(tmp_path / "eval"))
+  np.testing.assert_allclose(np.load(tmp_path / "eval" / "test_outputs.npy"),
+                             np.load(folder / "class_logits.npy"), rtol=1e-4, atol=1e-4)
+  assert results["steps"] == 0 and "with its head" in results["init"]
+  # A head of another size cannot be kept.
+  config.keep_pretrained_head = True
+  config.head.n_classes = 3
+  with pytest.raises(ValueError, match="2-class head"):
+    finetune.build_classifier(config)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, promoters):
+  seq = promoters[0][0]
+  cases = [(f"{seq}\t1\n{seq}\t\n", r"bad\.tsv:2: label '' is not an integer"),
+           (f"{seq}\t1\n{seq}\tx\n", r"bad\.tsv:2: label 'x'"),
+           (f"{seq}\t0\n{seq}\t2\n", r"bad\.tsv:2: label 2 is not a class id"),
+           (f"{seq}\t0\n{seq}A\t1\n", r"bad\.tsv:2: sequence of 252 bases exceeds"),
+           ("seq\tlabel\n", "no labelled sequences"),
+           (f"{seq[:10]}-\t0\n", "invalid character")]
+  for text, message in cases:
+    (tmp_path / "bad.tsv").write_text(text)
+    with pytest.raises(ValueError, match=message):
+      finetune.read_split(str(tmp_path / "bad.tsv"), max_length=251, n_classes=2)
+  (tmp_path / "bad.tsv").write_text(f"{seq}A\t1\n")
+  cut = finetune.read_split(str(tmp_path / "bad.tsv"), max_length=251, n_classes=2,
+                            truncate=True)
+  assert cut.inputs.shape == (1, 251)
+  (tmp_path / "x.fa").write_text(f">a\n{seq}\n")
+  with pytest.raises(ValueError, match="is FASTA: give its labels"):
+    finetune.read_split(str(tmp_path / "x.fa"), max_length=251, n_classes=2)
+  (tmp_path / "x.labels").write_text("b\t1\n")
+  with pytest.raises(ValueError, match=r"x\.fa:1: record 'a' has no label"):
+    finetune.read_split(str(tmp_path / "x.fa"), str(tmp_path / "x.labels"), max_length=251,
+                        n_classes=2)
+  with pytest.raises(ValueError, match="no data file given"):
+    finetune.read_split("", max_length=251, n_classes=2)
+  config = _config("", "")
+  config.eval.metric = "r2"
+  with pytest.raises(ValueError, match="does not suit classification"):
+    finetune.validate_config(config, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-context learning
+
+
+def test_context_format_places_labels_after_sep():
+  labels = icl.label_tokens(2)
+  np.testing.assert_array_equal(labels, [tok.A, tok.N])
+  np.testing.assert_array_equal(icl.label_tokens(3), [tok.A, tok.G, tok.N])
+  ctx = icl.build_context(np.array([4, 7, 8]), 0,
+                          [(np.array([4, 9, 10]), 0), (np.array([11, 7, 7]), 1)], labels)
+  np.testing.assert_array_equal(ctx["inputs"], [4, 9, 10, 1, 7, 1, 11, 7, 7, 1, 11, 1, 4, 7, 8, 1])
+  assert np.flatnonzero(ctx["mask"]).tolist() == [3, 9, 15]
+  assert ctx["targets"][[3, 9, 15]].tolist() == [7, 11, 7]
+  assert len(ctx["inputs"]) == icl.context_length(3, 2, 1)
+  with pytest.raises(ValueError, match="2 or 3 classes"):
+    icl.label_tokens(4)
+
+
+def _icl_config(train, test, mode):
+  config = finetune_config.icl_config()
+  config.model.update(TINY)
+  config.data.update(train=train, test=test, valid_fraction=0.0, max_length=24, truncate=True)
+  config.icl.update(mode=mode, n_soft=4, shots=1, batch_size=2, grad_accum=2)
+  config.train.update(epochs=1, log_every_steps=4)
+  return config
+
+
+def test_soft_prompting_changes_only_the_prompt(tmp_path, promoters):
+  train = _write_rows(tmp_path / "train.tsv", promoters[:16])
+  test = _write_rows(tmp_path / "test.tsv", promoters[64:72])
+  config = _icl_config(train, test, "soft_prompt")
+  splits = finetune.load_splits(config)
+  contexts = icl.make_contexts(splits["train"], splits["train"], n_classes=2, shots=1, seed=0,
+                               pool_is_queries=True)
+  assert contexts["inputs"].shape == (16, icl.context_length(24, 2, 1))
+  lm = HyenaLM(config_lib.from_dict(config.model.to_dict()), rngs=nnx.Rngs(0))
+  lm.train()
+  graphdef, lm_params = nnx.split(lm, nnx.Param)
+  prompt = icl.SoftPrompt(4, 32, rngs=nnx.Rngs(1))
+  params = {"lm": nnx.to_pure_dict(lm_params), "prompt": nnx.to_pure_dict(nnx.state(prompt))}
+  trainable, fixed = icl.split_params(params, "soft_prompt")
+  assert set(trainable) == {"prompt"} and set(fixed) == {"lm"}
+  tx = optax.adamw(1e-2, weight_decay=0.0)
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "fixed": fixed,
+           "opt_state": tx.init(trainable)}
+  step = jax.jit(icl.make_train_step(graphdef, tx, seed=0))
+  for i in range(3):
+    state, _ = step(state, {k: v[2 * i:2 * i + 2] for k, v in contexts.items()})
+  for a, b in zip(jax.tree.leaves(params["lm"]), jax.tree.leaves(state["fixed"]["lm"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(params["prompt"]["embedding"], state["trainable"]["prompt"]["embedding"])
+  # The prompt shifts the logits at the real positions (it is prepended, not ignored).
+  with_prompt = icl.prompted_logits(lm, state["trainable"]["prompt"]["embedding"],
+                                    jnp.asarray(contexts["inputs"][:1]), jax.random.key(0))
+  without = icl.prompted_logits(lm, None, jnp.asarray(contexts["inputs"][:1]), jax.random.key(0))
+  assert with_prompt.shape == without.shape == (1, contexts["inputs"].shape[1], 16)
+  assert not np.allclose(with_prompt, without)
+
+
+def test_instruction_tuning_end_to_end(tmp_path, promoters):
+  train = _write_rows(tmp_path / "train.tsv", promoters[:16])
+  test = _write_rows(tmp_path / "test.tsv", promoters[64:72])
+  config = _icl_config(train, test, "instruction")
+  config.icl.train_examples = 8
+  results = icl.icl_and_evaluate(config, str(tmp_path / "run"))
+  assert results["tuning_rows"] == 8 and results["n_soft"] == 0
+  for split in ("before", "after"):
+    assert 0.0 <= results[split]["test"]["accuracy"] <= 1.0
+    assert np.isfinite(results[split]["test"]["label_loss"])
+  tuned, _, _ = ckpt_lib.restore_model(str(tmp_path / "run"))
+  init = HyenaLM(config_lib.from_dict(config.model.to_dict()),
+                 rngs=nnx.Rngs(params=config.train.seed))
+  changed = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(nnx.state(init, nnx.Param)),
+                 jax.tree.leaves(nnx.state(tuned, nnx.Param)))]
+  assert all(changed)  # every weight is tuned
