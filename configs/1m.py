@@ -24,6 +24,8 @@ def get_config():
       max_tokens_per_micro_batch=8 * 1_000_000)
   config.model.dtype = "bfloat16"
   config.model.remat = "block"
+  # One block's temporaries at a time: layers run as a lax.scan over stacked weights.
+  config.model.scan_layers = True
   config.eval.batch_size = 8
   config.eval.num_batches = 4
   config.eval.every_steps = 2000

@@ -21,4 +21,6 @@ def get_config():
       max_tokens_per_micro_batch=524288)
   config.model.dtype = "bfloat16"
   config.model.remat = "block"
+  # One block's temporaries at a time: layers run as a lax.scan over stacked weights.
+  config.model.scan_layers = True
   return config

@@ -48,6 +48,7 @@ class HyenaConfig:
                                           # residual stream always stay float32
   conv_impl: ConvImpl = "fft"
   remat: RematPolicy = "none"             # jax.checkpoint per block: none | block | dots
+  scan_layers: bool = False               # run blocks with lax.scan (one block's temporaries live)
 
   def __post_init__(self):
     errors = []

@@ -114,15 +114,38 @@ class Backbone(nnx.Module):
       x = embeddings.astype(jnp.float32)
     if x.shape[1] > self.config.l_max:
       raise ValueError(f"sequence length {x.shape[1]} exceeds l_max={self.config.l_max}")
-    layers = []
-    for block in self.layers:
-      if self.config.remat == "none":
-        x = block(x)
-      else:
-        x = nnx.remat(lambda blk, h: blk(h), policy=_REMAT_POLICIES[self.config.remat])(block, x)
-      if return_layers:
-        layers.append(x)
+    if self.config.scan_layers:
+      x, layers = self._scan_blocks(x, return_layers)
+    else:
+      layers = []
+      for block in self.layers:
+        if self.config.remat == "none":
+          x = block(x)
+        else:
+          x = nnx.remat(lambda blk, h: blk(h), policy=_REMAT_POLICIES[self.config.remat])(block, x)
+        if return_layers:
+          layers.append(x)
     return BackboneOutput(hidden=self.ln_f(x), layers=tuple(layers))
+
+  def _scan_blocks(self, x: jax.Array, return_layers: bool) -> tuple[jax.Array, list]:
+    """All blocks as one `lax.scan` over their stacked parameters.
+
+    XLA then plans memory for one block body instead of the whole unrolled stack (an unrolled
+    8-layer step at long context asks for several times more), and with remat only the block
+    inputs are kept for the backward pass. Parameters stay per layer (the checkpoint and
+    PyTorch layouts are unchanged); stacking them costs a copy of the ~MB of weights per call.
+    """
+    graphdef, _ = nnx.split(self.layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.layers])
+
+    def body(h, layer_state):
+      h = nnx.merge(graphdef, layer_state)(h)
+      return h, (h if return_layers else None)
+
+    if self.config.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat])
+    x, per_layer = jax.lax.scan(body, x, stacked)
+    return x, (list(per_layer) if return_layers else [])
 
 
 class HyenaLM(nnx.Module):

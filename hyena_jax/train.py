@@ -207,10 +207,12 @@ def evaluate(run: Run, eval_step: Callable, params: Any) -> dict[str, float]:
 
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
   current = ckpt_lib.config_to_json(config)
+  # How the step is executed may change between runs; what it computes may not.
+  execution = {"remat", "scan_layers", "conv_impl"}
   for section, keys in (("model", None), ("train", ("global_batch_size", "stages", "seed")),
                         ("optim", None)):
     old, new = saved.get(section, {}), current[section]
-    for key in keys or sorted(set(old) | set(new)):
+    for key in keys or sorted((set(old) | set(new)) - execution):
       if old.get(key) != new.get(key):
         raise ValueError(
             f"{workdir} holds a checkpoint of a different run: {section}.{key} was "
@@ -406,7 +408,7 @@ def _params_from(workdir: str, run: Run):
   model, saved, _ = ckpt_lib.restore_model(workdir, shardings=run.state_shardings["params"])
   saved_cfg = ckpt_lib.model_config(saved)
   if dataclasses.replace(saved_cfg, dtype=run.model_cfg.dtype, remat=run.model_cfg.remat,
-                         conv_impl=run.model_cfg.conv_impl,
+                         conv_impl=run.model_cfg.conv_impl, scan_layers=run.model_cfg.scan_layers,
                          embed_dropout=run.model_cfg.embed_dropout) != run.model_cfg:
     raise ValueError(f"checkpoint.init_from={workdir} has model {saved_cfg}, which differs from "
                      f"config.model {run.model_cfg}")

@@ -134,6 +134,21 @@ def test_bfloat16_policy_keeps_float32_where_it_matters():
   assert 0 < rel < 3e-2
 
 
+def test_scanned_layers_equal_the_unrolled_stack(remat="block"):
+  unrolled = HyenaLM(TINY.replace(n_layer=3), rngs=nnx.Rngs(0))
+  scanned = HyenaLM(TINY.replace(n_layer=3, scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(0), (2, 50), 7, 12)
+  key = jax.random.key(3)  # training mode: dropout masks must match too
+  out_u = unrolled.backbone(ids, return_layers=True, dropout_key=key)
+  out_s = scanned.backbone(ids, return_layers=True, dropout_key=key)
+  assert len(out_s.layers) == 3
+  np.testing.assert_allclose(np.stack(out_s.layers), np.stack(out_u.layers), rtol=1e-5, atol=1e-6)
+  grad_u = nnx.state(jax.grad(lambda m: m(ids, dropout_key=key).sum())(unrolled))
+  grad_s = nnx.state(jax.grad(lambda m: m(ids, dropout_key=key).sum())(scanned))
+  for a, b in zip(jax.tree.leaves(grad_s), jax.tree.leaves(grad_u)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
 def test_classifier_pooling_modes():
   model = SequenceClassifier(TINY, 3, pooling="last", rngs=nnx.Rngs(0))
   model.eval()
