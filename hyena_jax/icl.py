@@ -355,7 +355,8 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     ckpt_lib.save_model(workdir, lm, run_config, step=best["epoch"])
   results = {"mode": icl.mode, "init": init, "n_soft": n_soft, "shots_per_class": icl.shots,
              "context_length": length, "tuning_rows": len(tune_set), "best_epoch": best["epoch"],
-             "before": before, "after": after, "train_seconds": round(time.perf_counter() - start, 1),
+             "before": before, "after": after,
+             "train_seconds": round(time.perf_counter() - start, 1),
              "rows": {k: len(v) for k, v in splits.items()},
              "config": ckpt_lib.config_to_json(config)}
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -1,18 +1,19 @@
-"""GenomicBenchmarks demo_coding_vs_intergenomic_seqs: 2-class sequence classification, metric accuracy.
+"""GenomicBenchmarks demo_coding_vs_intergenomic_seqs: 2-class classification, metric accuracy.
 
 Data: the GenomicBenchmarks split exported as TSV `seq<TAB>label` (all 200 bp).
 Run (1 GPU: minutes; CPU: hours at the full recipe):
-  python -m hyena_jax.finetune --config=configs/finetune/demo_coding_vs_intergenomic_seqs.py --workdir=DIR \
-      --config.data.train=train.tsv --config.data.test=test.tsv \
+  python -m hyena_jax.finetune --config=configs/finetune/demo_coding_vs_intergenomic_seqs.py \
+      --workdir=DIR --config.data.train=train.tsv --config.data.test=test.tsv \
       [--config.pretrained=PATH_TO_hyenadna-tiny-1k-seqlen]
 Recipe (SPEC 6.1): tiny-1k (d_model 128, 2 layers), mean pooling, AdamW 6e-4, batch 128,
-100 epochs. Expect: see the paper's Table A.4 for the published accuracy.
+100 epochs. Expect: the accuracy of the paper's Table A.4.
 """
 
 from hyena_jax import finetune_config
 
 
 def get_config():
-  config = finetune_config.task_config("demo_coding_vs_intergenomic_seqs", max_length=200, n_classes=2,
-                                       metric="accuracy", model="tiny-1k")
+  config = finetune_config.task_config(
+      "demo_coding_vs_intergenomic_seqs", max_length=200, n_classes=2, metric="accuracy",
+      model="tiny-1k")
   return config

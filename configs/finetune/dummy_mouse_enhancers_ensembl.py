@@ -1,20 +1,23 @@
-"""GenomicBenchmarks dummy_mouse_enhancers_ensembl: 2-class sequence classification, metric accuracy.
+"""GenomicBenchmarks dummy_mouse_enhancers_ensembl: 2-class classification, metric accuracy.
 
-Data: the GenomicBenchmarks split exported as TSV `seq<TAB>label` (median 2381 bp, longest 4707 bp: needs a model with l_max >= 4709 (from scratch here); a 1k model needs --config.data.max_length=1024 --config.data.truncate=True).
+Data: the GenomicBenchmarks split exported as TSV `seq<TAB>label` (median 2381 bp, longest 4707
+bp. It needs a model with l_max >= 4709 (set here for training from scratch); with a 1k model
+pass --config.data.max_length=1024 --config.data.truncate=True).
 Run (1 GPU: minutes; CPU: hours at the full recipe):
-  python -m hyena_jax.finetune --config=configs/finetune/dummy_mouse_enhancers_ensembl.py --workdir=DIR \
-      --config.data.train=train.tsv --config.data.test=test.tsv \
+  python -m hyena_jax.finetune --config=configs/finetune/dummy_mouse_enhancers_ensembl.py \
+      --workdir=DIR --config.data.train=train.tsv --config.data.test=test.tsv \
       [--config.pretrained=PATH_TO_hyenadna-tiny-1k-seqlen]
 Recipe (SPEC 6.1): tiny-1k (d_model 128, 2 layers), mean pooling, AdamW 6e-4, batch 128,
-100 epochs. Expect: see the paper's Table A.4 for the published accuracy.
+100 epochs. Expect: the accuracy of the paper's Table A.4.
 """
 
 from hyena_jax import finetune_config
 
 
 def get_config():
-  config = finetune_config.task_config("dummy_mouse_enhancers_ensembl", max_length=4707, n_classes=2,
-                                       metric="accuracy", model="tiny-1k")
+  config = finetune_config.task_config(
+      "dummy_mouse_enhancers_ensembl", max_length=4707, n_classes=2, metric="accuracy",
+      model="tiny-1k")
   # Longer than tiny-1k's context: a from-scratch model sized for it.
   config.model.l_max = 4709
   return config

@@ -1,9 +1,9 @@
-"""GenomicBenchmarks human_enhancers_cohn: 2-class sequence classification, metric accuracy.
+"""GenomicBenchmarks human_enhancers_cohn: 2-class classification, metric accuracy.
 
 Data: the GenomicBenchmarks split exported as TSV `seq<TAB>label` (all 500 bp).
 Run (1 GPU: minutes; CPU: hours at the full recipe):
-  python -m hyena_jax.finetune --config=configs/finetune/human_enhancers_cohn.py --workdir=DIR \
-      --config.data.train=train.tsv --config.data.test=test.tsv \
+  python -m hyena_jax.finetune --config=configs/finetune/human_enhancers_cohn.py \
+      --workdir=DIR --config.data.train=train.tsv --config.data.test=test.tsv \
       [--config.pretrained=PATH_TO_hyenadna-tiny-1k-seqlen]
 Recipe (SPEC 6.1): tiny-1k (d_model 128, 2 layers), mean pooling, AdamW 6e-4, batch 128,
 100 epochs. Expect: paper Table A.4 (tiny-1k): 74.2 pretrained, 72.9 from scratch.
@@ -13,6 +13,6 @@ from hyena_jax import finetune_config
 
 
 def get_config():
-  config = finetune_config.task_config("human_enhancers_cohn", max_length=500, n_classes=2,
-                                       metric="accuracy", model="tiny-1k")
+  config = finetune_config.task_config(
+      "human_enhancers_cohn", max_length=500, n_classes=2, metric="accuracy", model="tiny-1k")
   return config

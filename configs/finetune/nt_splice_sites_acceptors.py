@@ -2,7 +2,8 @@
 
 Data: the task's train/test files as TSV `seq<TAB>label` (sequences up to 600 bp).
 Run:
-  python -m hyena_jax.finetune --config=configs/finetune/nt_splice_sites_acceptors.py --workdir=DIR \
+  python -m hyena_jax.finetune --config=configs/finetune/nt_splice_sites_acceptors.py \
+      --workdir=DIR \
       --config.data.train=train.tsv --config.data.test=test.tsv \
       [--config.pretrained=PATH_TO_hyenadna-tiny-1k-seqlen-d256]
 Recipe (SPEC 6.1): tiny-1k-d256 (d_model 256, 2 layers), mean pooling, AdamW 6e-4, batch 128.
