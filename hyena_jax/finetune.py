@@ -194,8 +194,10 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelledSplit]:
 # Model
 
 
-def _execution_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return {k: config.model[k] for k in ("dtype", "conv_impl", "remat", "embed_dropout")}
+def execution_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Fields of config.model that apply to a pretrained architecture too (how it runs, dropout)."""
+  names = ("dtype", "conv_impl", "remat", "scan_layers", "embed_dropout")
+  return {k: config.model[k] for k in names if k in config.model}
 
 
 def build_classifier(config: ml_collections.ConfigDict) -> tuple[SequenceClassifier, str]:
@@ -211,7 +213,7 @@ def build_classifier(config: ml_collections.ConfigDict) -> tuple[SequenceClassif
   from hyena_jax import inference  # the loader shared with embed/score/generate
   source, source_cfg = inference.load_model(config.pretrained, step=config.pretrained_step,
                                             shift=config.pretrained_shift)
-  cfg = dataclasses.replace(source_cfg, **_execution_fields(config))
+  cfg = dataclasses.replace(source_cfg, **execution_fields(config))
   model = SequenceClassifier(cfg, n_classes, pooling=pooling, rngs=rngs)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   loaded = nnx.to_pure_dict(nnx.state(source, nnx.Param))

@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.task = ""
   # Model hyperparameters for training from scratch (every HyenaConfig field, tiny-1k defaults).
   # With `pretrained` the architecture comes from the checkpoint instead; only the execution
-  # fields (dtype, conv_impl, remat) and embed_dropout are taken from here.
+  # fields (dtype, conv_impl, remat, scan_layers) and embed_dropout are taken from here.
   config.model = ml_collections.ConfigDict(dataclasses.asdict(HyenaConfig()))
   # Starting weights: "" = from scratch; an orbax workdir (ours, or one written by
   # `python -m hyena_jax.convert`); or an official PyTorch release file/folder

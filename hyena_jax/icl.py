@@ -237,7 +237,7 @@ def evaluate(eval_fn: Callable, params: dict, contexts: dict[str, np.ndarray], b
 
 def load_lm(config: ml_collections.ConfigDict) -> tuple[HyenaLM, str]:
   """The language model (train mode) from config.pretrained, or random from config.model."""
-  fields = {k: config.model[k] for k in ("dtype", "conv_impl", "remat", "embed_dropout")}
+  fields = finetune.execution_fields(config)
   if not config.pretrained:
     logging.warning("no config.pretrained: in-context learning on a randomly initialised model")
     lm = HyenaLM(config_lib.from_dict(config.model.to_dict()),
