@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hyena_jax import fftconv, sharding
 from hyena_jax.config import HyenaConfig
-from hyena_jax.model import _REMAT_POLICIES, Backbone, Block, HyenaLM  # one remat policy table
+from hyena_jax.model import Backbone, Block, HyenaLM, run_blocks
 from hyena_jax.hyena import HyenaFilter, HyenaOperator
 
 SEQ_AXIS = "sequence"                 # the mesh axis of sharding.AXES that splits the length
@@ -182,12 +182,9 @@ def _block(block: Block, x: jax.Array, sh: _Shard) -> jax.Array:
 
 def _backbone(backbone: Backbone, x: jax.Array, sh: _Shard) -> jax.Array:
   """Blocks and ln_f on a shard (the embedding is done outside): [b, c, d] -> [b, c, d]."""
-  remat = backbone.config.remat
-  step = lambda blk, h: _block(blk, h, sh)  # noqa: E731
-  if remat != "none":
-    step = nnx.remat(step, policy=_REMAT_POLICIES[remat])
-  for block in backbone.layers:
-    x = step(block, x)
+  cfg = backbone.config
+  x, _ = run_blocks(backbone.layers, x, lambda block, h: _block(block, h, sh), remat=cfg.remat,
+                    scan=cfg.scan_layers)
   return backbone.ln_f(x)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -114,38 +114,45 @@ class Backbone(nnx.Module):
       x = embeddings.astype(jnp.float32)
     if x.shape[1] > self.config.l_max:
       raise ValueError(f"sequence length {x.shape[1]} exceeds l_max={self.config.l_max}")
-    if self.config.scan_layers:
-      x, layers = self._scan_blocks(x, return_layers)
-    else:
-      layers = []
-      for block in self.layers:
-        if self.config.remat == "none":
-          x = block(x)
-        else:
-          x = nnx.remat(lambda blk, h: blk(h), policy=_REMAT_POLICIES[self.config.remat])(block, x)
-        if return_layers:
-          layers.append(x)
+    x, layers = run_blocks(self.layers, x, lambda block, h: block(h), remat=self.config.remat,
+                           scan=self.config.scan_layers, return_layers=return_layers)
     return BackboneOutput(hidden=self.ln_f(x), layers=tuple(layers))
 
-  def _scan_blocks(self, x: jax.Array, return_layers: bool) -> tuple[jax.Array, list]:
-    """All blocks as one `lax.scan` over their stacked parameters.
 
-    XLA then plans memory for one block body instead of the whole unrolled stack (an unrolled
-    8-layer step at long context asks for several times more), and with remat only the block
-    inputs are kept for the backward pass. Parameters stay per layer (the checkpoint and
-    PyTorch layouts are unchanged); stacking them costs a copy of the ~MB of weights per call.
-    """
-    graphdef, _ = nnx.split(self.layers[0])
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.layers])
+def run_blocks(blocks: nnx.List, x: jax.Array, apply: Callable[[Block, jax.Array], jax.Array], *,
+               remat: str, scan: bool, return_layers: bool = False
+               ) -> tuple[jax.Array, list[jax.Array]]:
+  """Applies `apply(block, x)` for each block, with remat per block and optionally as a scan.
 
-    def body(h, layer_state):
-      h = nnx.merge(graphdef, layer_state)(h)
-      return h, (h if return_layers else None)
+  With `scan`, the blocks run as one `lax.scan` over their stacked parameters: XLA then plans
+  memory for one block body instead of the whole unrolled stack, and with remat only the block
+  inputs are kept for the backward pass (at 16k tokens, d 256, 4 layers: 0.75 GiB instead of
+  2.6 GiB). Parameters stay per layer, so checkpoints and PyTorch layouts are unchanged; the
+  stacking copies the (megabytes of) weights once per call. Returns (x, per-layer outputs).
+  """
+  policy = _REMAT_POLICIES.get(remat)
+  if not scan:
+    layers = []
+    for block in blocks:
+      if remat == "none":
+        x = apply(block, x)
+      else:
+        x = nnx.remat(apply, policy=policy)(block, x)
+      if return_layers:
+        layers.append(x)
+    return x, layers
 
-    if self.config.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat])
-    x, per_layer = jax.lax.scan(body, x, stacked)
-    return x, (list(per_layer) if return_layers else [])
+  graphdef, _ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+
+  def body(h, layer_state):
+    h = apply(nnx.merge(graphdef, layer_state), h)
+    return h, (h if return_layers else None)
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=policy)
+  x, per_layer = jax.lax.scan(body, x, stacked)
+  return x, (list(per_layer) if return_layers else [])
 
 
 class HyenaLM(nnx.Module):
