@@ -23,6 +23,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from hyena_jax import run_config
 from hyena_jax.config import HyenaConfig
 
 METRICS = ("accuracy", "mcc", "macro_f1", "pearson", "spearman", "r2")
@@ -92,17 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (0 = never stop early).
   config.train.patience = 0
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 6e-4
-  config.optim.warmup_fraction = 0.01
-  config.optim.init_lr = 1e-6
-  config.optim.min_lr_ratio = 0.1
-  config.optim.weight_decay = 0.1
-  config.optim.filter_weight_decay = 0.0
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.eps = 1e-8
-  config.optim.grad_clip = 1.0
+  config.optim = run_config.optim_config()
 
   config.eval = ml_collections.ConfigDict()
   # Metric for early stopping and the best checkpoint; the results report all that apply.

@@ -34,19 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Log a line (and JSONL/TensorBoard metrics) every N steps.
   config.train.log_every_steps = 50
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 6e-4
-  # Linear warm-up length as a fraction of all steps (timm warmup_t = 0.01 t_initial upstream).
-  config.optim.warmup_fraction = 0.01
-  config.optim.init_lr = 1e-6
-  config.optim.min_lr_ratio = 0.1
-  config.optim.weight_decay = 0.1
-  # The implicit-filter MLP is trained without weight decay (upstream `_optim` group).
-  config.optim.filter_weight_decay = 0.0
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.eps = 1e-8
-  config.optim.grad_clip = 1.0
+  config.optim = optim_config()
 
   config.mesh = ml_collections.ConfigDict()
   # Device mesh; -1 takes the remaining devices. fsdp shards parameters and optimizer state.
@@ -72,6 +60,24 @@ def base_config() -> ml_collections.ConfigDict:
   # workdir has none of its own: "" or a workdir path.
   config.checkpoint.init_from = ""
   return config
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  """AdamW recipe fields (SPEC 5), shared by pretraining and fine-tuning configs."""
+  optim = ml_collections.ConfigDict()
+  optim.learning_rate = 6e-4
+  # Linear warm-up length as a fraction of all steps (timm warmup_t = 0.01 t_initial upstream).
+  optim.warmup_fraction = 0.01
+  optim.init_lr = 1e-6
+  optim.min_lr_ratio = 0.1
+  optim.weight_decay = 0.1
+  # The implicit-filter MLP is trained without weight decay (upstream `_optim` group).
+  optim.filter_weight_decay = 0.0
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.grad_clip = 1.0
+  return optim
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
