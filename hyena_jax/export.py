@@ -300,6 +300,17 @@ def write_torch(path: str, tensors: Sequence[LazyTensor], *, wrap_lightning: boo
 # Restore and export
 
 
+def _model_of(run_config: dict, workdir: str, step: int) -> tuple[HyenaConfig, int, str]:
+  """(model config, n_classes, pooling) of a run config, or a clear error."""
+  try:
+    cfg = checkpoint.model_config(run_config)
+    n_classes, pooling = checkpoint.head_of(run_config)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{workdir} step {step}: the run config's model section is not one this "
+                     f"exporter understands: {e}") from e
+  return cfg, n_classes, pooling
+
+
 def restore_params(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
   """Restores only the parameters of a checkpoint as host numpy arrays (no model is built, no
   optimizer state is read). Returns (params pure dict, run config, step)."""
@@ -307,12 +318,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, dict, i
   import orbax.checkpoint as ocp
   from flax import nnx
   run_config, step = checkpoint.read_run_config(workdir, step)
-  try:
-    cfg = checkpoint.model_config(run_config)
-    n_classes, pooling = checkpoint.head_of(run_config)
-  except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{workdir} step {step}: the run config's model section is not one this "
-                     f"exporter understands: {e}") from e
+  cfg, n_classes, pooling = _model_of(run_config, workdir, step)
   abstract = nnx.eval_shape(lambda: checkpoint.build_model(cfg, n_classes, pooling or "mean"))
   target = checkpoint.abstract_params(abstract)
   restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
@@ -350,12 +356,7 @@ def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "h
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
   run_config, step = checkpoint.read_run_config(workdir, step)
-  try:
-    cfg = checkpoint.model_config(run_config)
-    n_classes, pooling = checkpoint.head_of(run_config)
-  except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{workdir} step {step}: the run config's model section is not one this "
-                     f"exporter understands: {e}") from e
+  cfg, n_classes, pooling = _model_of(run_config, workdir, step)
   if not include_head:
     n_classes, pooling = 0, ""
   check_exportable(cfg, layout, n_classes, pooling)  # before restoring anything

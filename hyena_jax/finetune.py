@@ -37,7 +37,6 @@ from hyena_jax import config as config_lib
 from hyena_jax import data as data_lib
 from hyena_jax import metrics_writer, optim, sharding
 from hyena_jax import tokenizer as tok
-from hyena_jax.config import HyenaConfig
 from hyena_jax.finetune_config import METRICS
 from hyena_jax.model import SequenceClassifier
 

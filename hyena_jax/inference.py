@@ -98,7 +98,8 @@ def as_records(sequences: Iterable[str | Record]) -> Iterator[Record]:
     yield s if isinstance(s, Record) else Record(f"seq{i}", s, f"sequence {i}")
 
 
-def _open_text(path: str):
+def open_text(path: str):
+  """Text of a plain or gzip file (detected by content), latin-1, universal newlines."""
   with open(path, "rb") as f:
     magic = f.read(2)
   if magic == _GZIP_MAGIC:
@@ -123,7 +124,7 @@ def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
       raise ValueError(f"{where}: record has no sequence; remove it or add bases")
     return Record(name, "".join(parts), where)
 
-  with _open_text(path) as f:
+  with open_text(path) as f:
     for lineno, line in enumerate(f, 1):
       line = line.rstrip("\r\n")
       if line.startswith(">"):
@@ -157,7 +158,7 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
   named = isinstance(column, str) or isinstance(name_column, str)
   if header is False and named:
     raise ValueError("columns given by name need a header row; pass indices or header=True")
-  with _open_text(path) as f:
+  with open_text(path) as f:
     rows = csv.reader(f, delimiter=delimiter)
     first = next(rows, None)
     if first is None:

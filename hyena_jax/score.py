@@ -141,7 +141,7 @@ def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"VCF file not found: {path}")
-  with inference._open_text(path) as f:  # noqa: SLF001 (shared gzip-or-plain opener)
+  with inference.open_text(path) as f:
     for lineno, line in enumerate(f, 1):
       line = line.rstrip("\r\n")
       if not line.strip() or line.startswith("#"):

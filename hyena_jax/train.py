@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import grain
 import jax
