@@ -30,8 +30,10 @@ CHECKPOINT_SUBDIR = "checkpoints"
 _policies = ocp.checkpoint_managers.preservation_policy
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+  """Absolute `<workdir>/checkpoints`: orbax refuses relative paths (at the first save, after
+  minutes of training), so every orbax path in the project is built here."""
+  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
 
 
 def make_manager(workdir: str, *, keep_last: int = 3, keep_best: bool = True,
