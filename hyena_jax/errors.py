@@ -1,0 +1,14 @@
+"""Errors caused by what the user gave us (a path, a config field, a file's contents).
+
+Raise `InputError` (or a subclass) where the fix is on the user's side; its message says what is
+wrong, where (file, field, line) and what to do. The command-line tools print such an error as
+one line, `error: <message>`, and exit 2. Any other exception is a bug and keeps its traceback.
+"""
+
+
+class InputError(ValueError):
+  """Bad user input: a config field, a file's contents, a flag. The message names the fix."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+  """A path the user named does not exist or lacks what it should hold."""
