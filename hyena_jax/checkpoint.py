@@ -5,25 +5,32 @@
         opt_state  optax state                 (training runs only)
         data       Grain iterator state        (training runs only)
         config     the run's ml_collections config as JSON (model fields under "model")
+        progress   step, data stage, checksums of params and opt_state (training runs only)
         metrics    (orbax) validation metrics used to keep the best checkpoint
 
 Orbax writes each step to a temporary directory and renames it when complete, so an interrupted
 save never replaces a good checkpoint; a directory without orbax's commit marker is ignored.
+Orbax does not checksum array data (tensorstore's zarr3 codec checksums only the shard index),
+so a flipped byte in a params file restores silently; training therefore stores a checksum of
+every array in `progress` and verifies it on resume (`fingerprints`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from hyena_jax import config as config_lib
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError, MissingInputError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -34,6 +41,10 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
   """Absolute `<workdir>/checkpoints`: orbax refuses relative paths (at the first save, after
   minutes of training), so every orbax path in the project is built here."""
   return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
+
+
+class DamagedCheckpointError(InputError):
+  """A checkpoint step whose files are missing, unreadable or fail their checksum."""
 
 
 def make_manager(workdir: str, *, keep_last: int = 3, keep_best: bool = True,
@@ -99,17 +110,99 @@ def read_run_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """Returns (run config dict, step) of a checkpoint; errors say what exists instead."""
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoints in {workdir}: expected {path}/<step>/ written by "
+    raise MissingInputError(f"no checkpoints in {workdir}: expected {path}/<step>/ written by "
                             "hyena_jax.main or hyena_jax.convert")
   with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     steps = mngr.all_steps()
     if not steps:
-      raise FileNotFoundError(f"{path} holds no complete checkpoint")
+      raise MissingInputError(f"{path} holds no complete checkpoint")
     step = max(steps) if step is None else step
     if step not in steps:
-      raise FileNotFoundError(f"no checkpoint for step {step} in {path}; available: {sorted(steps)}")
-    restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return dict(restored["config"]), step
+      raise MissingInputError(f"no checkpoint for step {step} in {path}; available: {sorted(steps)}")
+  return read_json_item(workdir, step, "config"), step
+
+
+def read_json_item(workdir: str, step: int, item: str) -> dict:
+  """A JSON item of a step (config, progress), read directly: a missing or torn file is named
+  instead of surfacing as an orbax traceback."""
+  path = os.path.join(checkpoint_dir(workdir), str(step), item, "metadata")
+  try:
+    with open(path) as f:
+      return dict(json.load(f))
+  except (OSError, ValueError, TypeError) as e:
+    reason = "is missing" if isinstance(e, FileNotFoundError) else f"is unreadable ({e})"
+    raise DamagedCheckpointError(f"checkpoint step {step} is damaged: {path} {reason}") from e
+
+
+def step_dir(workdir: str, step: int) -> str:
+  return os.path.join(checkpoint_dir(workdir), str(step))
+
+
+def missing_files(workdir: str, step: int, items: tuple[str, ...]) -> list[str]:
+  """Files of `items` that a complete training step directory has and this one lacks."""
+  expected = {"config": ("metadata",), "progress": ("metadata",),
+              "params": ("_METADATA", "manifest.ocdbt"), "opt_state": ("_METADATA", "manifest.ocdbt"),
+              "data": (f"process_{jax.process_index()}-of-{jax.process_count()}.json",)}
+  root = step_dir(workdir, step)
+  return [os.path.join(root, item, name) for item in items for name in expected[item]
+          if not os.path.exists(os.path.join(root, item, name))]
+
+
+def move_aside(workdir: str, step: int) -> str:
+  """Moves a damaged step out of the checkpoints folder (orbax then no longer sees it) into
+  WORKDIR/damaged_checkpoints/, keeping it for inspection; returns where it went."""
+  dest_root = os.path.join(os.path.abspath(workdir), "damaged_checkpoints")
+  os.makedirs(dest_root, exist_ok=True)
+  dest, n = os.path.join(dest_root, str(step)), 1
+  while os.path.exists(dest):
+    dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
+  shutil.move(step_dir(workdir, step), dest)
+  return dest
+
+
+# ------------------------------------------------------------------------------------------------
+# Checksums of arrays (orbax has none for array data)
+
+_KNUTH = 2654435761  # odd: multiplying by it is a bijection mod 2**32
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """[2] uint32: the sum of the array's bit patterns and a position-weighted sum, mod 2**32.
+
+  Any single changed word changes both (the weights are odd, so multiplying by one is invertible
+  mod 2**32); the weighted sum also catches words swapped between positions. Integer sums are
+  exact, so the result does not depend on sharding or reduction order.
+  """
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize in unsigned:
+    bits = jax.lax.bitcast_convert_type(x, unsigned[x.dtype.itemsize]).astype(jnp.uint32)
+  else:
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+  bits = bits.reshape(-1)
+  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2 * _KNUTH % 2**32) + jnp.uint32(1)
+  return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
+
+
+_fingerprint_tree = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def fingerprints(tree: Any) -> dict[str, list[int]]:
+  """{path: [sum, weighted sum]} of every array of a pytree, computed where the arrays live
+  (one small jitted reduction; nothing is copied to the host but two words per array)."""
+  sums = jax.device_get(_fingerprint_tree(tree))
+  return {jax.tree_util.keystr(path): [int(v) for v in value]
+          for path, value in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def verify_fingerprints(tree: Any, expected: Mapping[str, list[int]], what: str) -> None:
+  """Raises DamagedCheckpointError naming the first array whose checksum differs."""
+  got = fingerprints(tree)
+  for path in sorted(set(got) | set(expected)):
+    if got.get(path) != expected.get(path):
+      raise DamagedCheckpointError(
+          f"{what}{path} does not match the checksum saved with it (flipped bytes on disk)")
 
 
 def restore_model(workdir: str, step: int | None = None, *, shardings: Any = None

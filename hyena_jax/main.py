@@ -1,6 +1,14 @@
-"""Entry point: python -m hyena_jax.main --config=configs/default.py --workdir=DIR."""
+"""Entry point: python -m hyena_jax.main --config=configs/default.py --workdir=DIR.
+
+Running the same command again resumes an interrupted run, and reports a finished one without
+changing it. Exit status: 0 when the run has finished; 128 + the signal's number when SIGTERM
+(143, preemption) or Ctrl-C/SIGINT (130) stopped it after saving a checkpoint, as a shell
+reports a process the signal ended, so a scheduler can tell preemption from success.
+"""
 
 import os
+import signal
+import sys
 
 # Faster CPU backward passes (SPEC section 12); must be set before jax initialises its backend.
 if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
@@ -19,6 +27,15 @@ config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file; override fields with --config.a.b=value.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints and metrics go.")
+_ALLOW_CHANGED = flags.DEFINE_list(
+    "allow_changed", [],
+    "Optimizer fields (optim.learning_rate, ...) that may differ from the checkpoint's when "
+    "resuming, e.g. to continue after a NaN stop with a lower --config.optim.learning_rate. "
+    "The change is recorded in the checkpoint's progress.")
+_SKIP_DAMAGED = flags.DEFINE_bool(
+    "skip_damaged_checkpoints", False,
+    "Resume from the newest checkpoint that restores and passes its checksums; damaged newer "
+    "steps are moved to WORKDIR/damaged_checkpoints/.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods / clusters).")
 
@@ -42,7 +59,11 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+  result = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value,
+                                    allow_changed=_ALLOW_CHANGED.value,
+                                    skip_damaged_checkpoints=_SKIP_DAMAGED.value)
+  if result["status"] != "finished":
+    sys.exit(128 + signal.Signals[result.get("signal", "SIGTERM")].value)
 
 
 if __name__ == "__main__":

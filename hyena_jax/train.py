@@ -28,6 +28,7 @@ from hyena_jax import data as data_lib
 from hyena_jax import optim, run_config, sharding
 from hyena_jax import metrics_writer
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
 
 State = dict[str, Any]  # {"step": int32 [], "params": tree, "opt_state": tree}
@@ -131,13 +132,7 @@ def build_run(config: ml_collections.ConfigDict, devices: list | None = None) ->
                             devices=devices)
   model_cfg = run_config.validate(config, mesh.shape["data"] * mesh.shape["fsdp"])
   total = run_config.total_steps(config)
-  schedule = optim.learning_rate_schedule(
-      config.optim.learning_rate, total, int(config.optim.warmup_fraction * total),
-      init_lr=config.optim.init_lr, min_lr_ratio=config.optim.min_lr_ratio)
-  tx = optim.make_optimizer(
-      learning_rate=schedule, weight_decay=config.optim.weight_decay,
-      filter_weight_decay=config.optim.filter_weight_decay, b1=config.optim.b1,
-      b2=config.optim.b2, eps=config.optim.eps, grad_clip=config.optim.grad_clip)
+  tx, schedule = make_optimizer(config.optim, total)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: HyenaLM(model_cfg, rngs=nnx.Rngs(0))))
   abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, config.train.seed))
   replicated = sharding.replicated(mesh)
@@ -149,6 +144,19 @@ def build_run(config: ml_collections.ConfigDict, devices: list | None = None) ->
     forward = functools.partial(_context_parallel_forward, context_parallel.forward, mesh)
   return Run(config, model_cfg, mesh, graphdef, tx, schedule, shardings, abstract, total,
              run_config.stage_boundaries(config), forward)
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer and learning-rate schedule of a run's `optim` config section."""
+  schedule = optim.learning_rate_schedule(
+      optim_cfg.learning_rate, total_steps, int(optim_cfg.warmup_fraction * total_steps),
+      init_lr=optim_cfg.init_lr, min_lr_ratio=optim_cfg.min_lr_ratio)
+  tx = optim.make_optimizer(
+      learning_rate=schedule, weight_decay=optim_cfg.weight_decay,
+      filter_weight_decay=optim_cfg.filter_weight_decay, b1=optim_cfg.b1, b2=optim_cfg.b2,
+      eps=optim_cfg.eps, grad_clip=optim_cfg.grad_clip)
+  return tx, schedule
 
 
 def _context_parallel_forward(cp_forward: Callable, mesh, model, ids, dropout_key):
@@ -204,74 +212,219 @@ def evaluate(run: Run, eval_step: Callable, params: Any) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 
+# Optimizer fields a resume may change when named in `allow_changed` (--allow_changed): they
+# change how later steps update the parameters, not what the checkpoint holds.
+CHANGEABLE_ON_RESUME = "optim"
 
-def _check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+
+class DivergedError(InputError, FloatingPointError):
+  """Training produced NaN/Inf; the message says how to resume with a lower learning rate."""
+
+
+def _check_allow_changed(allow_changed: tuple[str, ...], config: ml_collections.ConfigDict
+                         ) -> None:
+  for name in allow_changed:
+    section, _, key = name.partition(".")
+    if section != CHANGEABLE_ON_RESUME or key not in config.optim:
+      raise InputError(
+          f"--allow_changed={name}: only optimizer fields may change on resume, named as "
+          f"optim.<field> with <field> one of {', '.join(sorted(config.optim.keys()))}")
+
+
+def _check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str,
+                      allow_changed: tuple[str, ...] = ()) -> dict[str, list]:
+  """Refuses a checkpoint of a different run; returns {name: [old, new]} of allowed changes."""
   current = ckpt_lib.config_to_json(config)
   # How the step is executed may change between runs; what it computes may not.
   execution = {"remat", "scan_layers", "conv_impl"}
+  changes = {}
   for section, keys in (("model", None), ("train", ("global_batch_size", "stages", "seed")),
                         ("optim", None)):
     old, new = saved.get(section, {}), current[section]
     for key in keys or sorted((set(old) | set(new)) - execution):
-      if old.get(key) != new.get(key):
-        raise ValueError(
-            f"{workdir} holds a checkpoint of a different run: {section}.{key} was "
-            f"{old.get(key)!r}, the config says {new.get(key)!r}. Use a new --workdir, or pass "
-            f"--config.{section}.{key}={old.get(key)!r} to resume it")
+      if old.get(key) == new.get(key):
+        continue
+      name = f"{section}.{key}"
+      if name in allow_changed:
+        changes[name] = [old.get(key), new.get(key)]
+        continue
+      hint = ""
+      if section == CHANGEABLE_ON_RESUME:
+        hint = (f"; or, to continue this run with the new value, add --allow_changed={name} "
+                "(recorded in the checkpoint's progress)")
+      raise InputError(
+          f"{workdir} holds a checkpoint of a different run: {name} was {old.get(key)!r}, the "
+          f"config says {new.get(key)!r}. Use a new --workdir, or pass "
+          f"--config.{name}={old.get(key)!r} to resume it{hint}")
+  return changes
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, run: Run, state: State, data_iter,
-                    data_stage: int, metrics: dict | None = None, force: bool = False) -> None:
+                    data_stage: int, metrics: dict | None = None, force: bool = False,
+                    config_changes: list | None = None) -> None:
   step = int(jax.device_get(state["step"]))
+  # Checksums of every array (orbax stores none for array data): verified on resume.
+  sums = {"params": ckpt_lib.fingerprints(state["params"]),
+          "opt_state": ckpt_lib.fingerprints(state["opt_state"])}
+  progress = {"step": step, "data_stage": data_stage, "fingerprints": sums,
+              "config_changes": config_changes or []}
   items = {"params": ocp.args.StandardSave(state["params"]),
            "opt_state": ocp.args.StandardSave(state["opt_state"]),
            "config": ocp.args.JsonSave(ckpt_lib.config_to_json(run.config)),
-           "progress": ocp.args.JsonSave({"step": step, "data_stage": data_stage})}
+           "progress": ocp.args.JsonSave(progress)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
   mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
 
-def restore_checkpoint(mngr: ocp.CheckpointManager, run: Run, step: int) -> tuple[State, dict]:
+@dataclasses.dataclass
+class Resumed:
+  """What a resume restored from checkpoint `step` (state is None for a finished run)."""
+  step: int
+  state: State | None
+  progress: dict
+  data_iter: Any = None        # iterator of the train stage `progress["data_stage"]`, restored
+  config_changes: list = dataclasses.field(default_factory=list)
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, run: Run, step: int,
+                       allow_changed: tuple[str, ...] = ()) -> Resumed:
+  """Restores and verifies step `step`; DamagedCheckpointError names what is wrong with it."""
+  workdir = run.config_workdir
+  where = ckpt_lib.step_dir(workdir, step)
+  saved_config = ckpt_lib.read_json_item(workdir, step, "config")
+  progress = ckpt_lib.read_json_item(workdir, step, "progress")
+  changes = _check_compatible(saved_config, run.config, workdir, allow_changed)
+  history = list(progress.get("config_changes", []))
+  if changes:
+    _check_same_optimizer_state(saved_config, run, changes)
+    history.append({"step": step, **changes})
+  if step >= run.total_steps:
+    return Resumed(step, None, progress, config_changes=history)
+  data_stage = int(progress.get("data_stage", -1))
+  items = ("params", "opt_state") + (("data",) if data_stage >= 0 else ())
+  missing = ckpt_lib.missing_files(workdir, step, items)
+  if missing:
+    raise ckpt_lib.DamagedCheckpointError(
+        f"checkpoint step {step} is damaged: {', '.join(missing)} missing")
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           run.abstract_state, run.state_shardings)
-  try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract["params"]),
-        opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
-        progress=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax/tensorstore raise many types for damaged files
-    path = os.path.join(ckpt_lib.checkpoint_dir(run.config_workdir), str(step))
-    raise RuntimeError(
-        f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). It is damaged or "
-        "from another program: move it out of the checkpoints folder to resume from the "
-        "previous step, or use a new --workdir") from e
+  restored = {}
+  for item in ("params", "opt_state"):
+    try:  # orbax/tensorstore raise many types for damaged files
+      restored[item] = mngr.restore(step, args=ocp.args.Composite(
+          **{item: ocp.args.StandardRestore(abstract[item])}))[item]
+    except Exception as e:
+      raise ckpt_lib.DamagedCheckpointError(
+          f"checkpoint step {step} is damaged: {where}/{item} cannot be restored "
+          f"({type(e).__name__}: {str(e)[:300]})") from e
+    expected = progress.get("fingerprints", {}).get(item)
+    if expected is not None:  # checkpoints written before checksums existed have none
+      ckpt_lib.verify_fingerprints(restored[item], expected,
+                                   f"checkpoint step {step} is damaged: {where}/{item}")
+  data_iter = None
+  if data_stage >= 0:
+    data_iter = iter(train_dataset(run, data_stage))
+    try:
+      mngr.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:
+      raise ckpt_lib.DamagedCheckpointError(
+          f"checkpoint step {step} is damaged: its data iterator in {where}/data cannot be "
+          f"restored ({type(e).__name__}: {str(e)[:300]})") from e
   state = {"step": jax.device_put(jnp.asarray(step, jnp.int32), run.state_shardings["step"]),
            "params": restored["params"], "opt_state": restored["opt_state"]}
-  return state, dict(restored["progress"])
+  return Resumed(step, state, progress, data_iter, history)
+
+
+def _check_same_optimizer_state(saved_config: dict, run: Run, changes: dict) -> None:
+  """An allowed optimizer change must keep the optimizer state's structure (grad_clip 0 <-> >0
+  adds or removes a transform), else the saved state cannot be restored into it."""
+  old_optim = ml_collections.ConfigDict({**run.config.optim.to_dict(), **saved_config["optim"]})
+  old_tx, _ = make_optimizer(old_optim, run.total_steps)
+  params = run.abstract_state["params"]
+  if jax.tree.structure(jax.eval_shape(old_tx.init, params)) != \
+      jax.tree.structure(run.abstract_state["opt_state"]):
+    names = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items())
+    raise InputError(f"{names} changes the structure of the optimizer state saved in "
+                     f"{run.config_workdir}, so the run cannot continue with it; start a new "
+                     f"--workdir with --config.checkpoint.init_from={run.config_workdir}")
+
+
+def _resume(mngr: ocp.CheckpointManager, run: Run, allow_changed: tuple[str, ...],
+            skip_damaged: bool) -> Resumed | None:
+  """The newest checkpoint that restores and verifies, or None when there is none.
+
+  A damaged newest step stops the run with its name, unless `skip_damaged`: then older steps
+  are tried and the damaged newer ones moved to WORKDIR/damaged_checkpoints/ (only once a good
+  one restored, so a failure changes nothing).
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  damaged = []
+  for i, step in enumerate(steps):
+    try:
+      resumed = restore_checkpoint(mngr, run, step, allow_changed)
+    except ckpt_lib.DamagedCheckpointError as e:
+      older = steps[i + 1:]
+      if not skip_damaged:
+        fix = (f"Re-run with --skip_damaged_checkpoints to resume from step {older[0]} (the "
+               f"damaged step moves to {os.path.abspath(run.config_workdir)}/damaged_checkpoints/"
+               "), or use a new --workdir" if older else
+               "No earlier checkpoint exists: use a new --workdir")
+        raise ckpt_lib.DamagedCheckpointError(f"{e}. {fix}") from e
+      logging.warning("skipping %s", e)
+      damaged.append(step)
+      continue
+    for bad in damaged:
+      logging.warning("moved damaged checkpoint step %d to %s", bad,
+                      ckpt_lib.move_aside(run.config_workdir, bad))
+    if damaged:
+      mngr.reload()
+    return resumed
+  if damaged:
+    raise ckpt_lib.DamagedCheckpointError(
+        f"every checkpoint in {ckpt_lib.checkpoint_dir(run.config_workdir)} is damaged (steps "
+        f"{damaged}); nothing was moved. Use a new --workdir")
+  return None
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the loop checks between steps:
+  it saves a checkpoint and stops, and the run reports "interrupted". A second Ctrl-C stops at
+  once, without saving. SIGINT is left alone where it is ignored (nohup, background jobs) or
+  handled by the embedding program."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous: dict = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not in the main thread (e.g. some test runners): no handler
-      self._previous = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+        continue
+      try:
+        self._previous[sig] = signal.signal(sig, self._handler)
+      except ValueError:  # not in the main thread (e.g. some test runners): no handler
+        pass
     return self
 
   def _handler(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint before exiting")
-    self.requested = True
+    if signum == signal.SIGINT and self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = self.signum or signum
+    logging.warning("%s received: saving a checkpoint after this step, then exiting%s",
+                    signal.Signals(signum).name,
+                    " (Ctrl-C again stops at once, without saving)"
+                    if signum == signal.SIGINT else "")
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,46 +432,118 @@ class _Preemption:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after_steps: int | None = None) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final metrics.
+                       stop_after_steps: int | None = None, *,
+                       allow_changed: tuple[str, ...] | list[str] = (),
+                       skip_damaged_checkpoints: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns its final metrics.
 
-  `stop_after_steps` ends the loop early after that many steps of this call, as a preemption
-  would (a checkpoint is saved) — used by tests of exact resumption.
+  The result has "status": "finished" — the metrics are then also in WORKDIR/final_metrics.json,
+  written once when the last step is done; re-running a finished run returns them and changes
+  nothing — or "interrupted" when a signal (SIGTERM, SIGINT: its name under "signal") or
+  `stop_after_steps` (tests of exact resumption) ended the call early. An interrupted run has
+  saved a checkpoint and resumes when run again; it writes no final_metrics.json.
+  `allow_changed` names optimizer fields ("optim.learning_rate") the config may change from the
+  checkpoint's (e.g. after a NaN stop); `skip_damaged_checkpoints` resumes from the newest
+  checkpoint that restores and verifies, moving damaged newer ones aside.
   """
+  allow_changed = tuple(allow_changed)
+  _check_allow_changed(allow_changed, config)
   os.makedirs(workdir, exist_ok=True)
   run = dataclasses.replace(build_run(config), config_workdir=workdir)
+  final_path = os.path.join(workdir, "final_metrics.json")
+  with _Preemption() as preemption:
+    mngr = ckpt_lib.make_manager(
+        workdir, keep_last=config.checkpoint.keep_last,
+        keep_best=config.checkpoint.keep_best and config.eval.num_batches > 0,
+        async_save=config.checkpoint.async_save)
+    try:
+      resumed = _resume(mngr, run, allow_changed, skip_damaged_checkpoints)
+      if resumed is not None and resumed.step >= run.total_steps:
+        return _finished(run, final_path)
+      if os.path.exists(final_path):  # left by an older version when interrupted: not final
+        os.remove(final_path)
+      return _train(run, mngr, resumed, preemption, stop_after_steps, final_path)
+    finally:
+      mngr.wait_until_finished()  # a save in flight completes even when a step raised
+      mngr.close()
+
+
+def _finished(run: Run, final_path: str) -> dict[str, Any]:
+  """A finished run: its final metrics, unchanged. A kill between the last checkpoint and
+  final_metrics.json leaves them only in metrics.jsonl: rebuilt from there once."""
+  step = run.total_steps
+  if os.path.exists(final_path):
+    with open(final_path) as f:
+      final = json.load(f)
+    logging.info("%s: the run finished at step %d; nothing to do (final metrics: %s)",
+                 run.config_workdir, step, final)
+    return final
+  rows = [r for r in metrics_writer.read_rows(os.path.join(run.config_workdir, "metrics.jsonl"))
+          if r.get("step") == step]
+  valid, train_loss = {}, {}
+  for row in rows:
+    valid.update({k: v for k, v in row.items() if k.startswith("valid_")})
+    train_loss.update({"train_loss": row["loss"]} if "loss" in row else {})
+  final = {"status": "finished", "step": step, **valid, **train_loss}  # the order _train writes
+  _write_final(run, final, final_path)
+  logging.info("%s: the run finished at step %d; wrote its final metrics %s", run.config_workdir,
+               step, final)
+  return final
+
+
+def _write_final(run: Run, final: dict, final_path: str) -> None:
+  if jax.process_index() == 0:
+    metrics_writer.write_atomically(final_path, json.dumps(final, indent=1))
+    metrics_writer.plot_curves(os.path.join(run.config_workdir, "metrics.jsonl"),
+                               os.path.join(run.config_workdir, "curves.png"))
+
+
+def _diverged(what: str, step: int, last_saved: int | None, config) -> DivergedError:
+  fix = f"--config.optim.learning_rate={config.optim.learning_rate / 2:g}"
+  if last_saved is None:
+    how = (f"No checkpoint was written in this workdir yet: start again with a lower learning "
+           f"rate, e.g. {fix}, or check the data")
+  else:
+    how = (f"The checkpoint of step {last_saved} holds finite values: continue from it with a "
+           f"lower learning rate by re-running the same command with {fix} "
+           "--allow_changed=optim.learning_rate (or check the data)")
+  return DivergedError(f"{what} at step {step}. {how}")
+
+
+def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preemption,
+           stop_after_steps: int | None, final_path: str) -> dict[str, Any]:
+  config, workdir = run.config, run.config_workdir
   logging.info("mesh %s; %d steps in %d stage(s)", dict(run.mesh.shape), run.total_steps,
                len(config.train.stages))
   batch_sharding = sharding.batch_sharding(run.mesh)
   eval_step = jax.jit(make_eval_step(run.graphdef, run.forward),
                       in_shardings=(run.state_shardings["params"], batch_sharding))
-
-  mngr = ckpt_lib.make_manager(workdir, keep_last=config.checkpoint.keep_last,
-                               keep_best=config.checkpoint.keep_best and config.eval.num_batches > 0,
-                               async_save=config.checkpoint.async_save)
-  start = mngr.latest_step()
-  progress = {"data_stage": -1}
-  if start is not None:
-    saved_config, _ = ckpt_lib.read_run_config(workdir, start)
-    _check_compatible(saved_config, config, workdir)
-    state, progress = restore_checkpoint(mngr, run, start)
+  if resumed is not None:
+    start, state = resumed.step, resumed.state
+    data_iter, data_stage = resumed.data_iter, int(resumed.progress.get("data_stage", -1))
+    history = resumed.config_changes
+    changed_now = history[-1] if history and history[-1]["step"] == start else {}
+    for name, value in changed_now.items():
+      if name != "step":
+        logging.warning("resuming with %s changed from %r to %r (--allow_changed)", name, *value)
     logging.info("resumed from %s at step %d", workdir, start)
   else:
     state = jax.jit(lambda: init_state(run.model_cfg, run.tx, config.train.seed),
                     out_shardings=run.state_shardings)()
     if config.checkpoint.init_from:
       state["params"] = _params_from(config.checkpoint.init_from, run)
-    start = 0
+    start, data_iter, data_stage, history = 0, None, -1, []
 
   writer = metrics_writer.MetricsWriter(workdir, resume_step=start)
   step = start
+  last_saved = start if resumed is not None else None
   final_metrics: dict[str, Any] = {}
-  data_iter, data_stage, compiled_stage, train_step = None, -1, -1, None
+  compiled_stage, train_step = -1, None
   tokens_since, time_since = 0, time.perf_counter()
   steps_this_call = 0
   last_finite = start
-  with _Preemption() as preemption:
-    while step < run.total_steps:
+  try:
+    while step < run.total_steps and not preemption.requested:
       stage = stage_of(run, step)
       if stage != compiled_stage:  # one compilation per stage, none inside it
         _, seq_len, accum = config.train.stages[stage]
@@ -330,11 +555,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         compiled_stage = stage
         logging.info("stage %d: seq_len %d, grad_accum %d, steps %d..%d", stage, seq_len, accum,
                      run.bounds[stage], run.bounds[stage + 1] - 1)
-      if data_stage != stage:
+      if data_stage != stage:  # a resumed iterator continues; a new stage starts a fresh one
         data_iter = iter(train_dataset(run, stage))
-        if progress.get("data_stage") == stage and step == start:
-          mngr.restore(step, args=ocp.args.Composite(
-              data=grain.checkpoint.CheckpointRestore(data_iter)))
         data_stage = stage
       batch = data_lib.to_global_batch(next(data_iter), batch_sharding)
       state, metrics = train_step(state, batch)
@@ -348,10 +570,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % config.train.log_every_steps == 0 or last or stopping:
         metrics = jax.device_get(metrics)
         if not all(np.isfinite(v) for v in metrics.values()):
-          raise FloatingPointError(
-              f"non-finite training metrics at step {step} (finite at step {last_finite}): "
-              f"{metrics}. Lower optim.learning_rate or check the data; the last checkpoint "
-              "holds finite values and the run resumes from it")
+          raise _diverged(f"non-finite training metrics {metrics} (finite at step "
+                          f"{last_finite})", step, last_saved, config)
         last_finite = step
         elapsed = time.perf_counter() - time_since
         tokens_per_s = tokens_since / max(elapsed, 1e-9)
@@ -377,30 +597,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # The iterator belongs to the stage of the *next* step; at a stage boundary the next
         # stage starts a fresh one, so none is saved.
         keep_iter = not last and stage_of(run, step) == stage
-        _assert_finite(state, step)
+        if not _params_finite(state):
+          raise _diverged("parameters became non-finite (no checkpoint was written)", step,
+                          last_saved, config)
         save_checkpoint(mngr, run, state, data_iter if keep_iter else None,
-                        stage if keep_iter else -1, metrics=eval_metrics, force=stopping)
+                        stage if keep_iter else -1, metrics=eval_metrics, force=stopping,
+                        config_changes=history)
+        last_saved = step
       if stopping:
-        logging.info("stopping at step %d; resume by running the same command", step)
         break
+  finally:
+    writer.close(plot=step == run.total_steps)
   mngr.wait_until_finished()
-  mngr.close()
-  writer.close(plot=step == run.total_steps)
-  final_metrics["step"] = step
-  if steps_this_call:
-    final_metrics["train_loss"] = float(jax.device_get(metrics["loss"]))
-  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-    json.dump(final_metrics, f, indent=1)
+  if step < run.total_steps:
+    result = {"status": "interrupted", "step": step}
+    if preemption.requested:
+      result["signal"] = signal.Signals(preemption.signum).name
+    if steps_this_call:
+      result["train_loss"] = float(jax.device_get(metrics["loss"]))
+    logging.warning("interrupted at step %d/%d%s; the checkpoint of step %s resumes it: run the "
+                    "same command again", step, run.total_steps,
+                    f" by {result['signal']}" if "signal" in result else "", last_saved)
+    return result
+  final_metrics = {"status": "finished", "step": step, **final_metrics,
+                   "train_loss": float(jax.device_get(metrics["loss"]))}
+  _write_final(run, final_metrics, final_path)
   return final_metrics
 
 
-def _assert_finite(state: State, step: int) -> None:
+def _params_finite(state: State) -> bool:
   """Never write a checkpoint holding NaN/Inf parameters."""
   finite = jax.tree.reduce(jnp.logical_and,
                            jax.tree.map(lambda x: jnp.isfinite(x).all(), state["params"]))
-  if not bool(finite):
-    raise FloatingPointError(f"parameters became non-finite by step {step}; no checkpoint was "
-                             "written. Lower optim.learning_rate and resume from the last one")
+  return bool(finite)
 
 
 def _params_from(workdir: str, run: Run):

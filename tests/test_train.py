@@ -77,16 +77,17 @@ def test_interrupted_run_resumes_bitwise_identically_across_a_stage_boundary(tmp
 
 def test_incompatible_or_damaged_workdir_and_bad_configs_are_refused(tmp_path):
   config = tiny_config(stages=((2, 64, 1),))
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path), stop_after_steps=1)
   other = tiny_config(stages=((2, 64, 1),))
   other.model.d_model = 48
   with pytest.raises(ValueError, match="model.d_model was 32"):
     train.train_and_evaluate(other, str(tmp_path))
-  # A damaged checkpoint is named, with what to do about it.
-  for path in (tmp_path / "checkpoints" / "2" / "params").rglob("*"):
+  # A damaged checkpoint is named, with what to do about it (more in test_resume.py).
+  for path in (tmp_path / "checkpoints" / "1" / "params").rglob("*"):
     if path.is_file() and "manifest" not in path.name and path.stat().st_size > 100:
       path.write_bytes(b"garbage")
-  with pytest.raises(RuntimeError, match="cannot be restored"):
+  with pytest.raises(ckpt_lib.DamagedCheckpointError,
+                     match="step 1 is damaged: .*params cannot be restored"):
     train.train_and_evaluate(config, str(tmp_path))
   bad = tiny_config(stages=((2, 256, 1),))
   with pytest.raises(ValueError, match="exceeds model.l_max=130"):
@@ -104,13 +105,26 @@ def test_incompatible_or_damaged_workdir_and_bad_configs_are_refused(tmp_path):
     locked.train.global_bach_size = 4
 
 
-def test_sigterm_requests_a_checkpointed_stop():
+def test_sigterm_and_ctrl_c_request_a_checkpointed_stop():
   import signal
   with train._Preemption() as preemption:
     assert not preemption.requested
     os.kill(os.getpid(), signal.SIGTERM)
-    assert preemption.requested
+    assert preemption.requested and preemption.signum == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is not preemption._handler
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+  try:
+    with train._Preemption() as preemption:
+      os.kill(os.getpid(), signal.SIGINT)              # Ctrl-C: save, then stop
+      assert preemption.signum == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):           # Ctrl-C again: stop at once
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # nohup / background job
+    with train._Preemption() as preemption:
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN       # left ignored
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_sharded_step_matches_single_device_and_shards_parameters():
