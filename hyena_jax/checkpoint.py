@@ -221,6 +221,12 @@ def restore_model(workdir: str, step: int | None = None, *, shardings: Any = Non
   with ocp.CheckpointManager(checkpoint_dir(workdir),
                              options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+  progress_path = os.path.join(step_dir(workdir, step), "progress", "metadata")
+  if os.path.exists(progress_path):  # pretraining checkpoints carry checksums of their arrays
+    expected = read_json_item(workdir, step, "progress").get("fingerprints", {}).get("params")
+    if expected is not None:
+      verify_fingerprints(restored["params"], expected,
+                          f"checkpoint step {step} is damaged: {step_dir(workdir, step)}/params")
   # The model holds only Params (dropout takes its key per call), so the restored parameters
   # are the whole state.
   graphdef, params_state = nnx.split(abstract_model, nnx.Param)

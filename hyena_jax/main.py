@@ -3,7 +3,8 @@
 Running the same command again resumes an interrupted run, and reports a finished one without
 changing it. Exit status: 0 when the run has finished; 128 + the signal's number when SIGTERM
 (143, preemption) or Ctrl-C/SIGINT (130) stopped it after saving a checkpoint, as a shell
-reports a process the signal ended, so a scheduler can tell preemption from success.
+reports a process the signal ended, so a scheduler can tell preemption from success. A second
+Ctrl-C stops at once without saving (also 130).
 """
 
 import os
@@ -59,9 +60,19 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  result = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value,
-                                    allow_changed=_ALLOW_CHANGED.value,
-                                    skip_damaged_checkpoints=_SKIP_DAMAGED.value)
+  try:
+    result = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value,
+                                      allow_changed=_ALLOW_CHANGED.value,
+                                      skip_damaged_checkpoints=_SKIP_DAMAGED.value)
+  except KeyboardInterrupt:
+    # A second Ctrl-C. Leaving through the interpreter's teardown segfaults when the interrupt
+    # arrived during an XLA compilation (jax 0.10.2), so exit at once; an unfinished save is
+    # a temporary folder orbax ignores and removes at the next start.
+    logging.warning("stopped at once by a second Ctrl-C, without saving; the last checkpoint "
+                    "resumes the run")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signal.SIGINT)
   if result["status"] != "finished":
     sys.exit(128 + signal.Signals[result.get("signal", "SIGTERM")].value)
 

@@ -166,6 +166,8 @@ def test_a_damaged_latest_checkpoint_is_named_and_can_be_skipped(two_checkpoints
   assert "Re-run with --skip_damaged_checkpoints to resume from step 1" in message
   if damage == "params bytes":       # restores without error: only the checksum catches it
     assert "does not match the checksum saved with it" in message, message
+    with pytest.raises(ckpt_lib.DamagedCheckpointError, match="does not match the checksum"):
+      ckpt_lib.restore_model(str(workdir), 2)           # as embed, score and generate load it
   assert _snapshot(workdir) == before                      # refused, nothing changed
 
   caplog.set_level("WARNING")
