@@ -24,6 +24,7 @@ from flax import nnx
 
 from hyena_jax import config as config_lib
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import MissingInputError, OutputExistsError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -99,15 +100,15 @@ def read_run_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """Returns (run config dict, step) of a checkpoint; errors say what exists instead."""
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoints in {workdir}: expected {path}/<step>/ written by "
+    raise MissingInputError(f"no checkpoints in {workdir}: expected {path}/<step>/ written by "
                             "hyena_jax.main or hyena_jax.convert")
   with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     steps = mngr.all_steps()
     if not steps:
-      raise FileNotFoundError(f"{path} holds no complete checkpoint")
+      raise MissingInputError(f"{path} holds no complete checkpoint")
     step = max(steps) if step is None else step
     if step not in steps:
-      raise FileNotFoundError(f"no checkpoint for step {step} in {path}; available: {sorted(steps)}")
+      raise MissingInputError(f"no checkpoint for step {step} in {path}; available: {sorted(steps)}")
     restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return dict(restored["config"]), step
 
@@ -143,8 +144,8 @@ def save_model(workdir: str, model: nnx.Module, run_config: Mapping[str, Any] |
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with make_manager(workdir, keep_best=False, async_save=False) as mngr:
     if step in mngr.all_steps():
-      raise FileExistsError(f"{checkpoint_dir(workdir)} already has step {step}; choose another "
-                            "workdir or step (existing checkpoints are never overwritten)")
+      raise OutputExistsError(f"{checkpoint_dir(workdir)} already has step {step}; choose another "
+                              "workdir or step (existing checkpoints are never overwritten)")
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                             config=ocp.args.JsonSave(config_to_json(run_config))))
     mngr.wait_until_finished()

@@ -14,6 +14,7 @@ import os
 from typing import Any, Literal, Mapping
 
 from hyena_jax import tokenizer
+from hyena_jax.errors import InputError
 
 ConvImpl = Literal["fft", "pallas"]
 RematPolicy = Literal["none", "block", "dots"]
@@ -80,7 +81,7 @@ class HyenaConfig:
     if self.remat not in ("none", "block", "dots"):
       errors.append(f"remat must be 'none', 'block' or 'dots', got {self.remat!r}")
     if errors:
-      raise ValueError("invalid HyenaConfig:\n  " + "\n  ".join(errors))
+      raise InputError("invalid HyenaConfig:\n  " + "\n  ".join(errors))
 
   @property
   def padded_vocab_size(self) -> int:
@@ -104,7 +105,7 @@ def from_dict(values: Mapping[str, Any]) -> HyenaConfig:
   known = {f.name for f in dataclasses.fields(HyenaConfig)}
   unknown = sorted(set(values) - known)
   if unknown:
-    raise ValueError(f"unknown HyenaConfig field(s) {unknown}; known fields: {sorted(known)}")
+    raise InputError(f"unknown HyenaConfig field(s) {unknown}; known fields: {sorted(known)}")
   return HyenaConfig(**values)
 
 
@@ -140,13 +141,13 @@ def from_official(cfg: Mapping[str, Any], **overrides: Any) -> HyenaConfig:
         values["initializer_range"] = float(value)
       elif key == "resid_dropout":
         if value:
-          raise ValueError(f"resid_dropout={value} is not supported (every release uses 0)")
+          raise InputError(f"resid_dropout={value} is not supported (every release uses 0)")
       elif key == "modulate":
         values["modulate"] = bool(value)
       elif key in ("use_bias", "train_freq") and not value:
-        raise ValueError(f"{key}=false is not supported (every release uses true)")
+        raise InputError(f"{key}=false is not supported (every release uses true)")
       elif key == "hyena_filter_dropout" and value:
-        raise ValueError(f"hyena_filter_dropout={value} is not supported")
+        raise InputError(f"hyena_filter_dropout={value} is not supported")
       elif key in _IGNORED_OFFICIAL:
         continue
       elif target in {f.name for f in dataclasses.fields(HyenaConfig)}:
@@ -154,7 +155,7 @@ def from_official(cfg: Mapping[str, Any], **overrides: Any) -> HyenaConfig:
       else:
         unknown.append(key)
   if unknown:
-    raise ValueError(f"official config has key(s) this port does not understand: {sorted(unknown)}")
+    raise InputError(f"official config has key(s) this port does not understand: {sorted(unknown)}")
   if "activation_freq" in values:
     values["activation_freq"] = float(values["activation_freq"])
   values.update(overrides)
@@ -184,5 +185,5 @@ RELEASED: dict[str, HyenaConfig] = {
 
 def released(name: str, **overrides: Any) -> HyenaConfig:
   if name not in RELEASED:
-    raise ValueError(f"unknown released model {name!r}; choose one of {sorted(RELEASED)}")
+    raise InputError(f"unknown released model {name!r}; choose one of {sorted(RELEASED)}")
   return RELEASED[name].replace(**overrides) if overrides else RELEASED[name]

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -36,6 +35,7 @@ from hyena_jax import checkpoint
 from hyena_jax import tokenizer
 from hyena_jax import weights
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError, MissingDependencyError, OutputExistsError
 
 LAYOUTS = ("hf", "lightning", "standalone")
 HF_SHIFT = 0.05  # hard-coded in the -hf remote code's ExponentialModulation (SPEC 13)
@@ -76,7 +76,7 @@ def check_exportable(cfg: HyenaConfig, layout: str, n_classes: int = 0, pooling:
                      ) -> None:
   """Raises ValueError naming every model feature that `layout` cannot express."""
   if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   problems = []
   if layout == "hf":
     if cfg.shift != HF_SHIFT:
@@ -97,7 +97,7 @@ def check_exportable(cfg: HyenaConfig, layout: str, n_classes: int = 0, pooling:
     problems.append(f"pooling={pooling!r}: the official head pools by mean in the standalone "
                     "model and official configs do not record a pooling mode")
   if problems:
-    raise ValueError(f"cannot export this model to the {layout!r} layout:\n  - " +
+    raise InputError(f"cannot export this model to the {layout!r} layout:\n  - " +
                      "\n  - ".join(problems))
 
 
@@ -111,11 +111,11 @@ def state_dict_from_params(params: Mapping, cfg: HyenaConfig, *, layout: str = "
   tensors). `checkpoint_mixer` adds Lightning's `.mixer.layer.`/`.mlp.layer.` level.
   """
   if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if freq_aliases is None:
     freq_aliases = layout != "hf"
   if checkpoint_mixer and layout != "lightning":
-    raise ValueError("checkpoint_mixer (the `.mixer.layer.` key level) exists only in the "
+    raise InputError("checkpoint_mixer (the `.mixer.layer.` key level) exists only in the "
                      "lightning layout")
   head_prefix = "decoder.0" if layout == "lightning" else "head"
   prefix = {"hf": "hyena.", "lightning": "model.", "standalone": ""}[layout]
@@ -132,7 +132,7 @@ def state_dict_from_params(params: Mapping, cfg: HyenaConfig, *, layout: str = "
     try:
       value = _lookup(params, e.path)
     except KeyError as err:
-      raise ValueError(f"the checkpoint has no parameter {'.'.join(map(str, e.path))} that "
+      raise InputError(f"the checkpoint has no parameter {'.'.join(map(str, e.path))} that "
                        f"{e.torch_key} needs; it does not match its own model config") from err
     make = (lambda v=value, f=e.to_torch: np.asarray(f(np.asarray(v, np.float32)), np.float32))
     shape = _torch_shape(e.to_torch, tuple(value.shape))
@@ -282,8 +282,9 @@ def write_torch(path: str, tensors: Sequence[LazyTensor], *, wrap_lightning: boo
   try:
     import torch
   except ImportError as e:
-    raise ImportError("the lightning/standalone layouts are PyTorch pickles and need PyTorch: "
-                      "pip install 'hyena_jax[torch]' (or export --layout=hf)") from e
+    raise MissingDependencyError("the lightning/standalone layouts are PyTorch pickles and need "
+                                 'PyTorch: pip install -e ".[torch]" (or export --layout=hf)'
+                                 ) from e
   made: dict[int, Any] = {}  # one torch tensor per producer, shared by its aliases
   state = {}
   for t in tensors:
@@ -306,7 +307,7 @@ def _model_of(run_config: dict, workdir: str, step: int) -> tuple[HyenaConfig, i
     cfg = checkpoint.model_config(run_config)
     n_classes, pooling = checkpoint.head_of(run_config)
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{workdir} step {step}: the run config's model section is not one this "
+    raise InputError(f"{workdir} step {step}: the run config's model section is not one this "
                      f"exporter understands: {e}") from e
   return cfg, n_classes, pooling
 
@@ -333,7 +334,7 @@ def _publish(tmp_dir: str, out_dir: str, overwrite: bool) -> None:
   """Renames the finished temporary directory to `out_dir` (replacing it only if allowed)."""
   if os.path.exists(out_dir):
     if not overwrite:
-      raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+      raise OutputExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
     old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out_dir))
     os.replace(out_dir, os.path.join(old, "x"))
     os.replace(tmp_dir, out_dir)
@@ -352,9 +353,9 @@ def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "h
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+    raise OutputExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
   run_config, step = checkpoint.read_run_config(workdir, step)
   cfg, n_classes, pooling = _model_of(run_config, workdir, step)
   if not include_head:
@@ -409,14 +410,13 @@ if __name__ == "__main__":
   FLAGS = flags.FLAGS
 
   def main(argv):
-    del argv
-    try:
-      out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.layout, include_head=FLAGS.head,
-                   checkpoint_mixer=FLAGS.checkpoint_mixer,
-                   remote_code_repo=FLAGS.remote_code_repo, overwrite=FLAGS.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-      sys.exit(f"export failed: {e}")
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.layout, include_head=FLAGS.head,
+                 checkpoint_mixer=FLAGS.checkpoint_mixer,
+                 remote_code_repo=FLAGS.remote_code_repo, overwrite=FLAGS.overwrite)
     logging.info("wrote %s", out)
     print(out)
 
-  app.run(main)
+  from hyena_jax import cli
+  cli.run(main)

@@ -44,6 +44,7 @@ from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import finetune, metrics_writer, optim
 from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
 
 MODES = ("soft_prompt", "instruction")
@@ -59,7 +60,7 @@ def label_tokens(n_classes: int) -> np.ndarray:
     return np.array([tok.A, tok.N], np.int32)
   if n_classes == 3:
     return np.array([tok.A, tok.G, tok.N], np.int32)
-  raise ValueError(f"in-context learning defines label tokens for 2 or 3 classes (official "
+  raise InputError(f"in-context learning defines label tokens for 2 or 3 classes (official "
                    f"A/N and A/G/N), got head.n_classes={n_classes}")
 
 
@@ -101,7 +102,7 @@ def sample_demos(pool_labels: np.ndarray, n_classes: int, shots: int, rng: np.ra
     rows = np.flatnonzero(pool_labels == c)
     rows = rows[rows != exclude] if exclude is not None else rows
     if len(rows) < shots:
-      raise ValueError(f"class {c} has {len(rows)} training row(s) to draw demonstrations from, "
+      raise InputError(f"class {c} has {len(rows)} training row(s) to draw demonstrations from, "
                        f"fewer than icl.shots={shots}; lower icl.shots")
     chosen.append(rng.choice(rows, size=shots, replace=False))
   chosen = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
@@ -168,7 +169,7 @@ def label_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[
 def split_params(params: dict, mode: str) -> tuple[dict, dict]:
   """(trainable, fixed) parts of {"lm", "prompt"} for a mode."""
   if mode not in MODES:
-    raise ValueError(f"icl.mode must be one of {MODES}, got {mode!r}")
+    raise InputError(f"icl.mode must be one of {MODES}, got {mode!r}")
   if mode == "soft_prompt":
     return {"prompt": params["prompt"]}, {"lm": params["lm"]}
   return {"lm": params["lm"]}, {k: v for k, v in params.items() if k != "lm"}
@@ -265,13 +266,13 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   icl, n_classes, max_length = config.icl, config.head.n_classes, config.data.max_length
   label_tokens(n_classes)  # validates n_classes early
   if icl.mode not in MODES:
-    raise ValueError(f"icl.mode must be one of {MODES}, got {icl.mode!r}")
+    raise InputError(f"icl.mode must be one of {MODES}, got {icl.mode!r}")
   splits = finetune.load_splits(config)
   lm, init = load_lm(config)
   n_soft = icl.n_soft if icl.mode == "soft_prompt" else 0
   length = n_soft + context_length(max_length, n_classes, icl.shots)
   if length > lm.config.l_max:
-    raise ValueError(f"a context of {icl.shots} shot(s) per class needs {length} positions "
+    raise InputError(f"a context of {icl.shots} shot(s) per class needs {length} positions "
                      f"(with {n_soft} soft tokens) but the model's l_max is {lm.config.l_max}; "
                      "lower icl.shots, icl.n_soft or data.max_length (with data.truncate)")
   lm_graphdef, lm_params = nnx.split(lm, nnx.Param)
@@ -329,7 +330,7 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
                      float(np.mean(jax.device_get(losses[-config.train.log_every_steps:]))),
                      time.perf_counter() - start)
     if not losses:
-      raise ValueError(f"{len(tune_set)} tuning rows do not fill one batch of "
+      raise InputError(f"{len(tune_set)} tuning rows do not fill one batch of "
                        f"icl.batch_size={batch}")
     train_loss = float(np.mean(jax.device_get(losses)))
     valid = evaluate(eval_fn, params_of(state), eval_sets["valid"], batch)
@@ -370,15 +371,13 @@ def main(argv) -> None:
   from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  finetune.quiet_orbax_logs()
   icl_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "ICL config, e.g. "
-                                  "configs/finetune/icl_soft_prompt.py", lock_config=True)
+  from absl import flags
+  from hyena_jax import cli
+  cli.define_config_file("config", None, "ICL config, e.g. configs/finetune/icl_soft_prompt.py")
   flags.DEFINE_string("workdir", None, "Where metrics, results.json and tuned weights go.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

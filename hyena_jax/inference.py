@@ -28,6 +28,7 @@ from flax import nnx
 
 from hyena_jax import tokenizer as tok
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError, MissingInputError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -55,7 +56,7 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, shift: float
   from hyena_jax import checkpoint, weights  # lazily: orbax/torch only when needed
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"model path not found: {path} (expected an orbax workdir, an "
+    raise MissingInputError(f"model path not found: {path} (expected an orbax workdir, an "
                             "official .safetensors/.ckpt/.pt file or a folder holding one)")
   if os.path.isdir(path):
     if os.path.isdir(checkpoint.checkpoint_dir(path)):
@@ -63,11 +64,11 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, shift: float
       return model, checkpoint.model_config(run_config)
     found = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
     if not found:
-      raise FileNotFoundError(f"{path} is a folder with neither checkpoints/ (an orbax workdir) "
+      raise MissingInputError(f"{path} is a folder with neither checkpoints/ (an orbax workdir) "
                               f"nor any of {list(_WEIGHT_FILES)}")
     path = os.path.join(path, found[0])
   if step is not None:
-    raise ValueError(f"step={step} only applies to orbax workdirs, not to {path}")
+    raise InputError(f"step={step} only applies to orbax workdirs, not to {path}")
   model, cfg, _ = weights.load_pretrained(path, shift=shift)
   return model, cfg
 
@@ -75,7 +76,7 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, shift: float
 def require_lm(model: nnx.Module, tool: str) -> HyenaLM:
   """Scoring and generation need next-token logits: refuse a classifier with a clear reason."""
   if not isinstance(model, HyenaLM):
-    raise ValueError(f"{tool} needs a language model (HyenaLM); got a {type(model).__name__}. "
+    raise InputError(f"{tool} needs a language model (HyenaLM); got a {type(model).__name__}. "
                      "A fine-tuned classifier's LM head is not trained for next-base prediction: "
                      "use a pretrained checkpoint (embeddings work with either)")
   return model
@@ -115,13 +116,13 @@ def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"FASTA file not found: {path}")
+    raise MissingInputError(f"FASTA file not found: {path}")
   name, header_line, parts = None, 0, []
 
   def finish() -> Record:
     where = f"{path}:{header_line} (record {name!r})"
     if not parts:
-      raise ValueError(f"{where}: record has no sequence; remove it or add bases")
+      raise InputError(f"{where}: record has no sequence; remove it or add bases")
     return Record(name, "".join(parts), where)
 
   with open_text(path) as f:
@@ -132,11 +133,11 @@ def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
           yield finish()
         words = line[1:].split()
         if not words:
-          raise ValueError(f"{path}:{lineno}: FASTA header without a name")
+          raise InputError(f"{path}:{lineno}: FASTA header without a name")
         name, header_line, parts = words[0], lineno, []
       elif line.strip():
         if name is None:
-          raise ValueError(f"{path}:{lineno}: text before the first '>' header; is this FASTA?")
+          raise InputError(f"{path}:{lineno}: text before the first '>' header; is this FASTA?")
         parts.append(line.strip())
   if name is not None:
     yield finish()
@@ -153,11 +154,11 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"table file not found: {path}")
+    raise MissingInputError(f"table file not found: {path}")
   delimiter = "," if path.endswith((".csv", ".csv.gz")) else "\t"
   named = isinstance(column, str) or isinstance(name_column, str)
   if header is False and named:
-    raise ValueError("columns given by name need a header row; pass indices or header=True")
+    raise InputError("columns given by name need a header row; pass indices or header=True")
   with open_text(path) as f:
     rows = csv.reader(f, delimiter=delimiter)
     first = next(rows, None)
@@ -181,7 +182,7 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
       name = _field(row, name_col, path, lineno) if name_col is not None else f"row{data_row}"
       where = f"{path}:{lineno} (record {name!r})"
       if not seq:
-        raise ValueError(f"{where}: empty sequence")
+        raise InputError(f"{where}: empty sequence")
       yield Record(name, seq, where)
 
 
@@ -196,13 +197,13 @@ def _index(column: int | str, names: list[str] | None, path: str = "") -> int:
   if names is None:
     return 0
   if column not in names:
-    raise ValueError(f"{path}: no column named {column!r}; header has {names}")
+    raise InputError(f"{path}: no column named {column!r}; header has {names}")
   return names.index(column)
 
 
 def _field(row: list[str], col: int, path: str, lineno: int) -> str:
   if col >= len(row):
-    raise ValueError(f"{path}:{lineno}: row has {len(row)} column(s), column {col} requested")
+    raise InputError(f"{path}:{lineno}: row has {len(row)} column(s), column {col} requested")
   return row[col]
 
 
@@ -222,13 +223,13 @@ def read_sequences(path: str | os.PathLike, *, fmt: str = "auto", column: int | 
     fmt = ("fasta" if low.endswith(FASTA_SUFFIXES) else
            "table" if low.endswith(TABLE_SUFFIXES) else "")
     if not fmt:
-      raise ValueError(f"cannot tell the format of {path} from its suffix; pass fmt='fasta' or "
+      raise InputError(f"cannot tell the format of {path} from its suffix; pass fmt='fasta' or "
                        f"'table' (FASTA: {FASTA_SUFFIXES}, tables: {TABLE_SUFFIXES})")
   if fmt == "fasta":
     return read_fasta(path)
   if fmt == "table":
     return read_table(path, column, name_column=name_column)
-  raise ValueError(f"fmt must be 'auto', 'fasta' or 'table', got {fmt!r}")
+  raise InputError(f"fmt must be 'auto', 'fasta' or 'table', got {fmt!r}")
 
 
 def encode_record(tokenizer: tok.CharacterTokenizer, record: Record, l_max: int, *,
@@ -239,7 +240,7 @@ def encode_record(tokenizer: tok.CharacterTokenizer, record: Record, l_max: int,
   ids = tokenizer.encode(record.seq, None, add_eos=False, where=record.where)
   if ids.size + add_eos > room:
     if not truncate:
-      raise ValueError(f"{record.where}: {ids.size} bases{' + [SEP]' if add_eos else ''} exceed "
+      raise InputError(f"{record.where}: {ids.size} bases{' + [SEP]' if add_eos else ''} exceed "
                        f"the model's l_max={l_max}{' with the prefix token' if prefix else ''}; "
                        "pass truncate=True (--truncate) to keep the first bases, or split it")
     ids = ids[:room - add_eos]
@@ -255,7 +256,7 @@ def bucket_length(n: int, l_max: int, min_bucket: int = 64) -> int:
   """Padded length for a sequence of n tokens: the next power of two >= max(n, min_bucket),
   capped at l_max. Few distinct sizes means few compilations."""
   if not 1 <= n <= l_max:
-    raise ValueError(f"sequence of {n} tokens does not fit 1..l_max={l_max}")
+    raise InputError(f"sequence of {n} tokens does not fit 1..l_max={l_max}")
   return min(max(min_bucket, 1 << (n - 1).bit_length()), l_max)
 
 
@@ -271,7 +272,7 @@ def make_batches(items: Sequence[np.ndarray], batch_size: int, l_max: int,
   """Groups token arrays by bucket length and right-pads them; the batch axis is always
   `batch_size` (filler rows have length 0) so each bucket compiles once."""
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raise InputError(f"batch_size must be >= 1, got {batch_size}")
   by_bucket: dict[int, list[int]] = {}
   for i, ids in enumerate(items):
     by_bucket.setdefault(bucket_length(len(ids), l_max, min_bucket), []).append(i)
@@ -332,7 +333,7 @@ class NpzStreamWriter:
     self.path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(self.path))
     if not os.path.isdir(parent):
-      raise FileNotFoundError(f"output folder does not exist: {parent}")
+      raise MissingInputError(f"output folder does not exist: {parent}")
     self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
     self._stream = None
     self._rows_left = 0
@@ -357,7 +358,7 @@ class NpzStreamWriter:
     """Appends rows [n, *shape[1:]] to the open entry, in order."""
     rows = np.ascontiguousarray(rows, dtype=self._dtype)
     if rows.shape[1:] != self._shape[1:] or rows.shape[0] > self._rows_left:
-      raise ValueError(f"rows of shape {rows.shape} do not fit the remaining "
+      raise InputError(f"rows of shape {rows.shape} do not fit the remaining "
                        f"{(self._rows_left,) + self._shape[1:]} of {self._name!r}")
     self._stream.write(rows.tobytes())
     self._rows_left -= rows.shape[0]
@@ -404,13 +405,3 @@ def define_common_flags() -> None:
 def parse_column(value: str | None) -> int | str | None:
   """Table column flag: an integer index or a header name."""
   return None if value is None else int(value) if value.lstrip("-").isdigit() else value
-
-
-def run_cli(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:
-  """Wraps a CLI main so input errors print one clear line (and exit 1), not a traceback."""
-  def wrapped(argv: Sequence[str]) -> None:
-    try:
-      main(argv)
-    except (ValueError, FileNotFoundError) as e:
-      raise SystemExit(f"error: {e}") from None
-  return wrapped

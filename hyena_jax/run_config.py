@@ -11,6 +11,7 @@ import dataclasses
 import ml_collections
 
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -127,7 +128,7 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int | None = None
   if not 0 <= config.optim.warmup_fraction < 1:
     errors.append(f"optim.warmup_fraction must be in [0, 1), got {config.optim.warmup_fraction}")
   if errors:
-    raise ValueError("invalid run config:\n  " + "\n  ".join(errors))
+    raise InputError("invalid run config:\n  " + "\n  ".join(errors))
   return model
 
 

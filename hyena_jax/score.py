@@ -43,6 +43,7 @@ from flax import nnx
 
 from hyena_jax import inference
 from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError, MissingInputError
 from hyena_jax.inference import Record
 from hyena_jax.model import HyenaLM
 
@@ -90,7 +91,7 @@ def score_sequences(model: HyenaLM, sequences: Iterable[str | Record], *,
   tokenizer = tokenizer or tok.CharacterTokenizer()
   prefix = () if context_token is None else (int(context_token),)
   if prefix and not 0 <= prefix[0] < model.config.padded_vocab_size:
-    raise ValueError(f"context_token={context_token} is not a token id")
+    raise InputError(f"context_token={context_token} is not a token id")
   encode = lambda r: inference.encode_record(tokenizer, r, model.config.l_max,  # noqa: E731
                                              truncate=truncate, prefix=prefix)
   for record, logp in inference.run_chunked(inference.as_records(sequences), encode,
@@ -140,7 +141,7 @@ def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"VCF file not found: {path}")
+    raise MissingInputError(f"VCF file not found: {path}")
   with inference.open_text(path) as f:
     for lineno, line in enumerate(f, 1):
       line = line.rstrip("\r\n")
@@ -149,20 +150,20 @@ def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
       where = f"{path}:{lineno}"
       cols = line.split("\t") if "\t" in line else line.split()
       if len(cols) < 5:
-        raise ValueError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
+        raise InputError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
                          f"{len(cols)}")
       chrom, pos, vid, ref, alts = cols[:5]
       try:
         pos_int = int(pos)
       except ValueError:
-        raise ValueError(f"{where}: POS {pos!r} is not an integer") from None
+        raise InputError(f"{where}: POS {pos!r} is not an integer") from None
       if pos_int < 1:
-        raise ValueError(f"{where}: POS must be 1-based (>= 1), got {pos_int}")
+        raise InputError(f"{where}: POS must be 1-based (>= 1), got {pos_int}")
       if not ref or not set(ref) <= _ALLELE:
-        raise ValueError(f"{where}: REF {ref!r} must be bases A C G T N")
+        raise InputError(f"{where}: REF {ref!r} must be bases A C G T N")
       for alt in alts.split(","):
         if not alt or not set(alt) <= _ALLELE:
-          raise ValueError(f"{where}: ALT {alt!r} is not supported: only explicit alleles of "
+          raise InputError(f"{where}: ALT {alt!r} is not supported: only explicit alleles of "
                            "A C G T N (SNVs and indels); symbolic (<DEL>), missing (., *) and "
                            "breakend alleles cannot be scored")
         yield Variant(chrom, pos_int, ref.upper(), alt.upper(), vid, where)
@@ -180,7 +181,7 @@ class Genome:
   def __init__(self, path: str | os.PathLike, *, in_memory_bytes: int = 256 << 20):
     self.path = os.fspath(path)
     if not os.path.isfile(self.path):
-      raise FileNotFoundError(f"FASTA file not found: {self.path}")
+      raise MissingInputError(f"FASTA file not found: {self.path}")
     with open(self.path, "rb") as f:
       gzipped = f.read(2) == inference._GZIP_MAGIC  # noqa: SLF001
     self._faidx, self._seqs = None, None
@@ -215,19 +216,19 @@ def variant_windows(genome: Genome, variant: Variant, window: int) -> tuple[str,
   if v.chrom not in genome:
     names = genome.names
     more = " ..." if len(names) > 5 else ""
-    raise ValueError(f"{v.where}: chromosome {v.chrom!r} is not in {genome.path} (it has "
+    raise InputError(f"{v.where}: chromosome {v.chrom!r} is not in {genome.path} (it has "
                      f"{names[:5]}{more}); check the naming (chr1 vs 1)")
   chrom_len = genome.length(v.chrom)
   s, r = v.pos - 1, len(v.ref)
   if s + r > chrom_len:
-    raise ValueError(f"{v.where}: {v.chrom}:{v.pos} REF {v.ref} runs past the chromosome end "
+    raise InputError(f"{v.where}: {v.chrom}:{v.pos} REF {v.ref} runs past the chromosome end "
                      f"({chrom_len} bp)")
   found = genome.fetch(v.chrom, s, s + r)
   if found != v.ref:
-    raise ValueError(f"{v.where}: REF {v.ref!r} does not match the FASTA {genome.path} at "
+    raise InputError(f"{v.where}: REF {v.ref!r} does not match the FASTA {genome.path} at "
                      f"{v.chrom}:{v.pos} ({found!r}); is the VCF on the same assembly?")
   if window < r:
-    raise ValueError(f"{v.where}: window={window} is shorter than REF ({r} bases)")
+    raise InputError(f"{v.where}: window={window} is shorter than REF ({r} bases)")
   left = (window - r) // 2
   start, end = max(0, s - left), min(chrom_len, s + r + (window - r - left))
   before, after = genome.fetch(v.chrom, start, s), genome.fetch(v.chrom, s + r, end)
@@ -255,7 +256,7 @@ def score_variants(model: HyenaLM, genome: Genome | str, variants: Iterable[Vari
       ref_seq, alt_seq, start, end = variant_windows(genome, v, window)
       for seq, allele in ((ref_seq, "ref"), (alt_seq, "alt")):
         if len(seq) > room:
-          raise ValueError(f"{v.where}: the {allele} window has {len(seq)} bases, more than "
+          raise InputError(f"{v.where}: the {allele} window has {len(seq)} bases, more than "
                            f"l_max={l_max} allows; pass a smaller window")
       yield v, start, end, ref_seq, alt_seq
 
@@ -294,7 +295,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
   A first pass tokenizes everything, so bad input fails with file and line before any compute.
   """
   if not output_path.endswith((".npz", ".tsv")):
-    raise ValueError(f"output must end with .npz (per base) or .tsv (per sequence): {output_path}")
+    raise InputError(f"output must end with .npz (per base) or .tsv (per sequence): {output_path}")
   read = lambda: inference.read_sequences(input_path, fmt=fmt, column=column,  # noqa: E731
                                           name_column=name_column)
   tokenizer = tok.CharacterTokenizer()
@@ -306,7 +307,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
     names.append(record.name)
     lengths.append(len(ids) - len(prefix))
   if not names:
-    raise ValueError(f"{input_path}: no sequences found")
+    raise InputError(f"{input_path}: no sequences found")
   stream = score_sequences(model, read(), context_token=context_token, truncate=truncate,
                            batch_size=batch_size, tokenizer=tokenizer)
   totals = []
@@ -344,13 +345,13 @@ def score_vcf_file(model: HyenaLM, vcf_path: str, fasta_path: str, output_path: 
   genome = Genome(fasta_path)
   variants = list(read_vcf(vcf_path))
   if not variants:
-    raise ValueError(f"{vcf_path}: no variants found (only header or blank lines)")
+    raise InputError(f"{vcf_path}: no variants found (only header or blank lines)")
   room = model.config.l_max - (context_token is not None)
   window_ = window or min(1024, room)
   for v in variants:  # validation pass
     ref_seq, alt_seq, _, _ = variant_windows(genome, v, window_)
     if max(len(ref_seq), len(alt_seq)) > room:
-      raise ValueError(f"{v.where}: a window of {max(len(ref_seq), len(alt_seq))} bases exceeds "
+      raise InputError(f"{v.where}: a window of {max(len(ref_seq), len(alt_seq))} bases exceeds "
                        f"l_max={model.config.l_max}; pass a smaller window")
   with open(output_path, "w") as f:
     f.write("chrom\tpos\tid\tref\talt\tllr\tref_loglik\talt_loglik\twindow_start\twindow_end\n")
@@ -371,6 +372,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Flags of the CLI (defined only when run as a program)."""
   inference.define_common_flags()
+  flags.adopt_module_key_flags(inference)  # so --help lists --model, not only --helpfull
   flags.DEFINE_string("input", None, "sequences to score: FASTA or TSV/CSV")
   flags.DEFINE_string("vcf", None, "variants to score (VCF: CHROM POS ID REF ALT ...)")
   flags.DEFINE_string("fasta", None, "reference FASTA for --vcf (plain, or gzip read in memory)")
@@ -408,4 +410,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(inference.run_cli(main))
+  from hyena_jax import cli
+  cli.run(main)
