@@ -9,6 +9,7 @@ checkpoints and the flat -hf `HyenaConfig`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from typing import Any, Literal, Mapping
@@ -74,6 +75,8 @@ class HyenaConfig:
     if self.resid_dropout or self.hyena_dropout:
       errors.append("resid_dropout and hyena_dropout are 0 in every HyenaDNA recipe and are not "
                     "implemented; set them to 0.0")
+    if not isinstance(self.layer_norm_epsilon, (int, float)) or not self.layer_norm_epsilon > 0:
+      errors.append(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
     if self.dtype not in _DTYPES:
       errors.append(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
     if self.conv_impl not in ("fft", "pallas"):
@@ -105,7 +108,10 @@ def from_dict(values: Mapping[str, Any]) -> HyenaConfig:
   known = {f.name for f in dataclasses.fields(HyenaConfig)}
   unknown = sorted(set(values) - known)
   if unknown:
-    raise InputError(f"unknown HyenaConfig field(s) {unknown}; known fields: {sorted(known)}")
+    guesses = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+    hint = "".join(f"; did you mean {g[0]!r} for {u!r}?" for u, g in guesses.items() if g)
+    raise InputError(f"unknown HyenaConfig field(s) {unknown}{hint}; known fields: "
+                     f"{sorted(known)}")
   return HyenaConfig(**values)
 
 

@@ -25,6 +25,7 @@ Fine-tuning: `read_labelled_sequences` (TSV/CSV), `read_labelled_fasta` (FASTA +
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import io
 import multiprocessing
@@ -117,8 +118,11 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
   expected = set(default_config().keys())
   keys = set(cfg.keys())
   if keys != expected:
+    guesses = {k: difflib.get_close_matches(k, expected, n=1) for k in sorted(keys - expected)}
+    hint = "".join(f"; did you mean {g[0]!r} for {k!r}?" for k, g in guesses.items() if g)
     raise InputError(f"data config: unknown keys {sorted(keys - expected)}, missing keys "
-                     f"{sorted(expected - keys)}; start from hyena_jax.data.default_config()")
+                     f"{sorted(expected - keys)}{hint}; start from "
+                     "hyena_jax.data.default_config()")
   problems = []
   if cfg["lowercase"] not in ("upper", "unk"):
     problems.append(f"lowercase must be 'upper' or 'unk', got {cfg['lowercase']!r}")

@@ -36,6 +36,7 @@ from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import data as data_lib
 from hyena_jax import metrics_writer, optim, sharding
+from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError, OutputExistsError
 from hyena_jax.finetune_config import METRICS
@@ -316,7 +317,7 @@ def evaluate(predict_fn: Callable, params: Any, split: LabelledSplit, n_classes:
 
 
 def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
-  errors = []
+  errors = run_config_lib.training_errors(config)
   if config.head.n_classes < 1:
     errors.append(f"head.n_classes must be >= 1 (1 = regression), got {config.head.n_classes}")
   regression = config.head.n_classes == 1

@@ -43,6 +43,7 @@ from flax import nnx
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import finetune, metrics_writer, optim
+from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
@@ -267,6 +268,9 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   label_tokens(n_classes)  # validates n_classes early
   if icl.mode not in MODES:
     raise InputError(f"icl.mode must be one of {MODES}, got {icl.mode!r}")
+  problems = run_config_lib.training_errors(config)
+  if problems:
+    raise InputError("invalid ICL config:\n  " + "\n  ".join(problems))
   splits = finetune.load_splits(config)
   lm, init = load_lm(config)
   n_soft = icl.n_soft if icl.mode == "soft_prompt" else 0
