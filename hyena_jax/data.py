@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import gzip
-import io
 import multiprocessing
 import os
 import pathlib
@@ -264,12 +262,10 @@ _DNA_CHARS = frozenset("ACGTN" + tokenizer_lib.IUPAC_AMBIGUITY
                        + ("ACGTN" + tokenizer_lib.IUPAC_AMBIGUITY).lower())
 
 
-def _open_text(path: str):
-  if not os.path.isfile(path):
-    raise MissingInputError(f"{path} not found")
-  if path.endswith(".gz"):
-    return io.TextIOWrapper(gzip.open(path, "rb"), newline="")
-  return open(path, newline="")
+def _read_lines(path: str) -> list[tuple[int, str]]:
+  """(line number, line) of a small plain or gzip text file; binary or truncated files raise
+  InputError naming the file and line (see genome.text_lines)."""
+  return list(genome.text_lines(path))
 
 
 def _parse_label(text: str, where: str, float_labels: bool = False) -> int | float:
@@ -303,72 +299,76 @@ def read_labelled_sequences(path: str | os.PathLike, *, float_labels: bool = Fal
                             return_lines: bool = False) -> tuple[Any, ...]:
   """Reads `seq<sep>label` rows (TSV for .tsv/.txt, CSV for .csv, else sniffed; `.gz` allowed).
 
-  A first row whose label is not a number is a header; the columns named `seq`/`sequence`
-  and `label` are then used (else the first two). Returns (sequences, int64 labels [N]), labels
-  float32 with `float_labels` (regression), plus int64 line numbers [N] with `return_lines` (for
-  error messages that point at the row).
+  Line 1 is a header exactly when one of its fields is a known column name (seq, sequence,
+  name, id or label, any case; `genome.HEADER_NAMES`); the columns named `seq`/`sequence` and
+  `label` are then used (else the first two). Any other first line is data, so a header-less
+  file whose first label is not a number is an error naming line 1, never a dropped row.
+  Returns (sequences, int64 labels [N]), labels float32 with `float_labels` (regression), plus
+  int64 line numbers [N] with `return_lines` (for error messages that point at the row).
   """
   path = os.fspath(path)
   stem = path[:-3] if path.endswith(".gz") else path
-  with _open_text(path) as f:
-    text = f.read()
+  lines = _read_lines(path)
   if stem.endswith(".csv"):
     delim = ","
   elif stem.endswith((".tsv", ".txt")):
     delim = "\t"
   else:
-    delim = "\t" if "\t" in text.split("\n", 1)[0] else ","
-  seqs, labels, lines = [], [], []
+    delim = "\t" if lines and "\t" in lines[0][1] else ","
+  seqs, labels, numbers = [], [], []
   seq_col, label_col, header_done = 0, 1, False
-  for lineno, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delim), 1):
+  for (lineno, _), row in zip(lines, csv.reader((line for _, line in lines), delimiter=delim)):
     if not row or not "".join(row).strip():
       continue
     where = f"{path}:{lineno}"
+    first_data = not header_done
     if not header_done:
       header_done = True
-      if len(row) >= 2 and not _is_number(row[1]):
+      if genome.is_header_row(row):
         names = [c.strip().lower() for c in row]
         seq_col = next((names.index(n) for n in ("seq", "sequence") if n in names), 0)
         label_col = names.index("label") if "label" in names else 1
         continue
     if len(row) <= max(seq_col, label_col):
       raise InputError(f"{where}: expected `seq{delim!r}label`, got {len(row)} column(s)")
-    seq = row[seq_col].strip()
-    _check_dna(seq, where)
-    labels.append(_parse_label(row[label_col], where, float_labels))
+    try:
+      seq = row[seq_col].strip()
+      _check_dna(seq, where)
+      labels.append(_parse_label(row[label_col], where, float_labels))
+    except InputError as e:
+      if not first_data:
+        raise
+      raise InputError(f"{e}; line 1 was read as data because a header row must name its "
+                       f"columns (one of {', '.join(genome.HEADER_NAMES)}, e.g. `seq{delim}label`"
+                       ")") from None
     seqs.append(seq)
-    lines.append(lineno)
+    numbers.append(lineno)
   if not seqs:
     raise InputError(f"{path}: no labelled sequences")
   out = (seqs, np.asarray(labels, np.float32 if float_labels else np.int64))
-  return out + (np.asarray(lines, np.int64),) if return_lines else out
-
-
-def _is_number(text: str) -> bool:
-  try:
-    float(text.strip())
-  except ValueError:
-    return False
-  return True
+  return out + (np.asarray(numbers, np.int64),) if return_lines else out
 
 
 def read_fasta_records(path: str | os.PathLike) -> list[tuple[str, str, int]]:
   """Small-FASTA reader (plain or gzip): [(name, sequence, header line)], in file order."""
   path = os.fspath(path)
   records: list[list] = []
-  with _open_text(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if line.startswith(">"):
-        name = line[1:].split(maxsplit=1)[0] if line[1:].strip() else ""
-        if not name:
-          raise InputError(f"{path}:{lineno}: FASTA header without a name")
-        records.append([name, [], lineno])
-      elif line.strip() and not line.startswith(";"):
-        if not records:
-          raise InputError(f"{path}:{lineno}: sequence before the first '>' header; is this "
-                           "a FASTA file?")
-        records[-1][1].append(line.strip())
+  seen: dict[str, int] = {}
+  for lineno, line in _read_lines(path):
+    if line.startswith(">"):
+      name = line[1:].split(maxsplit=1)[0] if line[1:].strip() else ""
+      if not name:
+        raise InputError(f"{path}:{lineno}: FASTA header without a name")
+      if name in seen:  # labels are matched by name: a second record would take the first's
+        raise InputError(f"{path}:{lineno}: FASTA record name {name!r} is used again (first at "
+                         f"line {seen[name]}); names must be unique")
+      seen[name] = lineno
+      records.append([name, [], lineno])
+    elif line.strip() and not line.startswith(";"):
+      if not records:
+        raise InputError(f"{path}:{lineno}: sequence before the first '>' header; is this "
+                         "a FASTA file?")
+      records[-1][1].append(line.strip())
   out = []
   for name, parts, lineno in records:
     seq = "".join(parts)
@@ -392,19 +392,18 @@ def read_labelled_fasta(fasta_path: str | os.PathLike, labels_path: str | os.Pat
   records = read_fasta_records(fasta_path)
   labels_path = os.fspath(labels_path)
   by_name: dict[str, int] = {}
-  with _open_text(labels_path) as f:
-    for lineno, line in enumerate(f, 1):
-      cols = line.strip().split("\t") if "\t" in line else line.split()
-      if not cols:
-        continue
-      where = f"{labels_path}:{lineno}"
-      if len(cols) != 2:
-        raise InputError(f"{where}: expected `name<TAB>label`, got {len(cols)} column(s)")
-      if not by_name and lineno == 1 and not _is_number(cols[1]):
-        continue  # header
-      if cols[0] in by_name:
-        raise InputError(f"{where}: duplicate label for {cols[0]!r}")
-      by_name[cols[0]] = _parse_label(cols[1], where, float_labels)
+  for lineno, line in _read_lines(labels_path):
+    cols = line.strip().split("\t") if "\t" in line else line.split()
+    if not cols:
+      continue
+    where = f"{labels_path}:{lineno}"
+    if len(cols) != 2:
+      raise InputError(f"{where}: expected `name<TAB>label`, got {len(cols)} column(s)")
+    if not by_name and lineno == 1 and genome.is_header_row(cols):
+      continue  # header (the rule of read_labelled_sequences)
+    if cols[0] in by_name:
+      raise InputError(f"{where}: duplicate label for {cols[0]!r}")
+    by_name[cols[0]] = _parse_label(cols[1], where, float_labels)
   missing = [(name, line) for name, _, line in records if name not in by_name]
   if missing:
     raise InputError(f"{fasta_path}:{missing[0][1]}: record {missing[0][0]!r} has no label in "

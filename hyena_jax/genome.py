@@ -25,6 +25,8 @@ import dataclasses
 import gzip
 import os
 import pathlib
+import zlib
+from typing import Iterator
 
 import numpy as np
 
@@ -44,14 +46,71 @@ def _fasta_compression(path: str) -> str:
   return "bgzip" if has_extra and head[12:14] == b"BC" else "gzip"
 
 
-def _header_line(path: str, name: str) -> int | None:
-  """1-based line number of the FASTA header `>name ...` (only used to word error messages)."""
+def _header_line(path: str, name: str, nth: int = 1) -> int | None:
+  """1-based line number of the `nth` FASTA header `>name ...` (only used to word errors)."""
   opener = gzip.open if _fasta_compression(path) != "plain" else open
   with opener(path, "rt", errors="replace") as f:
     for lineno, line in enumerate(f, 1):
       if line.startswith(">") and line[1:].split(maxsplit=1)[:1] == [name]:
-        return lineno
+        nth -= 1
+        if not nth:
+          return lineno
   return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Text files (FASTA, tables, label files, VCF): one reader that names the file and the line
+
+
+# The one header rule of every table reader: line 1 is a header exactly when one of its fields
+# is one of these column names (any case); otherwise it is data, never silently dropped.
+HEADER_NAMES = ("seq", "sequence", "name", "id", "label")
+
+
+def is_header_row(fields: list[str]) -> bool:
+  return any(f.strip().lower() in HEADER_NAMES for f in fields)
+
+
+def text_lines(path: str | os.PathLike, *, encoding: str = "utf-8"
+               ) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line without its newline) of a plain or gzip (by content) file.
+
+  A binary file (NUL bytes, or bytes that are not `encoding`) and a damaged or truncated gzip
+  stream raise InputError naming the file and the line, instead of a bare UnicodeDecodeError
+  or EOFError from deep inside the reader.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise MissingInputError(f"{path} not found")
+  gz = _fasta_compression(path) != "plain"
+  lineno = 0
+  try:
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+      for raw in f:
+        lineno += 1
+        if b"\0" in raw:
+          raise InputError(f"{path}:{lineno}: contains NUL bytes: a binary file, not text; is "
+                           "this the right file?")
+        yield lineno, raw.decode(encoding).rstrip("\r\n")
+  except UnicodeDecodeError as e:
+    raise InputError(f"{path}:{lineno}: byte 0x{e.object[e.start]:02x} at column {e.start + 1} "
+                     f"is not {encoding} text: a binary file? is this the right file?") from None
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise InputError(f"{path}:{lineno + 1}: the gzip data is damaged or truncated ({e}); "
+                     "re-download or re-compress the file") from None
+
+
+def _first_binary_line(path: str) -> int:
+  """Line number of the first line that is not UTF-8 text (for errors about binary files)."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        raw.decode("utf-8")
+      except UnicodeDecodeError:
+        return lineno
+      if b"\0" in raw:
+        return lineno
+  return 1
 
 
 def open_fasta(path: str | os.PathLike):
@@ -75,11 +134,24 @@ def open_fasta(path: str | os.PathLike):
         f"it (`gunzip -k {path}`) or recompress it as BGZF (`gunzip -c {path} | bgzip > "
         f"{path[:-3] if path.endswith('.gz') else path}.bgz.gz`, bgzip is in htslib/tabix; "
         "reading BGZF also needs `pip install biopython`)")
+  fai = path + ".fai"
+  had_index = os.path.exists(fai)
   try:
     fasta = pyfaidx.Fasta(path, as_raw=True, sequence_always_upper=False,
                           build_index=True)
   except pyfaidx.FastaIndexingError as e:
     raise InputError(f"{path}: not a valid indexable FASTA: {e}") from e
+  except UnicodeDecodeError:
+    raise InputError(f"{path}:{_first_binary_line(path)}: not a text FASTA file (bytes that are "
+                     "not text: a binary file?); set data.fasta to a FASTA file") from None
+  except ValueError as e:  # pyfaidx: 'Duplicate key "chr1"', after writing the .fai
+    if not str(e).startswith("Duplicate key"):
+      raise
+    if not had_index and os.path.exists(fai):
+      os.remove(fai)  # an index of a file we refuse would be reused silently next time
+    name = str(e).split('"')[1] if '"' in str(e) else str(e)
+    raise InputError(f"{path}:{_header_line(path, name, 2)}: FASTA record name {name!r} appears "
+                     "more than once; names must be unique (rename or remove one)") from None
   except ImportError as e:
     raise InputError(f"{path} is BGZF-compressed, and pyfaidx needs Biopython to read it: "
                      f"`pip install biopython`, or decompress it with `bgzip -d`") from e

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import os
 import zipfile
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from absl import logging
 from flax import nnx
 
+from hyena_jax import genome
 from hyena_jax import tokenizer as tok
 from hyena_jax.config import HyenaConfig
 from hyena_jax.errors import InputError, MissingInputError
@@ -99,25 +98,23 @@ def as_records(sequences: Iterable[str | Record]) -> Iterator[Record]:
     yield s if isinstance(s, Record) else Record(f"seq{i}", s, f"sequence {i}")
 
 
-def open_text(path: str):
-  """Text of a plain or gzip file (detected by content), latin-1, universal newlines."""
-  with open(path, "rb") as f:
-    magic = f.read(2)
-  if magic == _GZIP_MAGIC:
-    return gzip.open(path, "rt", newline=None, errors="strict", encoding="latin-1")
-  return open(path, "rt", newline=None, encoding="latin-1")
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number, line) of a plain or gzip text file (see `genome.text_lines`). latin-1, so a
+  stray non-ASCII byte reaches the sequence checks, which name its position."""
+  return genome.text_lines(path, encoding="latin-1")
 
 
 def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
   """Streams FASTA records (plain or gzip, any line width, CRLF ok). Name = header's first word.
 
-  Errors name the file and line: text before the first header, a header without a name, and a
-  record without sequence.
+  Errors name the file and line: text before the first header, a header without a name, a
+  record without sequence, a name used twice, a binary file and a truncated gzip.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise MissingInputError(f"FASTA file not found: {path}")
   name, header_line, parts = None, 0, []
+  seen: dict[str, int] = {}
 
   def finish() -> Record:
     where = f"{path}:{header_line} (record {name!r})"
@@ -125,20 +122,22 @@ def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
       raise InputError(f"{where}: record has no sequence; remove it or add bases")
     return Record(name, "".join(parts), where)
 
-  with open_text(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if line.startswith(">"):
-        if name is not None:
-          yield finish()
-        words = line[1:].split()
-        if not words:
-          raise InputError(f"{path}:{lineno}: FASTA header without a name")
-        name, header_line, parts = words[0], lineno, []
-      elif line.strip():
-        if name is None:
-          raise InputError(f"{path}:{lineno}: text before the first '>' header; is this FASTA?")
-        parts.append(line.strip())
+  for lineno, line in text_lines(path):
+    if line.startswith(">"):
+      if name is not None:
+        yield finish()
+      words = line[1:].split()
+      if not words:
+        raise InputError(f"{path}:{lineno}: FASTA header without a name")
+      name, header_line, parts = words[0], lineno, []
+      if name in seen:  # results are keyed by name: a second record would shadow the first
+        raise InputError(f"{path}:{lineno}: FASTA record name {name!r} is used again (first at "
+                         f"line {seen[name]}); names must be unique")
+      seen[name] = lineno
+    elif line.strip():
+      if name is None:
+        raise InputError(f"{path}:{lineno}: text before the first '>' header; is this FASTA?")
+      parts.append(line.strip())
   if name is not None:
     yield finish()
 
@@ -148,9 +147,11 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
   """Streams sequences from one column of a TSV (or CSV, by suffix) file.
 
   `column`/`name_column` are 0-based indices or header names (a name implies a header).
-  `header=None` detects it: the first row is a header if its sequence field is short (<= 64
-  characters) and not DNA (e.g. GenomicBenchmarks' `seq<TAB>label`). Records are named by `name_column`, else `row<N>`
-  (N = 1-based data row). Errors name the file and line.
+  `header=None` applies the one header rule of every table reader (`genome.HEADER_NAMES`):
+  line 1 is a header exactly when one of its fields is seq, sequence, name, id or label (any
+  case); a first line that is neither DNA nor such a header is an error, never dropped.
+  Records are named by `name_column`, else `row<N>` (N = 1-based data row). Errors name the
+  file and line.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -159,31 +160,41 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
   named = isinstance(column, str) or isinstance(name_column, str)
   if header is False and named:
     raise InputError("columns given by name need a header row; pass indices or header=True")
-  with open_text(path) as f:
-    rows = csv.reader(f, delimiter=delimiter)
-    first = next(rows, None)
-    if first is None:
-      return
-    if header is None:  # a short non-DNA field is a column name; a long one is a bad sequence
-      field = _field(first, _index(column, None), path, 1).strip()
-      header = named or (not _looks_like_dna(field) and len(field) <= 64)
-      if header:
-        logging.info("%s: reading line 1 as a header: %s", path, first)
-    names = first if header else None
-    col = _index(column, names, path)
-    name_col = None if name_column is None else _index(name_column, names, path)
-    data_row = 0
-    pending = [] if header else [(1, first)]
-    for lineno, row in _chain(pending, enumerate(rows, 2)):
-      if not row or (len(row) == 1 and not row[0].strip()):
-        continue  # blank line
-      data_row += 1
-      seq = _field(row, col, path, lineno).strip()
-      name = _field(row, name_col, path, lineno) if name_col is not None else f"row{data_row}"
-      where = f"{path}:{lineno} (record {name!r})"
-      if not seq:
-        raise InputError(f"{where}: empty sequence")
-      yield Record(name, seq, where)
+  lines = text_lines(path)
+  numbers: list[int] = []
+
+  def texts() -> Iterator[str]:
+    for lineno, line in lines:
+      numbers.append(lineno)
+      yield line
+
+  rows = iter(csv.reader(texts(), delimiter=delimiter))
+  first = next(rows, None)
+  if first is None:
+    return
+  if header is None:
+    header = named or genome.is_header_row(first)
+    field = _field(first, _index(column, None), path, 1).strip()
+    if not header and not _looks_like_dna(field):
+      raise InputError(f"{path}:1: {field[:40]!r} is neither DNA nor a column name; a header row "
+                       f"must name its columns (one of {', '.join(genome.HEADER_NAMES)}), or pass "
+                       "the sequence column by name (--column=NAME)")
+  names = first if header else None
+  col = _index(column, names, path)
+  name_col = None if name_column is None else _index(name_column, names, path)
+  data_row = 0
+  pending = [] if header else [first]
+  for row in _chain(pending, rows):
+    lineno = numbers[-1]
+    if not row or (len(row) == 1 and not row[0].strip()):
+      continue  # blank line
+    data_row += 1
+    seq = _field(row, col, path, lineno).strip()
+    name = _field(row, name_col, path, lineno) if name_col is not None else f"row{data_row}"
+    where = f"{path}:{lineno} (record {name!r})"
+    if not seq:
+      raise InputError(f"{where}: empty sequence")
+    yield Record(name, seq, where)
 
 
 def _chain(first: list, rest: Iterable) -> Iterator:

@@ -41,6 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from hyena_jax import genome as genome_lib
 from hyena_jax import inference
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError, MissingInputError
@@ -142,31 +143,29 @@ def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise MissingInputError(f"VCF file not found: {path}")
-  with inference.open_text(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if not line.strip() or line.startswith("#"):
-        continue
-      where = f"{path}:{lineno}"
-      cols = line.split("\t") if "\t" in line else line.split()
-      if len(cols) < 5:
-        raise InputError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
-                         f"{len(cols)}")
-      chrom, pos, vid, ref, alts = cols[:5]
-      try:
-        pos_int = int(pos)
-      except ValueError:
-        raise InputError(f"{where}: POS {pos!r} is not an integer") from None
-      if pos_int < 1:
-        raise InputError(f"{where}: POS must be 1-based (>= 1), got {pos_int}")
-      if not ref or not set(ref) <= _ALLELE:
-        raise InputError(f"{where}: REF {ref!r} must be bases A C G T N")
-      for alt in alts.split(","):
-        if not alt or not set(alt) <= _ALLELE:
-          raise InputError(f"{where}: ALT {alt!r} is not supported: only explicit alleles of "
-                           "A C G T N (SNVs and indels); symbolic (<DEL>), missing (., *) and "
-                           "breakend alleles cannot be scored")
-        yield Variant(chrom, pos_int, ref.upper(), alt.upper(), vid, where)
+  for lineno, line in inference.text_lines(path):
+    if not line.strip() or line.startswith("#"):
+      continue
+    where = f"{path}:{lineno}"
+    cols = line.split("\t") if "\t" in line else line.split()
+    if len(cols) < 5:
+      raise InputError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
+                       f"{len(cols)}")
+    chrom, pos, vid, ref, alts = cols[:5]
+    try:
+      pos_int = int(pos)
+    except ValueError:
+      raise InputError(f"{where}: POS {pos!r} is not an integer") from None
+    if pos_int < 1:
+      raise InputError(f"{where}: POS must be 1-based (>= 1), got {pos_int}")
+    if not ref or not set(ref) <= _ALLELE:
+      raise InputError(f"{where}: REF {ref!r} must be bases A C G T N")
+    for alt in alts.split(","):
+      if not alt or not set(alt) <= _ALLELE:
+        raise InputError(f"{where}: ALT {alt!r} is not supported: only explicit alleles of "
+                         "A C G T N (SNVs and indels); symbolic (<DEL>), missing (., *) and "
+                         "breakend alleles cannot be scored")
+      yield Variant(chrom, pos_int, ref.upper(), alt.upper(), vid, where)
 
 
 class Genome:
@@ -186,8 +185,7 @@ class Genome:
       gzipped = f.read(2) == inference._GZIP_MAGIC  # noqa: SLF001
     self._faidx, self._seqs = None, None
     if not gzipped and os.path.getsize(self.path) > in_memory_bytes:
-      import pyfaidx
-      self._faidx = pyfaidx.Fasta(self.path, as_raw=True, sequence_always_upper=True)
+      self._faidx = genome_lib.open_fasta(self.path)  # checks names, empty records, binary
     else:
       self._seqs = {r.name: r.seq.upper() for r in inference.read_fasta(self.path)}
 
@@ -203,7 +201,7 @@ class Genome:
   def fetch(self, chrom: str, start: int, end: int) -> str:
     """Upper-case bases [start, end) (0-based) of `chrom`."""
     if self._faidx is not None:
-      return self._faidx[chrom][start:end]
+      return self._faidx[chrom][start:end].upper()
     return self._seqs[chrom][start:end]
 
   def __contains__(self, chrom: str) -> bool:
