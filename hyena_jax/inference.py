@@ -15,6 +15,7 @@ record; every record carries `where` (file, line and name) for error messages.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -248,6 +249,9 @@ def encode_record(tokenizer: tok.CharacterTokenizer, record: Record, l_max: int,
                   ) -> np.ndarray:
   """Token ids of one record ([prefix] + bases [+ SEP]), checked against l_max. int32 [n]."""
   room = l_max - len(prefix)
+  if not record.seq:
+    raise InputError(f"{record.where}: empty sequence (length 0); remove it or give at least "
+                     "one base")
   ids = tokenizer.encode(record.seq, None, add_eos=False, where=record.where)
   if ids.size + add_eos > room:
     if not truncate:
@@ -330,6 +334,20 @@ def run_chunked(items: Iterable, encode: Callable[[object], np.ndarray],
 
 # ------------------------------------------------------------------------------------------------
 # Writing results incrementally
+
+
+@contextlib.contextmanager
+def atomic_text(path: str) -> Iterator:
+  """A text file written beside `path` and renamed onto it on success; on any error it is removed,
+  so a failed run leaves no partial output that looks complete."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      yield f
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 class NpzStreamWriter:

@@ -26,7 +26,9 @@ likelihood of itself and of the bases after it. For indels the windows differ in
 the score includes the probability of the inserted or deleted bases themselves (an insertion
 of k bases costs about k * log 4 nats even when neutral), so compare indels with indels of the
 same length, not with SNVs. A REF that does not match the FASTA is an error naming the VCF
-file and line.
+file and line. The default window (min(1024, l_max)) is fitted to each allele: an insertion of
+k bases gets k fewer reference bases, so the ALT window fits the model too (the TSV's
+window_start/window_end say what was used); an explicit `--window` is taken as given.
 """
 
 from __future__ import annotations
@@ -233,6 +235,23 @@ def variant_windows(genome: Genome, variant: Variant, window: int) -> tuple[str,
   return before + v.ref + after, before + v.alt + after, start, end
 
 
+def fit_window(variant: Variant, window: int | None, room: int) -> int:
+  """Reference bases around REF for one variant. An explicit `window` is used as given; the
+  default, min(1024, room), shrinks by the length an insertion adds, so that the ALT window also
+  fits the model (an insertion of k bases on a 1k model gets 1024 - k reference bases; the TSV's
+  window_start/window_end record what was used). A REF or ALT allele longer than the model's
+  input remains an error naming the VCF line."""
+  if window:
+    return window
+  grow = max(0, len(variant.alt) - len(variant.ref))
+  fitted = min(1024, room) - grow
+  if fitted < len(variant.ref):
+    raise InputError(f"{variant.where}: REF ({len(variant.ref)} bases) and ALT "
+                     f"({len(variant.alt)} bases) cannot both fit the model's {room} input "
+                     "positions; this variant cannot be scored with this model, remove it")
+  return fitted
+
+
 def score_variants(model: HyenaLM, genome: Genome | str, variants: Iterable[Variant], *,
                    window: int | None = None, batch_size: int = 8,
                    context_token: int | None = None) -> Iterator[VariantScore]:
@@ -245,13 +264,12 @@ def score_variants(model: HyenaLM, genome: Genome | str, variants: Iterable[Vari
   genome = genome if isinstance(genome, Genome) else Genome(genome)
   l_max = model.config.l_max
   room = l_max - (context_token is not None)
-  window = window or min(1024, room)
   tokenizer = tok.CharacterTokenizer()
   prefix = () if context_token is None else (int(context_token),)
 
   def items() -> Iterator[tuple]:
     for v in variants:
-      ref_seq, alt_seq, start, end = variant_windows(genome, v, window)
+      ref_seq, alt_seq, start, end = variant_windows(genome, v, fit_window(v, window, room))
       for seq, allele in ((ref_seq, "ref"), (alt_seq, "alt")):
         if len(seq) > room:
           raise InputError(f"{v.where}: the {allele} window has {len(seq)} bases, more than "
@@ -321,7 +339,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
         totals.append(np.nansum(logp, dtype=np.float64))
       writer.add("loglik", np.asarray(totals))
   else:
-    with open(output_path, "w") as f:
+    with inference.atomic_text(output_path) as f:
       f.write("name\tbases\tscored\tloglik\tmean_logp\n")
       for record, logp in stream:
         scored = int(np.isfinite(logp).sum())
@@ -347,13 +365,13 @@ def score_vcf_file(model: HyenaLM, vcf_path: str, fasta_path: str, output_path: 
   room = model.config.l_max - (context_token is not None)
   window_ = window or min(1024, room)
   for v in variants:  # validation pass
-    ref_seq, alt_seq, _, _ = variant_windows(genome, v, window_)
+    ref_seq, alt_seq, _, _ = variant_windows(genome, v, fit_window(v, window, room))
     if max(len(ref_seq), len(alt_seq)) > room:
       raise InputError(f"{v.where}: a window of {max(len(ref_seq), len(alt_seq))} bases exceeds "
                        f"l_max={model.config.l_max}; pass a smaller window")
-  with open(output_path, "w") as f:
+  with inference.atomic_text(output_path) as f:
     f.write("chrom\tpos\tid\tref\talt\tllr\tref_loglik\talt_loglik\twindow_start\twindow_end\n")
-    for s in score_variants(model, genome, variants, window=window_, batch_size=batch_size,
+    for s in score_variants(model, genome, variants, window=window, batch_size=batch_size,
                             context_token=context_token):
       v = s.variant
       f.write(f"{v.chrom}\t{v.pos}\t{v.id}\t{v.ref}\t{v.alt}\t{s.llr:.6f}\t{s.ref_loglik:.6f}\t"
