@@ -150,6 +150,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 _IGNORED = re.compile(r"(^|\.)torchmetrics|^(model\.)?(encoder|decoder)\.(?!0\.output_transform)")
 
 
+_FREQ_ALIAS = re.compile(r"implicit_filter\.(?!1\.)\d*[13579]\.freq$")
+
+
 def canonicalize(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Layout, str]:
   """Detects the layout and renames keys to canonical standalone names.
 
@@ -185,8 +188,10 @@ def canonicalize(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nda
     if emb is None or emb.shape != lm_head.shape or not np.array_equal(emb, lm_head):
       raise InputError("lm_head.weight differs from the word embeddings; HyenaDNA ties them and "
                        "this port does not support an untied head")
-  for key in [k for k in out if re.search(r"implicit_filter\.[35]\.freq$", k)]:
-    ref = out.get(key.replace(".3.freq", ".1.freq").replace(".5.freq", ".1.freq"))
+  # The shared Sin freq appears once per activation, at implicit_filter.{2j+1} for
+  # j = 0..num_inner_mlps (.1, .3, .5 for the default 2 inner MLPs; .7 with 3).
+  for key in [k for k in out if _FREQ_ALIAS.search(k)]:
+    ref = out.get(_FREQ_ALIAS.sub("implicit_filter.1.freq", key))
     if ref is None or not np.array_equal(ref, out[key]):
       raise InputError(f"{key} differs from implicit_filter.1.freq; upstream shares one Sin "
                        "frequency across the filter MLP and so does this port")
