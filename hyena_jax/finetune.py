@@ -454,7 +454,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   valid, _ = run_eval(params, "valid")
   test, test_outputs = run_eval(params, "test")
   np.save(os.path.join(workdir, "test_outputs.npy"), test_outputs)
-  writer.close(plot=bool(total))
+  writer.close(plot=bool(total), loss_label="mean squared error" if config.head.n_classes == 1
+               else "cross-entropy (nats/sequence)")
   results = {
       "task": config.task, "metric": metric, "init": init,
       "test": test, "valid": valid, "best_step": best["step"], "steps": step,

@@ -347,7 +347,7 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
               "trainable": jax.tree.map(np.asarray, state["trainable"])}
   tuned = {**fixed, **best["trainable"]}
   after = {k: evaluate(eval_fn, tuned, v, batch) for k, v in eval_sets.items()}
-  writer.close(plot=config.train.epochs > 0)
+  writer.close(plot=config.train.epochs > 0, loss_label="cross-entropy at label tokens (nats)")
   if n_soft:
     np.save(os.path.join(workdir, "prompt.npy"), np.asarray(tuned["prompt"]["embedding"]))
   elif config.train.epochs:
