@@ -156,6 +156,17 @@ def _missing_field(config: Any, path: str) -> str | None:
   return None
 
 
+def _check_config_files() -> None:
+  """ml_collections defers a config file that failed to load until its first use (a long way
+  into main); a missing file is the user's mistake, so answer it here."""
+  for name, _ in _CONFIG_FLAGS:
+    spec = flags.FLAGS[name].config_filename if hasattr(flags.FLAGS[name], "config_filename") \
+        else None
+    if spec and not os.path.isfile(os.path.expanduser(spec.partition(":")[0])):
+      fail(f"--{name}={spec}: no such config file; give the path of a config .py file (e.g. "
+           "configs/default.py), relative to the current folder or absolute")
+
+
 # ------------------------------------------------------------------------------------------------
 # Running a main
 
@@ -164,7 +175,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(f"{e}; see --help")
+    message = str(e)
+    if "Traceback (most recent call last)" in message:  # a config file's get_config() raised
+      head, _, trace = message.partition("Traceback (most recent call last)")
+      message = head.rstrip(": \n") + ": " + trace.strip().splitlines()[-1]
+    fail(f"{message}; see --help")
   except (KeyError, AttributeError) as e:  # a config override naming no field
     message = _override_error(argv, e)
     if message is None:
@@ -176,6 +191,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)` with quiet library logs and one-line answers to input errors (exit 2)."""
   def wrapped(argv: list[str]) -> Any:
     quiet_logs()
+    _check_config_files()
     try:
       return main(argv)
     except (errors.InputError, app.UsageError) as e:

@@ -161,12 +161,11 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
   named = isinstance(column, str) or isinstance(name_column, str)
   if header is False and named:
     raise InputError("columns given by name need a header row; pass indices or header=True")
-  lines = text_lines(path)
-  numbers: list[int] = []
+  current = [0]  # line number of the row csv.reader last returned (one row per line)
 
   def texts() -> Iterator[str]:
-    for lineno, line in lines:
-      numbers.append(lineno)
+    for lineno, line in text_lines(path):
+      current[0] = lineno
       yield line
 
   rows = iter(csv.reader(texts(), delimiter=delimiter))
@@ -186,7 +185,7 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
   data_row = 0
   pending = [] if header else [first]
   for row in _chain(pending, rows):
-    lineno = numbers[-1]
+    lineno = current[0]
     if not row or (len(row) == 1 and not row[0].strip()):
       continue  # blank line
     data_row += 1

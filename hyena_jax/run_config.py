@@ -108,7 +108,7 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int | None = None
   batch = config.train.global_batch_size
   if not _is_int(batch) or batch < 1:
     errors.append(f"train.global_batch_size must be a positive int, got {batch!r}")
-    batch = 1  # checked; keep the per-stage checks below meaningful
+    batch = None  # the per-stage batch checks below would only repeat this
   for name in ("checkpoint.every_steps", "checkpoint.keep_last"):
     errors += _int_at_least(config, name, 1)
   errors += _int_at_least(config, "eval.every_steps", 0, "(0 = evaluate only at the end)")
@@ -130,6 +130,8 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int | None = None
     if seq_len > model.l_max:
       errors.append(f"train.stages[{i}] seq_len={seq_len} exceeds model.l_max={model.l_max}; "
                     "raise model.l_max or shorten the stage")
+    if batch is None:
+      continue
     if batch % accum:
       errors.append(f"train.stages[{i}] grad_accum={accum} does not divide "
                     f"train.global_batch_size={batch}")
