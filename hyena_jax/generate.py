@@ -249,7 +249,8 @@ def main(argv: Sequence[str]) -> None:
     except InputError:
       raise
     except ValueError as e:  # generate() checks its arguments, which are these flags
-      raise InputError(f"{name}: {e}") from e
+      where = f"{FLAGS.prompt_fasta} (record {name!r}): " if FLAGS.prompt_fasta else ""
+      raise InputError(f"{where}{e}") from e
     for i, seq in enumerate(result.sequences):
       lines += [f">{name}_sample{i} seed={FLAGS.seed} temperature={FLAGS.temperature} "
                 f"top_k={FLAGS.top_k}", seq]

@@ -263,7 +263,6 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """Tunes (soft prompt or all weights) and reports query accuracy on valid/test before and
   after; writes WORKDIR/{results.json, metrics.jsonl} and the best tuned parameters
   (prompt.npy for soft prompting, an orbax LM checkpoint for instruction tuning)."""
-  os.makedirs(workdir, exist_ok=True)
   icl, n_classes, max_length = config.icl, config.head.n_classes, config.data.max_length
   label_tokens(n_classes)  # validates n_classes early
   if icl.mode not in MODES:
@@ -279,6 +278,7 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     raise InputError(f"a context of {icl.shots} shot(s) per class needs {length} positions "
                      f"(with {n_soft} soft tokens) but the model's l_max is {lm.config.l_max}; "
                      "lower icl.shots, icl.n_soft or data.max_length (with data.truncate)")
+  os.makedirs(workdir, exist_ok=True)  # only once the config and data have been checked
   lm_graphdef, lm_params = nnx.split(lm, nnx.Param)
   params = {"lm": nnx.to_pure_dict(lm_params), "prompt": {}}
   if n_soft:

@@ -26,8 +26,8 @@ likelihood of itself and of the bases after it. For indels the windows differ in
 the score includes the probability of the inserted or deleted bases themselves (an insertion
 of k bases costs about k * log 4 nats even when neutral), so compare indels with indels of the
 same length, not with SNVs. A REF that does not match the FASTA is an error naming the VCF
-file and line. The default window (min(1024, l_max)) is fitted to each allele: an insertion of
-k bases gets k fewer reference bases, so the ALT window fits the model too (the TSV's
+file and line. The default window (min(1024, l_max)) is fitted to each allele: it shrinks as far
+as an insertion needs for the ALT window to fit the model too (the TSV's
 window_start/window_end say what was used); an explicit `--window` is taken as given.
 """
 
@@ -237,14 +237,14 @@ def variant_windows(genome: Genome, variant: Variant, window: int) -> tuple[str,
 
 def fit_window(variant: Variant, window: int | None, room: int) -> int:
   """Reference bases around REF for one variant. An explicit `window` is used as given; the
-  default, min(1024, room), shrinks by the length an insertion adds, so that the ALT window also
-  fits the model (an insertion of k bases on a 1k model gets 1024 - k reference bases; the TSV's
-  window_start/window_end record what was used). A REF or ALT allele longer than the model's
-  input remains an error naming the VCF line."""
+  default, min(1024, room), shrinks only as far as the ALT window needs to fit the model (an
+  insertion of k bases on a 1k model, room 1026, gets min(1024, 1026 - k) reference bases; the
+  TSV's window_start/window_end record what was used). A REF or ALT allele longer than the
+  model's input remains an error naming the VCF line."""
   if window:
     return window
   grow = max(0, len(variant.alt) - len(variant.ref))
-  fitted = min(1024, room) - grow
+  fitted = min(1024, room - grow)
   if fitted < len(variant.ref):
     raise InputError(f"{variant.where}: REF ({len(variant.ref)} bases) and ALT "
                      f"({len(variant.alt)} bases) cannot both fit the model's {room} input "
