@@ -76,6 +76,9 @@ def quiet_logs() -> None:
 # Config files with overrides
 
 
+_CONFIG_FLAGS: list[tuple[str, str | None]] = []  # (flag name, default file) of this program
+
+
 def define_config_file(name: str, default: str | None, help_string: str) -> Any:
   """`config_flags.DEFINE_config_file(..., lock_config=True)`, answering a bad override in one
   line. With a default, ml_collections reads the file and the `--name.a.b=v` overrides of
@@ -84,22 +87,19 @@ def define_config_file(name: str, default: str | None, help_string: str) -> Any:
   _CONFIG_FLAGS.append((name, default))
   try:
     return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
-  except (KeyError, AttributeError) as e:
-    message = _override_error(sys.argv, e)
+  except (KeyError, AttributeError):
+    message = _override_error(sys.argv)
     if message is None:
       raise
     fail(message)
 
 
-_CONFIG_FLAGS: list[tuple[str, str | None]] = []
-
-
-def _override_error(argv: Sequence[str], error: BaseException) -> str | None:
+def _override_error(argv: Sequence[str]) -> str | None:
   """The message for the first `--<config>.path=value` of argv that names no config field, or
-  None when every override path exists (then `error` is not about overrides)."""
+  None when every override path exists (then the error at hand is not about overrides)."""
   for name, default in _CONFIG_FLAGS:
     spec = _flag_value(argv, name) or default
-    overrides = [(arg, path) for arg, path in _override_paths(argv, name)]
+    overrides = _override_paths(argv, name)
     if not overrides or not spec:
       continue
     try:
@@ -180,8 +180,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
       head, _, trace = message.partition("Traceback (most recent call last)")
       message = head.rstrip(": \n") + ": " + trace.strip().splitlines()[-1]
     fail(f"{message}; see --help")
-  except (KeyError, AttributeError) as e:  # a config override naming no field
-    message = _override_error(argv, e)
+  except (KeyError, AttributeError):  # a config override naming no field
+    message = _override_error(argv)
     if message is None:
       raise
     fail(message)
