@@ -115,8 +115,8 @@ def state_dict_from_params(params: Mapping, cfg: HyenaConfig, *, layout: str = "
   """The PyTorch state dict of `params` (our NNX pure dict) in `layout`, as lazy float32 tensors.
 
   `freq_aliases` also lists `implicit_filter.{2j+1}.freq` for j = 1..num_inner_mlps (the same
-  tensor as `.1`, as PyTorch's `state_dict()` does; default for the pickle layouts, never in safetensors, which rejects shared
-  tensors). `checkpoint_mixer` adds Lightning's `.mixer.layer.`/`.mlp.layer.` level.
+  tensor as `.1`, as PyTorch's `state_dict()` does; default for the pickle layouts, never in
+  safetensors, which rejects shared tensors). `checkpoint_mixer` adds Lightning's `.mixer.layer.`/`.mlp.layer.` level.
   """
   if layout not in LAYOUTS:
     raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")

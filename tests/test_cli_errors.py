@@ -190,8 +190,8 @@ def test_empty_model_input_is_a_clear_error():
   with pytest.raises(InputError, match=r"input_ids \(1, 0\) hold no tokens \(length 0\)"):
     lm(jnp.zeros((1, 0), jnp.int32))
   with pytest.raises(InputError, match=r"sequence 0: empty sequence \(length 0\)"):
-    inference.encode_record(tokenizer.CharacterTokenizer(), inference.Record("seq0", "", "sequence 0"),
-                            64)
+    inference.encode_record(tokenizer.CharacterTokenizer(),
+                            inference.Record("seq0", "", "sequence 0"), 64)
 
 
 # ------------------------------------------------------------------------------------------------
