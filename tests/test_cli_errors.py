@@ -73,6 +73,16 @@ def test_unknown_config_key_gets_a_did_you_mean(tmp_path):
   assert line.startswith("error: --config.train.log_every_step: train has no field "
                          "'log_every_step' (did you mean train.log_every_steps?)")
   assert not (tmp_path / "runs").exists()
+  # Config files given as a flag (parsed with the other flags, not at definition).
+  cohn = os.path.join(ROOT, "configs", "finetune", "human_enhancers_cohn.py")
+  result = _run(["-m", "hyena_jax.finetune", f"--config={cohn}", "--workdir=ft",
+                 "--config.optim.lerning_rate=1"], tmp_path)
+  assert _one_line_error(result).startswith(
+      "error: --config.optim.lerning_rate: optim has no field 'lerning_rate' (did you mean "
+      "optim.learning_rate?)")
+  result = _run(["-m", "hyena_jax.main", "--config=nope.py", "--workdir=runs/x"], tmp_path)
+  assert _one_line_error(result).startswith("error: --config=nope.py: no such config file")
+  assert sorted(os.listdir(tmp_path)) == []
   # The message builder on its own: a top-level typo and a field without a close match.
   config = run_config.base_config()
   assert "did you mean train?" in cli._missing_field(config, "trian.seed")
