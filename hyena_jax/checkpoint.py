@@ -30,7 +30,7 @@ from flax import nnx
 
 from hyena_jax import config as config_lib
 from hyena_jax.config import HyenaConfig
-from hyena_jax.errors import InputError, MissingInputError
+from hyena_jax.errors import InputError, MissingInputError, OutputExistsError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -242,8 +242,8 @@ def save_model(workdir: str, model: nnx.Module, run_config: Mapping[str, Any] |
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with make_manager(workdir, keep_best=False, async_save=False) as mngr:
     if step in mngr.all_steps():
-      raise FileExistsError(f"{checkpoint_dir(workdir)} already has step {step}; choose another "
-                            "workdir or step (existing checkpoints are never overwritten)")
+      raise OutputExistsError(f"{checkpoint_dir(workdir)} already has step {step}; choose another "
+                              "workdir or step (existing checkpoints are never overwritten)")
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                             config=ocp.args.JsonSave(config_to_json(run_config))))
     mngr.wait_until_finished()

@@ -9,11 +9,13 @@ checkpoints and the flat -hf `HyenaConfig`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from typing import Any, Literal, Mapping
 
 from hyena_jax import tokenizer
+from hyena_jax.errors import InputError
 
 ConvImpl = Literal["fft", "pallas"]
 RematPolicy = Literal["none", "block", "dots"]
@@ -73,6 +75,8 @@ class HyenaConfig:
     if self.resid_dropout or self.hyena_dropout:
       errors.append("resid_dropout and hyena_dropout are 0 in every HyenaDNA recipe and are not "
                     "implemented; set them to 0.0")
+    if not isinstance(self.layer_norm_epsilon, (int, float)) or not self.layer_norm_epsilon > 0:
+      errors.append(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
     if self.dtype not in _DTYPES:
       errors.append(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
     if self.conv_impl not in ("fft", "pallas"):
@@ -80,7 +84,7 @@ class HyenaConfig:
     if self.remat not in ("none", "block", "dots"):
       errors.append(f"remat must be 'none', 'block' or 'dots', got {self.remat!r}")
     if errors:
-      raise ValueError("invalid HyenaConfig:\n  " + "\n  ".join(errors))
+      raise InputError("invalid HyenaConfig:\n  " + "\n  ".join(errors))
 
   @property
   def padded_vocab_size(self) -> int:
@@ -104,7 +108,10 @@ def from_dict(values: Mapping[str, Any]) -> HyenaConfig:
   known = {f.name for f in dataclasses.fields(HyenaConfig)}
   unknown = sorted(set(values) - known)
   if unknown:
-    raise ValueError(f"unknown HyenaConfig field(s) {unknown}; known fields: {sorted(known)}")
+    guesses = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+    hint = "".join(f"; did you mean {g[0]!r} for {u!r}?" for u, g in guesses.items() if g)
+    raise InputError(f"unknown HyenaConfig field(s) {unknown}{hint}; known fields: "
+                     f"{sorted(known)}")
   return HyenaConfig(**values)
 
 
@@ -140,13 +147,13 @@ def from_official(cfg: Mapping[str, Any], **overrides: Any) -> HyenaConfig:
         values["initializer_range"] = float(value)
       elif key == "resid_dropout":
         if value:
-          raise ValueError(f"resid_dropout={value} is not supported (every release uses 0)")
+          raise InputError(f"resid_dropout={value} is not supported (every release uses 0)")
       elif key == "modulate":
         values["modulate"] = bool(value)
       elif key in ("use_bias", "train_freq") and not value:
-        raise ValueError(f"{key}=false is not supported (every release uses true)")
+        raise InputError(f"{key}=false is not supported (every release uses true)")
       elif key == "hyena_filter_dropout" and value:
-        raise ValueError(f"hyena_filter_dropout={value} is not supported")
+        raise InputError(f"hyena_filter_dropout={value} is not supported")
       elif key in _IGNORED_OFFICIAL:
         continue
       elif target in {f.name for f in dataclasses.fields(HyenaConfig)}:
@@ -154,7 +161,7 @@ def from_official(cfg: Mapping[str, Any], **overrides: Any) -> HyenaConfig:
       else:
         unknown.append(key)
   if unknown:
-    raise ValueError(f"official config has key(s) this port does not understand: {sorted(unknown)}")
+    raise InputError(f"official config has key(s) this port does not understand: {sorted(unknown)}")
   if "activation_freq" in values:
     values["activation_freq"] = float(values["activation_freq"])
   values.update(overrides)
@@ -184,5 +191,5 @@ RELEASED: dict[str, HyenaConfig] = {
 
 def released(name: str, **overrides: Any) -> HyenaConfig:
   if name not in RELEASED:
-    raise ValueError(f"unknown released model {name!r}; choose one of {sorted(RELEASED)}")
+    raise InputError(f"unknown released model {name!r}; choose one of {sorted(RELEASED)}")
   return RELEASED[name].replace(**overrides) if overrides else RELEASED[name]

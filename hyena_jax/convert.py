@@ -19,12 +19,12 @@ fine-tuning job and `hyena_jax.export` read. `shift` is recorded in no official 
 from __future__ import annotations
 
 import os
-import sys
 import typing
 from typing import Any
 
 from hyena_jax import checkpoint
 from hyena_jax import weights
+from hyena_jax.errors import InputError, MissingInputError, OutputExistsError
 from hyena_jax.model import Pooling
 
 # Searched in this order inside a directory: safetensors first (exact and pickle-free).
@@ -38,11 +38,11 @@ def find_weights(path: str | os.PathLike) -> str:
   if os.path.isfile(path):
     return path
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"--from={path} does not exist")
+    raise MissingInputError(f"--from={path} does not exist")
   for name in WEIGHT_NAMES:
     if os.path.isfile(os.path.join(path, name)):
       return os.path.join(path, name)
-  raise FileNotFoundError(f"no weights file in {path} (looked for {', '.join(WEIGHT_NAMES)}; "
+  raise MissingInputError(f"no weights file in {path} (looked for {', '.join(WEIGHT_NAMES)}; "
                           f"found {sorted(os.listdir(path))[:10]}): pass the file itself as --from")
 
 
@@ -55,11 +55,11 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike, *, shift: float 
   Returns (checkpoint step directory, run config).
   """
   if pooling not in typing.get_args(Pooling):
-    raise ValueError(f"pooling must be one of {typing.get_args(Pooling)}, got {pooling!r}")
+    raise InputError(f"pooling must be one of {typing.get_args(Pooling)}, got {pooling!r}")
   path = find_weights(src)
   existing = os.path.join(checkpoint.checkpoint_dir(os.fspath(workdir)), str(step))
   if os.path.exists(existing):  # checked again by save_model; failing early skips the load
-    raise FileExistsError(f"{existing} already exists; choose another --out or --step")
+    raise OutputExistsError(f"{existing} already exists; choose another --out or --step")
   if config_path is None:
     beside = os.path.join(os.path.dirname(path), "config.json")
     config_path = beside if os.path.isfile(beside) else None
@@ -87,13 +87,12 @@ if __name__ == "__main__":
   FLAGS = flags.FLAGS
 
   def main(argv):
-    del argv
-    try:
-      out, run_config = convert(getattr(FLAGS, "from"), FLAGS.out, shift=FLAGS.shift,
-                                pooling=FLAGS.pooling, config_path=FLAGS.config, step=FLAGS.step)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-      sys.exit(f"convert failed: {e}")
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    out, run_config = convert(getattr(FLAGS, "from"), FLAGS.out, shift=FLAGS.shift,
+                              pooling=FLAGS.pooling, config_path=FLAGS.config, step=FLAGS.step)
     logging.info("run config: %s", run_config)
     print(out)
 
-  app.run(main)
+  from hyena_jax import cli
+  cli.run(main)

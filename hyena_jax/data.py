@@ -25,8 +25,7 @@ Fine-tuning: `read_labelled_sequences` (TSV/CSV), `read_labelled_fasta` (FASTA +
 from __future__ import annotations
 
 import csv
-import gzip
-import io
+import difflib
 import multiprocessing
 import os
 import pathlib
@@ -40,6 +39,7 @@ import numpy as np
 
 from hyena_jax import genome
 from hyena_jax import tokenizer as tokenizer_lib
+from hyena_jax.errors import InputError, MissingInputError
 
 BUNDLED_GENOME = "ecoli_k12_w3110.fa.gz"
 _SPLITS = ("train", "valid", "test")
@@ -96,7 +96,7 @@ def bundled_genome() -> str:
 
   src = pathlib.Path(__file__).parent / "data_files" / BUNDLED_GENOME
   if not src.is_file():
-    raise FileNotFoundError(f"bundled genome {src} is missing: reinstall hyena_jax (it ships "
+    raise MissingInputError(f"bundled genome {src} is missing: reinstall hyena_jax (it ships "
                             "as package data) or set data.fasta to a FASTA file")
   with open(src, "rb") as f:  # gzip trailer: uncompressed size mod 2**32
     f.seek(-4, os.SEEK_END)
@@ -116,8 +116,11 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
   expected = set(default_config().keys())
   keys = set(cfg.keys())
   if keys != expected:
-    raise ValueError(f"data config: unknown keys {sorted(keys - expected)}, missing keys "
-                     f"{sorted(expected - keys)}; start from hyena_jax.data.default_config()")
+    guesses = {k: difflib.get_close_matches(k, expected, n=1) for k in sorted(keys - expected)}
+    hint = "".join(f"; did you mean {g[0]!r} for {k!r}?" for k, g in guesses.items() if g)
+    raise InputError(f"data config: unknown keys {sorted(keys - expected)}, missing keys "
+                     f"{sorted(expected - keys)}{hint}; start from "
+                     "hyena_jax.data.default_config()")
   problems = []
   if cfg["lowercase"] not in ("upper", "unk"):
     problems.append(f"lowercase must be 'upper' or 'unk', got {cfg['lowercase']!r}")
@@ -130,7 +133,7 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
   if not 0.0 < cfg["valid_fraction"] < 1.0:
     problems.append(f"valid_fraction must lie in (0, 1), got {cfg['valid_fraction']!r}")
   if problems:
-    raise ValueError("data config: " + "; ".join(problems))
+    raise InputError("data config: " + "; ".join(problems))
 
 
 class _GlobalBatch(grain.transforms.RandomMap):
@@ -158,7 +161,7 @@ class _GlobalBatch(grain.transforms.RandomMap):
 
 def _check_int(name: str, value: Any, low: int) -> int:
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-    raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    raise InputError(f"{name} must be an int >= {low}, got {value!r}")
   return int(value)
 
 
@@ -167,7 +170,7 @@ def make_pretrain_windows(data_cfg: Mapping[str, Any], *, split: str, seq_len: i
   """The split's windows (before shuffling and batching); checks the files in this process."""
   _check_config(data_cfg)
   if split not in _SPLITS:
-    raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    raise InputError(f"split must be one of {_SPLITS}, got {split!r}")
   seq_len = _check_int("seq_len", seq_len, 1)
   fasta_path = data_cfg["fasta"] or bundled_genome()
   fasta = genome.open_fasta(fasta_path)  # builds the .fai once, here, before any worker starts
@@ -207,10 +210,10 @@ def make_pretrain_dataset(data_cfg: Mapping[str, Any], *, split: str, seq_len: i
   if process_index >= process_count:
     raise ValueError(f"process_index {process_index} must be < process_count {process_count}")
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+    raise InputError(f"global_batch_size {global_batch_size} is not divisible by the "
                      f"{process_count} processes; use a multiple of {process_count}")
   if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
+    raise InputError(f"seed must lie in [0, 2**32), got {seed}")
   if num_epochs is not None:
     num_epochs = _check_int("num_epochs", num_epochs, 1)
 
@@ -259,12 +262,10 @@ _DNA_CHARS = frozenset("ACGTN" + tokenizer_lib.IUPAC_AMBIGUITY
                        + ("ACGTN" + tokenizer_lib.IUPAC_AMBIGUITY).lower())
 
 
-def _open_text(path: str):
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found")
-  if path.endswith(".gz"):
-    return io.TextIOWrapper(gzip.open(path, "rb"), newline="")
-  return open(path, newline="")
+def _read_lines(path: str) -> list[tuple[int, str]]:
+  """(line number, line) of a small plain or gzip text file; binary or truncated files raise
+  InputError naming the file and line (see genome.text_lines)."""
+  return list(genome.text_lines(path))
 
 
 def _parse_label(text: str, where: str, float_labels: bool = False) -> int | float:
@@ -272,25 +273,25 @@ def _parse_label(text: str, where: str, float_labels: bool = False) -> int | flo
     try:
       value = float(text.strip())
     except ValueError:
-      raise ValueError(f"{where}: label {text!r} is not a number (regression target)") from None
+      raise InputError(f"{where}: label {text!r} is not a number (regression target)") from None
     if not np.isfinite(value):
-      raise ValueError(f"{where}: label {text!r} is not finite")
+      raise InputError(f"{where}: label {text!r} is not finite")
     return value
   try:
     label = int(text.strip())
   except ValueError:
-    raise ValueError(f"{where}: label {text!r} is not an integer class id") from None
+    raise InputError(f"{where}: label {text!r} is not an integer class id") from None
   if label < 0:
-    raise ValueError(f"{where}: label {label} is negative; class ids start at 0")
+    raise InputError(f"{where}: label {label} is negative; class ids start at 0")
   return label
 
 
 def _check_dna(seq: str, where: str) -> None:
   if not seq:
-    raise ValueError(f"{where}: empty sequence")
+    raise InputError(f"{where}: empty sequence")
   bad = set(seq) - _DNA_CHARS
   if bad:
-    raise ValueError(f"{where}: invalid character(s) {sorted(bad)} in the sequence; allowed: "
+    raise InputError(f"{where}: invalid character(s) {sorted(bad)} in the sequence; allowed: "
                      "ACGTN and IUPAC codes, any case")
 
 
@@ -298,81 +299,85 @@ def read_labelled_sequences(path: str | os.PathLike, *, float_labels: bool = Fal
                             return_lines: bool = False) -> tuple[Any, ...]:
   """Reads `seq<sep>label` rows (TSV for .tsv/.txt, CSV for .csv, else sniffed; `.gz` allowed).
 
-  A first row whose label is not a number is a header; the columns named `seq`/`sequence`
-  and `label` are then used (else the first two). Returns (sequences, int64 labels [N]), labels
-  float32 with `float_labels` (regression), plus int64 line numbers [N] with `return_lines` (for
-  error messages that point at the row).
+  Line 1 is a header exactly when one of its fields is a known column name (seq, sequence,
+  name, id or label, any case; `genome.HEADER_NAMES`); the columns named `seq`/`sequence` and
+  `label` are then used (else the first two). Any other first line is data, so a header-less
+  file whose first label is not a number is an error naming line 1, never a dropped row.
+  Returns (sequences, int64 labels [N]), labels float32 with `float_labels` (regression), plus
+  int64 line numbers [N] with `return_lines` (for error messages that point at the row).
   """
   path = os.fspath(path)
   stem = path[:-3] if path.endswith(".gz") else path
-  with _open_text(path) as f:
-    text = f.read()
+  lines = _read_lines(path)
   if stem.endswith(".csv"):
     delim = ","
   elif stem.endswith((".tsv", ".txt")):
     delim = "\t"
   else:
-    delim = "\t" if "\t" in text.split("\n", 1)[0] else ","
-  seqs, labels, lines = [], [], []
+    delim = "\t" if lines and "\t" in lines[0][1] else ","
+  seqs, labels, numbers = [], [], []
   seq_col, label_col, header_done = 0, 1, False
-  for lineno, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delim), 1):
+  for (lineno, _), row in zip(lines, csv.reader((line for _, line in lines), delimiter=delim)):
     if not row or not "".join(row).strip():
       continue
     where = f"{path}:{lineno}"
+    first_data = not header_done
     if not header_done:
       header_done = True
-      if len(row) >= 2 and not _is_number(row[1]):
+      if genome.is_header_row(row):
         names = [c.strip().lower() for c in row]
         seq_col = next((names.index(n) for n in ("seq", "sequence") if n in names), 0)
         label_col = names.index("label") if "label" in names else 1
         continue
     if len(row) <= max(seq_col, label_col):
-      raise ValueError(f"{where}: expected `seq{delim!r}label`, got {len(row)} column(s)")
-    seq = row[seq_col].strip()
-    _check_dna(seq, where)
-    labels.append(_parse_label(row[label_col], where, float_labels))
+      raise InputError(f"{where}: expected `seq{delim!r}label`, got {len(row)} column(s)")
+    try:
+      seq = row[seq_col].strip()
+      _check_dna(seq, where)
+      labels.append(_parse_label(row[label_col], where, float_labels))
+    except InputError as e:
+      if not first_data:
+        raise
+      raise InputError(f"{e}; line 1 was read as data because a header row must name its "
+                       f"columns (one of {', '.join(genome.HEADER_NAMES)}, e.g. `seq{delim}label`"
+                       ")") from None
     seqs.append(seq)
-    lines.append(lineno)
+    numbers.append(lineno)
   if not seqs:
-    raise ValueError(f"{path}: no labelled sequences")
+    raise InputError(f"{path}: no labelled sequences")
   out = (seqs, np.asarray(labels, np.float32 if float_labels else np.int64))
-  return out + (np.asarray(lines, np.int64),) if return_lines else out
-
-
-def _is_number(text: str) -> bool:
-  try:
-    float(text.strip())
-  except ValueError:
-    return False
-  return True
+  return out + (np.asarray(numbers, np.int64),) if return_lines else out
 
 
 def read_fasta_records(path: str | os.PathLike) -> list[tuple[str, str, int]]:
   """Small-FASTA reader (plain or gzip): [(name, sequence, header line)], in file order."""
   path = os.fspath(path)
   records: list[list] = []
-  with _open_text(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if line.startswith(">"):
-        name = line[1:].split(maxsplit=1)[0] if line[1:].strip() else ""
-        if not name:
-          raise ValueError(f"{path}:{lineno}: FASTA header without a name")
-        records.append([name, [], lineno])
-      elif line.strip() and not line.startswith(";"):
-        if not records:
-          raise ValueError(f"{path}:{lineno}: sequence before the first '>' header; is this "
-                           "a FASTA file?")
-        records[-1][1].append(line.strip())
+  seen: dict[str, int] = {}
+  for lineno, line in _read_lines(path):
+    if line.startswith(">"):
+      name = line[1:].split(maxsplit=1)[0] if line[1:].strip() else ""
+      if not name:
+        raise InputError(f"{path}:{lineno}: FASTA header without a name")
+      if name in seen:  # labels are matched by name: a second record would take the first's
+        raise InputError(f"{path}:{lineno}: FASTA record name {name!r} is used again (first at "
+                         f"line {seen[name]}); names must be unique")
+      seen[name] = lineno
+      records.append([name, [], lineno])
+    elif line.strip() and not line.startswith(";"):
+      if not records:
+        raise InputError(f"{path}:{lineno}: sequence before the first '>' header; is this "
+                         "a FASTA file?")
+      records[-1][1].append(line.strip())
   out = []
   for name, parts, lineno in records:
     seq = "".join(parts)
     if not seq:
-      raise ValueError(f"{path}:{lineno}: FASTA record {name!r} is empty")
+      raise InputError(f"{path}:{lineno}: FASTA record {name!r} is empty")
     _check_dna(seq, f"{path}:{lineno} ({name})")
     out.append((name, seq, lineno))
   if not out:
-    raise ValueError(f"{path}: no FASTA records")
+    raise InputError(f"{path}: no FASTA records")
   return out
 
 
@@ -387,22 +392,21 @@ def read_labelled_fasta(fasta_path: str | os.PathLike, labels_path: str | os.Pat
   records = read_fasta_records(fasta_path)
   labels_path = os.fspath(labels_path)
   by_name: dict[str, int] = {}
-  with _open_text(labels_path) as f:
-    for lineno, line in enumerate(f, 1):
-      cols = line.strip().split("\t") if "\t" in line else line.split()
-      if not cols:
-        continue
-      where = f"{labels_path}:{lineno}"
-      if len(cols) != 2:
-        raise ValueError(f"{where}: expected `name<TAB>label`, got {len(cols)} column(s)")
-      if not by_name and lineno == 1 and not _is_number(cols[1]):
-        continue  # header
-      if cols[0] in by_name:
-        raise ValueError(f"{where}: duplicate label for {cols[0]!r}")
-      by_name[cols[0]] = _parse_label(cols[1], where, float_labels)
+  for lineno, line in _read_lines(labels_path):
+    cols = line.strip().split("\t") if "\t" in line else line.split()
+    if not cols:
+      continue
+    where = f"{labels_path}:{lineno}"
+    if len(cols) != 2:
+      raise InputError(f"{where}: expected `name<TAB>label`, got {len(cols)} column(s)")
+    if not by_name and lineno == 1 and genome.is_header_row(cols):
+      continue  # header (the rule of read_labelled_sequences)
+    if cols[0] in by_name:
+      raise InputError(f"{where}: duplicate label for {cols[0]!r}")
+    by_name[cols[0]] = _parse_label(cols[1], where, float_labels)
   missing = [(name, line) for name, _, line in records if name not in by_name]
   if missing:
-    raise ValueError(f"{fasta_path}:{missing[0][1]}: record {missing[0][0]!r} has no label in "
+    raise InputError(f"{fasta_path}:{missing[0][1]}: record {missing[0][0]!r} has no label in "
                      f"{labels_path} ({len(missing)} unlabelled)")
   out = ([s for _, s, _ in records],
          np.asarray([by_name[n] for n, _, _ in records],
@@ -421,7 +425,7 @@ def encode_classification(seqs: list[str], labels: np.ndarray, max_length: int,
   """
   labels = np.asarray(labels)
   if labels.shape != (len(seqs),):
-    raise ValueError(f"{len(seqs)} sequences but labels of shape {labels.shape}")
+    raise InputError(f"{len(seqs)} sequences but labels of shape {labels.shape}")
   inputs = tokenizer.encode_batch(seqs, _check_int("max_length", max_length, 1), add_eos=False,
                                   truncate=truncate)
   return {"inputs": inputs.astype(np.int32), "labels": labels.astype(np.int32)}
@@ -434,7 +438,7 @@ def split_train_test(n: int, test_fraction: float, seed: int) -> tuple[np.ndarra
   """
   n = _check_int("n", n, 2)
   if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    raise InputError(f"test_fraction must lie in (0, 1), got {test_fraction}")
   n_test = min(max(int(round(n * test_fraction)), 1), n - 1)
   perm = np.random.default_rng(seed).permutation(n)
   return np.sort(perm[n_test:]), np.sort(perm[:n_test])

@@ -37,6 +37,7 @@ from flax import nnx
 
 from hyena_jax import inference
 from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError
 from hyena_jax.inference import Record
 
 EmbedPooling = Literal["mean", "mean_nonpad", "sum", "first", "last"]
@@ -56,14 +57,14 @@ def normalize_layers(layers: Sequence[Layer] | str, n_layer: int) -> tuple[Layer
     try:
       i = int(layer)
     except (TypeError, ValueError):
-      raise ValueError(f"layer {layer!r}: use 'final' (after ln_f) or a block index "
+      raise InputError(f"layer {layer!r}: use 'final' (after ln_f) or a block index "
                        f"0..{n_layer - 1} (residual stream after that block)") from None
     if not -n_layer <= i < n_layer:
-      raise ValueError(f"layer {i} does not exist: the model has {n_layer} blocks "
+      raise InputError(f"layer {i} does not exist: the model has {n_layer} blocks "
                        f"(0..{n_layer - 1})")
     out.append(i % n_layer)
   if not out:
-    raise ValueError("no layers chosen; e.g. layers=('final',)")
+    raise InputError("no layers chosen; e.g. layers=('final',)")
   return tuple(out)
 
 
@@ -98,7 +99,7 @@ def make_encoder(tokenizer: tok.CharacterTokenizer, l_max: int, *, add_eos: bool
                  pad_to: int | None):
   """record -> token ids: bases [+ SEP], or left-padded to `pad_to` (official fine-tuning)."""
   if pad_to is not None and not 1 <= pad_to <= l_max:
-    raise ValueError(f"pad_to={pad_to} must lie in 1..l_max={l_max}")
+    raise InputError(f"pad_to={pad_to} must lie in 1..l_max={l_max}")
 
   def encode(record: Record) -> np.ndarray:
     if pad_to is None:
@@ -107,7 +108,7 @@ def make_encoder(tokenizer: tok.CharacterTokenizer, l_max: int, *, add_eos: bool
       return tokenizer.encode(record.seq, pad_to, add_eos=add_eos, truncate=truncate,
                               where=record.where)
     except ValueError as e:
-      raise ValueError(f"{e} (pad_to={pad_to})") from None
+      raise InputError(f"{e} (pad_to={pad_to})") from None
   return encode
 
 
@@ -127,7 +128,7 @@ def embed_sequences(model: nnx.Module, sequences: Iterable[str | Record], *,
   cfg = model.config
   layers = normalize_layers(layers, cfg.n_layer)
   if pooling not in POOLINGS:
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
   encode = make_encoder(tokenizer or tok.CharacterTokenizer(), cfg.l_max, add_eos=add_eos,
                         truncate=truncate, pad_to=pad_to)
 
@@ -150,7 +151,7 @@ def embed(model: nnx.Module, sequences: Iterable[str | Record], **kwargs
   [N, n_layers, d] when pooled, or a list of [n_i, n_layers, d] with `per_position=True`."""
   results = [emb for _, emb in embed_sequences(model, sequences, **kwargs)]
   if not results:
-    raise ValueError("no sequences to embed")
+    raise InputError("no sequences to embed")
   return results if kwargs.get("per_position") else np.stack(results)
 
 
@@ -167,7 +168,7 @@ def embed_file(model: nnx.Module, input_path: str, output_path: str, *, fmt: str
   (records, tokens, shape, output paths). The output layout is in the module docstring.
   """
   if not output_path.endswith((".npz", ".npy")):
-    raise ValueError(f"output must end with .npz or .npy, got {output_path}")
+    raise InputError(f"output must end with .npz or .npy, got {output_path}")
   cfg = model.config
   layers = normalize_layers(layers, cfg.n_layer)
   tokenizer = tokenizer or tok.CharacterTokenizer()
@@ -180,7 +181,7 @@ def embed_file(model: nnx.Module, input_path: str, output_path: str, *, fmt: str
     names.append(record.name)
     lengths.append(len(ids) - int(np.argmax(ids != tok.PAD)))
   if not names:
-    raise ValueError(f"{input_path}: no sequences found")
+    raise InputError(f"{input_path}: no sequences found")
   lengths_arr = np.asarray(lengths, np.int64)
   offsets = np.concatenate([[0], np.cumsum(lengths_arr)])
   shape = (int(offsets[-1]) if per_position else len(names), len(layers), cfg.d_model)
@@ -223,6 +224,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Flags of the CLI (defined only when run as a program, so modules import side-effect free)."""
   inference.define_common_flags()
+  flags.adopt_module_key_flags(inference)  # so --help lists --model, not only --helpfull
   flags.DEFINE_string("input", None, "FASTA (.fa/.fasta/.fna[.gz]) or TSV/CSV file")
   flags.DEFINE_string("output", None, "output .npz (or .npy + .index.npz)")
   flags.DEFINE_list("layers", ["final"], "'final' and/or block indices (0-based)")
@@ -252,4 +254,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(inference.run_cli(main))
+  from hyena_jax import cli
+  cli.run(main)

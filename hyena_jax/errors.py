@@ -12,3 +12,11 @@ class InputError(ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
   """A path the user named does not exist or lacks what it should hold."""
+
+
+class OutputExistsError(InputError, FileExistsError):
+  """An output the user named already exists and the tool will not replace it."""
+
+
+class MissingDependencyError(InputError, ImportError):
+  """An optional package is not installed; the message names the pip command that adds it."""

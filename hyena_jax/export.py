@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -36,9 +35,11 @@ from hyena_jax import checkpoint
 from hyena_jax import tokenizer
 from hyena_jax import weights
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError, MissingDependencyError, OutputExistsError
 
 LAYOUTS = ("hf", "lightning", "standalone")
 HF_SHIFT = 0.05  # hard-coded in the -hf remote code's ExponentialModulation (SPEC 13)
+HF_LAYER_NORM_EPSILON = 1e-5  # the -hf remote code's norm1/norm2 use 1e-5 whatever the config says
 DEFAULT_REMOTE_CODE = "LongSafari/hyenadna-tiny-1k-seqlen-hf"
 WEIGHT_FILES = {"hf": "model.safetensors", "lightning": "weights.ckpt", "standalone": "weights.pt"}
 
@@ -76,7 +77,7 @@ def check_exportable(cfg: HyenaConfig, layout: str, n_classes: int = 0, pooling:
                      ) -> None:
   """Raises ValueError naming every model feature that `layout` cannot express."""
   if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   problems = []
   if layout == "hf":
     if cfg.shift != HF_SHIFT:
@@ -85,6 +86,13 @@ def check_exportable(cfg: HyenaConfig, layout: str, n_classes: int = 0, pooling:
           "modulation, so this model would compute different outputs there; export it with "
           "--layout=lightning or --layout=standalone (which record the shift in config.json), or "
           f"train with model.shift={HF_SHIFT}")
+    if cfg.layer_norm_epsilon != HF_LAYER_NORM_EPSILON:
+      problems.append(
+          f"layer_norm_epsilon={cfg.layer_norm_epsilon}: the -hf remote code hard-codes "
+          f"{HF_LAYER_NORM_EPSILON} in norm1/norm2, so this model would compute different "
+          "outputs there; export it with --layout=lightning or --layout=standalone (which record "
+          f"the epsilon in config.json), or train with model.layer_norm_epsilon="
+          f"{HF_LAYER_NORM_EPSILON}")
     if not cfg.modulate:
       problems.append("modulate=False: the -hf config has no such switch (always modulated); use "
                       "--layout=lightning or --layout=standalone")
@@ -97,7 +105,7 @@ def check_exportable(cfg: HyenaConfig, layout: str, n_classes: int = 0, pooling:
     problems.append(f"pooling={pooling!r}: the official head pools by mean in the standalone "
                     "model and official configs do not record a pooling mode")
   if problems:
-    raise ValueError(f"cannot export this model to the {layout!r} layout:\n  - " +
+    raise InputError(f"cannot export this model to the {layout!r} layout:\n  - " +
                      "\n  - ".join(problems))
 
 
@@ -106,16 +114,16 @@ def state_dict_from_params(params: Mapping, cfg: HyenaConfig, *, layout: str = "
                            freq_aliases: bool | None = None) -> list[LazyTensor]:
   """The PyTorch state dict of `params` (our NNX pure dict) in `layout`, as lazy float32 tensors.
 
-  `freq_aliases` also lists `implicit_filter.3/.5.freq` (the same tensor as `.1`, as PyTorch's
-  `state_dict()` does; default for the pickle layouts, never in safetensors, which rejects shared
-  tensors). `checkpoint_mixer` adds Lightning's `.mixer.layer.`/`.mlp.layer.` level.
+  `freq_aliases` also lists `implicit_filter.{2j+1}.freq` for j = 1..num_inner_mlps (the same
+  tensor as `.1`, as PyTorch's `state_dict()` does; default for the pickle layouts, never in
+  safetensors, which rejects shared tensors). `checkpoint_mixer` adds Lightning's `.mixer.layer.`/`.mlp.layer.` level.
   """
   if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if freq_aliases is None:
     freq_aliases = layout != "hf"
   if checkpoint_mixer and layout != "lightning":
-    raise ValueError("checkpoint_mixer (the `.mixer.layer.` key level) exists only in the "
+    raise InputError("checkpoint_mixer (the `.mixer.layer.` key level) exists only in the "
                      "lightning layout")
   head_prefix = "decoder.0" if layout == "lightning" else "head"
   prefix = {"hf": "hyena.", "lightning": "model.", "standalone": ""}[layout]
@@ -132,13 +140,16 @@ def state_dict_from_params(params: Mapping, cfg: HyenaConfig, *, layout: str = "
     try:
       value = _lookup(params, e.path)
     except KeyError as err:
-      raise ValueError(f"the checkpoint has no parameter {'.'.join(map(str, e.path))} that "
+      raise InputError(f"the checkpoint has no parameter {'.'.join(map(str, e.path))} that "
                        f"{e.torch_key} needs; it does not match its own model config") from err
     make = (lambda v=value, f=e.to_torch: np.asarray(f(np.asarray(v, np.float32)), np.float32))
     shape = _torch_shape(e.to_torch, tuple(value.shape))
     keys = [e.torch_key]
     if freq_aliases and e.torch_key.endswith("implicit_filter.1.freq"):
-      keys += [e.torch_key.replace(".1.freq", ".3.freq"), e.torch_key.replace(".1.freq", ".5.freq")]
+      # The Sin after each of the num_inner_mlps + 1 hidden linears sits at index 2j + 1; all
+      # are one module, so PyTorch's state_dict lists its freq under each index.
+      keys += [e.torch_key.replace(".1.freq", f".{2 * j + 1}.freq")
+               for j in range(1, cfg.num_inner_mlps + 1)]
     out += [LazyTensor(rename(k), shape, make) for k in keys]
 
   # Buffers: identical in every layer, so built once (float32, for exactly l_max).
@@ -282,8 +293,9 @@ def write_torch(path: str, tensors: Sequence[LazyTensor], *, wrap_lightning: boo
   try:
     import torch
   except ImportError as e:
-    raise ImportError("the lightning/standalone layouts are PyTorch pickles and need PyTorch: "
-                      "pip install 'hyena_jax[torch]' (or export --layout=hf)") from e
+    raise MissingDependencyError("the lightning/standalone layouts are PyTorch pickles and need "
+                                 'PyTorch: pip install -e ".[torch]" (or export --layout=hf)'
+                                 ) from e
   made: dict[int, Any] = {}  # one torch tensor per producer, shared by its aliases
   state = {}
   for t in tensors:
@@ -306,7 +318,7 @@ def _model_of(run_config: dict, workdir: str, step: int) -> tuple[HyenaConfig, i
     cfg = checkpoint.model_config(run_config)
     n_classes, pooling = checkpoint.head_of(run_config)
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{workdir} step {step}: the run config's model section is not one this "
+    raise InputError(f"{workdir} step {step}: the run config's model section is not one this "
                      f"exporter understands: {e}") from e
   return cfg, n_classes, pooling
 
@@ -329,17 +341,30 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, dict, i
   return restored["params"], run_config, step
 
 
+# Every file an export may write; --overwrite replaces only these, whatever else the folder holds.
+EXPORT_FILES = tuple(WEIGHT_FILES.values()) + ("config.json",)
+
+
 def _publish(tmp_dir: str, out_dir: str, overwrite: bool) -> None:
-  """Renames the finished temporary directory to `out_dir` (replacing it only if allowed)."""
-  if os.path.exists(out_dir):
-    if not overwrite:
-      raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
-    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out_dir))
-    os.replace(out_dir, os.path.join(old, "x"))
+  """Moves the finished temporary directory to `out_dir`.
+
+  With `overwrite` and an existing `out_dir`, each file this exporter writes is renamed into it
+  (replacing the old one), and the other layouts' weight files are removed (they would no longer
+  match config.json); files the exporter never writes are left untouched.
+  """
+  if not os.path.exists(out_dir):
     os.replace(tmp_dir, out_dir)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp_dir, out_dir)
+    return
+  if not overwrite:
+    raise OutputExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+  written = os.listdir(tmp_dir)
+  for name in written:
+    os.replace(os.path.join(tmp_dir, name), os.path.join(out_dir, name))
+  for name in EXPORT_FILES:
+    stale = os.path.join(out_dir, name)
+    if name not in written and os.path.isfile(stale):
+      os.remove(stale)
+  os.rmdir(tmp_dir)
 
 
 def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "hf", *,
@@ -352,9 +377,11 @@ def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "h
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+    raise OutputExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise OutputExistsError(f"{out_dir} is a file, not a folder; choose another --out")
   run_config, step = checkpoint.read_run_config(workdir, step)
   cfg, n_classes, pooling = _model_of(run_config, workdir, step)
   if not include_head:
@@ -405,18 +432,18 @@ if __name__ == "__main__":
                     "keys, as models trained with activation checkpointing.")
   flags.DEFINE_string("remote_code_repo", DEFAULT_REMOTE_CODE,
                       "hf only: hub repository whose modeling_hyena.py auto_map points to.")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
+  flags.DEFINE_bool("overwrite", False, "Write into an existing --out folder, replacing only the "
+                    "files export writes (weights, config.json); other files stay.")
   FLAGS = flags.FLAGS
 
   def main(argv):
-    del argv
-    try:
-      out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.layout, include_head=FLAGS.head,
-                   checkpoint_mixer=FLAGS.checkpoint_mixer,
-                   remote_code_repo=FLAGS.remote_code_repo, overwrite=FLAGS.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-      sys.exit(f"export failed: {e}")
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.layout, include_head=FLAGS.head,
+                 checkpoint_mixer=FLAGS.checkpoint_mixer,
+                 remote_code_repo=FLAGS.remote_code_repo, overwrite=FLAGS.overwrite)
     logging.info("wrote %s", out)
     print(out)
 
-  app.run(main)
+  from hyena_jax import cli
+  cli.run(main)

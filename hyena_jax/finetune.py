@@ -36,7 +36,9 @@ from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import data as data_lib
 from hyena_jax import metrics_writer, optim, sharding
+from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError, OutputExistsError
 from hyena_jax.finetune_config import METRICS
 from hyena_jax.model import SequenceClassifier
 
@@ -132,13 +134,13 @@ def read_split(path: str, labels_path: str = "", *, max_length: int, n_classes: 
   [0, n_classes), a sequence longer than max_length (unless `truncate`), an empty file.
   """
   if not path:
-    raise ValueError("no data file given: set --config.data.train=PATH (TSV/CSV `seq<TAB>label`"
+    raise InputError("no data file given: set --config.data.train=PATH (TSV/CSV `seq<TAB>label`"
                      " or FASTA with --config.data.train_labels)")
   regression = n_classes == 1
   suffix = path[:-3] if path.endswith(".gz") else path
   if suffix.endswith((".fa", ".fasta", ".fna")):
     if not labels_path:
-      raise ValueError(f"{path} is FASTA: give its labels (`name<TAB>label` per record) with the "
+      raise InputError(f"{path} is FASTA: give its labels (`name<TAB>label` per record) with the "
                        "matching data.*_labels field")
     seqs, labels, lines = data_lib.read_labelled_fasta(path, labels_path,
                                                        float_labels=regression, return_lines=True)
@@ -148,14 +150,14 @@ def read_split(path: str, labels_path: str = "", *, max_length: int, n_classes: 
   if not regression:
     bad = np.flatnonzero(labels >= n_classes)
     if bad.size:
-      raise ValueError(f"{path}:{lines[bad[0]]}: label {labels[bad[0]]} is not a class id of this "
+      raise InputError(f"{path}:{lines[bad[0]]}: label {labels[bad[0]]} is not a class id of this "
                        f"task (head.n_classes={n_classes}: ids 0..{n_classes - 1}); "
                        f"{bad.size} such row(s)")
   if not truncate:
     lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
     long = np.flatnonzero(lengths > max_length)
     if long.size:
-      raise ValueError(f"{path}:{lines[long[0]]}: sequence of {lengths[long[0]]} bases exceeds "
+      raise InputError(f"{path}:{lines[long[0]]}: sequence of {lengths[long[0]]} bases exceeds "
                        f"data.max_length={max_length} ({long.size} such row(s)); raise "
                        "data.max_length (at most model.l_max) or set data.truncate=True to keep "
                        "the first max_length bases")
@@ -222,7 +224,7 @@ def build_classifier(config: ml_collections.ConfigDict) -> tuple[SequenceClassif
     if not isinstance(source, SequenceClassifier) or source.n_classes != n_classes:
       have = (f"a {source.n_classes}-class head" if isinstance(source, SequenceClassifier)
               else "no classification head (a language model)")
-      raise ValueError(f"keep_pretrained_head=True but {config.pretrained} has {have}; "
+      raise InputError(f"keep_pretrained_head=True but {config.pretrained} has {have}; "
                        f"head.n_classes is {n_classes}. Set keep_pretrained_head=False for a "
                        "fresh head")
     params["output_transform"] = loaded["output_transform"]
@@ -315,7 +317,7 @@ def evaluate(predict_fn: Callable, params: Any, split: LabelledSplit, n_classes:
 
 
 def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
-  errors = []
+  errors = run_config_lib.training_errors(config)
   if config.head.n_classes < 1:
     errors.append(f"head.n_classes must be >= 1 (1 = regression), got {config.head.n_classes}")
   regression = config.head.n_classes == 1
@@ -332,7 +334,7 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
   if config.train.epochs < 0 or config.train.num_steps < 0 or config.train.patience < 0:
     errors.append("train.epochs, train.num_steps and train.patience must be >= 0")
   if errors:
-    raise ValueError("invalid fine-tuning config:\n  " + "\n  ".join(errors))
+    raise InputError("invalid fine-tuning config:\n  " + "\n  ".join(errors))
 
 
 def _tx_and_schedule(config: ml_collections.ConfigDict, total_steps: int, frozen: Any):
@@ -352,8 +354,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   returns the results dict. train.epochs = train.num_steps = 0 evaluates the initial weights."""
   os.makedirs(workdir, exist_ok=True)
   if ckpt_lib.latest_step(workdir) is not None:
-    raise FileExistsError(f"{workdir} already holds a fine-tuning run (checkpoints/); use a new "
-                          "--workdir")
+    raise OutputExistsError(f"{workdir} already holds a fine-tuning run (checkpoints/); use a new "
+                            "--workdir")
   mesh = sharding.make_mesh(config.mesh.data, 1, 1)
   n_devices = mesh.shape["data"]
   validate_config(config, n_devices)
@@ -361,7 +363,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   n_classes = config.head.n_classes
   model, init = build_classifier(config)
   if config.data.max_length > model.config.l_max:
-    raise ValueError(f"data.max_length={config.data.max_length} exceeds the model's l_max="
+    raise InputError(f"data.max_length={config.data.max_length} exceeds the model's l_max="
                      f"{model.config.l_max}; lower it (with data.truncate=True) or use a model "
                      "with a longer context")
   logging.info("init: %s; rows train %d / valid %d / test %d", init, len(splits["train"]),
@@ -374,7 +376,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   steps_per_epoch = len(splits["train"]) // batch
   total = config.train.num_steps or config.train.epochs * steps_per_epoch
   if total and steps_per_epoch == 0:
-    raise ValueError(f"{len(splits['train'])} training rows do not fill one batch of "
+    raise InputError(f"{len(splits['train'])} training rows do not fill one batch of "
                      f"train.batch_size={batch}; lower it")
   tx, schedule = _tx_and_schedule(config, total, frozen if config.train.freeze_backbone else None)
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -452,7 +454,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   valid, _ = run_eval(params, "valid")
   test, test_outputs = run_eval(params, "test")
   np.save(os.path.join(workdir, "test_outputs.npy"), test_outputs)
-  writer.close(plot=bool(total))
+  writer.close(plot=bool(total), loss_label="mean squared error" if config.head.n_classes == 1
+               else "cross-entropy (nats/sequence)")
   results = {
       "task": config.task, "metric": metric, "init": init,
       "test": test, "valid": valid, "best_step": best["step"], "steps": step,
@@ -475,22 +478,10 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
 # Command line
 
 
-def quiet_orbax_logs() -> None:
-  """Orbax logs every file it writes at INFO; keep its warnings (as hyena_jax.main does)."""
-  import logging as py_logging
-
-  class _Filter(py_logging.Filter):
-    def filter(self, record):
-      return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-  logging.get_absl_handler().addFilter(_Filter())
-
-
 def main(argv) -> None:
   from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  quiet_orbax_logs()
   finetune_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -498,10 +489,10 @@ if __name__ == "__main__":
   if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_experimental_ynn_fusion_type=-reduce").strip()
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Fine-tuning config, e.g. "
-                                  "configs/finetune/human_enhancers_cohn.py", lock_config=True)
+  from absl import flags
+  from hyena_jax import cli
+  cli.define_config_file("config", None, "Fine-tuning config, e.g. "
+                         "configs/finetune/human_enhancers_cohn.py")
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.json go.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

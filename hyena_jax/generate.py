@@ -38,6 +38,7 @@ from flax import nnx
 
 from hyena_jax import inference
 from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
 
 Method = Literal["cached", "recompute"]
@@ -217,6 +218,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Flags of the CLI (defined only when run as a program)."""
   inference.define_common_flags()
+  flags.adopt_module_key_flags(inference)  # so --help lists --model, not only --helpfull
   flags.DEFINE_string("prompt", None, "DNA prompt")
   flags.DEFINE_string("prompt_fasta", None, "FASTA of prompts (one generation per record)")
   flags.DEFINE_integer("num_new", 100, "bases to generate per sample")
@@ -240,9 +242,15 @@ def main(argv: Sequence[str]) -> None:
              [(r.name, r.seq) for r in inference.read_fasta(FLAGS.prompt_fasta)])
   lines = []
   for name, prompt in prompts:
-    result = generate(model, prompt, FLAGS.num_new, num_samples=FLAGS.num_samples,
-                      temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed,
-                      allow_n=FLAGS.allow_n, method=FLAGS.method)
+    try:
+      result = generate(model, prompt, FLAGS.num_new, num_samples=FLAGS.num_samples,
+                        temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed,
+                        allow_n=FLAGS.allow_n, method=FLAGS.method)
+    except InputError:
+      raise
+    except ValueError as e:  # generate() checks its arguments, which are these flags
+      where = f"{FLAGS.prompt_fasta} (record {name!r}): " if FLAGS.prompt_fasta else ""
+      raise InputError(f"{where}{e}") from e
     for i, seq in enumerate(result.sequences):
       lines += [f">{name}_sample{i} seed={FLAGS.seed} temperature={FLAGS.temperature} "
                 f"top_k={FLAGS.top_k}", seq]
@@ -257,4 +265,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(inference.run_cli(main))
+  from hyena_jax import cli
+  cli.run(main)

@@ -25,8 +25,12 @@ import dataclasses
 import gzip
 import os
 import pathlib
+import zlib
+from typing import Iterator
 
 import numpy as np
+
+from hyena_jax.errors import InputError, MissingInputError
 
 _GZIP_MAGIC = b"\x1f\x8b"
 BED_SPLITS = ("train", "valid", "test")
@@ -42,14 +46,71 @@ def _fasta_compression(path: str) -> str:
   return "bgzip" if has_extra and head[12:14] == b"BC" else "gzip"
 
 
-def _header_line(path: str, name: str) -> int | None:
-  """1-based line number of the FASTA header `>name ...` (only used to word error messages)."""
+def _header_line(path: str, name: str, nth: int = 1) -> int | None:
+  """1-based line number of the `nth` FASTA header `>name ...` (only used to word errors)."""
   opener = gzip.open if _fasta_compression(path) != "plain" else open
   with opener(path, "rt", errors="replace") as f:
     for lineno, line in enumerate(f, 1):
       if line.startswith(">") and line[1:].split(maxsplit=1)[:1] == [name]:
-        return lineno
+        nth -= 1
+        if not nth:
+          return lineno
   return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Text files (FASTA, tables, label files, VCF): one reader that names the file and the line
+
+
+# The one header rule of every table reader: line 1 is a header exactly when one of its fields
+# is one of these column names (any case); otherwise it is data, never silently dropped.
+HEADER_NAMES = ("seq", "sequence", "name", "id", "label")
+
+
+def is_header_row(fields: list[str]) -> bool:
+  return any(f.strip().lower() in HEADER_NAMES for f in fields)
+
+
+def text_lines(path: str | os.PathLike, *, encoding: str = "utf-8"
+               ) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line without its newline) of a plain or gzip (by content) file.
+
+  A binary file (NUL bytes, or bytes that are not `encoding`) and a damaged or truncated gzip
+  stream raise InputError naming the file and the line, instead of a bare UnicodeDecodeError
+  or EOFError from deep inside the reader.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise MissingInputError(f"{path} not found")
+  gz = _fasta_compression(path) != "plain"
+  lineno = 0
+  try:
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+      for raw in f:
+        lineno += 1
+        if b"\0" in raw:
+          raise InputError(f"{path}:{lineno}: contains NUL bytes: a binary file, not text; is "
+                           "this the right file?")
+        yield lineno, raw.decode(encoding).rstrip("\r\n")
+  except UnicodeDecodeError as e:
+    raise InputError(f"{path}:{lineno}: byte 0x{e.object[e.start]:02x} at column {e.start + 1} "
+                     f"is not {encoding} text: a binary file? is this the right file?") from None
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise InputError(f"{path}:{lineno + 1}: the gzip data is damaged or truncated ({e}); "
+                     "re-download or re-compress the file") from None
+
+
+def _first_binary_line(path: str) -> int:
+  """Line number of the first line that is not UTF-8 text (for errors about binary files)."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        raw.decode("utf-8")
+      except UnicodeDecodeError:
+        return lineno
+      if b"\0" in raw:
+        return lineno
+  return 1
 
 
 def open_fasta(path: str | os.PathLike):
@@ -63,33 +124,46 @@ def open_fasta(path: str | os.PathLike):
 
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"FASTA file {path} not found; set data.fasta to an existing file "
+    raise MissingInputError(f"FASTA file {path} not found; set data.fasta to an existing file "
                             "(or '' for the bundled E. coli genome; launch/prepare_hg38.sh "
                             "downloads hg38)")
   kind = _fasta_compression(path)
   if kind == "gzip":
-    raise ValueError(
+    raise InputError(
         f"{path} is plain gzip, which cannot be indexed for random access. Either decompress "
         f"it (`gunzip -k {path}`) or recompress it as BGZF (`gunzip -c {path} | bgzip > "
         f"{path[:-3] if path.endswith('.gz') else path}.bgz.gz`, bgzip is in htslib/tabix; "
         "reading BGZF also needs `pip install biopython`)")
+  fai = path + ".fai"
+  had_index = os.path.exists(fai)
   try:
     fasta = pyfaidx.Fasta(path, as_raw=True, sequence_always_upper=False,
                           build_index=True)
   except pyfaidx.FastaIndexingError as e:
-    raise ValueError(f"{path}: not a valid indexable FASTA: {e}") from e
+    raise InputError(f"{path}: not a valid indexable FASTA: {e}") from e
+  except UnicodeDecodeError:
+    raise InputError(f"{path}:{_first_binary_line(path)}: not a text FASTA file (bytes that are "
+                     "not text: a binary file?); set data.fasta to a FASTA file") from None
+  except ValueError as e:  # pyfaidx: 'Duplicate key "chr1"', after writing the .fai
+    if not str(e).startswith("Duplicate key"):
+      raise
+    if not had_index and os.path.exists(fai):
+      os.remove(fai)  # an index of a file we refuse would be reused silently next time
+    name = str(e).split('"')[1] if '"' in str(e) else str(e)
+    raise InputError(f"{path}:{_header_line(path, name, 2)}: FASTA record name {name!r} appears "
+                     "more than once; names must be unique (rename or remove one)") from None
   except ImportError as e:
-    raise ValueError(f"{path} is BGZF-compressed, and pyfaidx needs Biopython to read it: "
+    raise InputError(f"{path} is BGZF-compressed, and pyfaidx needs Biopython to read it: "
                      f"`pip install biopython`, or decompress it with `bgzip -d`") from e
   empty = [name for name, rec in fasta.faidx.index.items() if rec.rlen == 0]
   if empty:
     line = _header_line(path, empty[0])
     fasta.close()
-    raise ValueError(f"{path}:{line}: FASTA record {empty[0]!r} is empty ({len(empty)} empty "
+    raise InputError(f"{path}:{line}: FASTA record {empty[0]!r} is empty ({len(empty)} empty "
                      "record(s)); remove empty records from the file")
   if not fasta.faidx.index:
     fasta.close()
-    raise ValueError(f"{path}: FASTA has no records")
+    raise InputError(f"{path}: FASTA has no records")
   return fasta
 
 
@@ -132,7 +206,7 @@ def read_bed(path: str | os.PathLike, sizes: dict[str, int], split: str | None =
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"BED file {path} not found; set data.bed to an existing file, or "
+    raise MissingInputError(f"BED file {path} not found; set data.bed to an existing file, or "
                             "'' to tile the genome")
   names = list(sizes)
   index = {name: i for i, name in enumerate(names)}
@@ -146,34 +220,34 @@ def read_bed(path: str | os.PathLike, sizes: dict[str, int], split: str | None =
       where = f"{path}:{lineno}"
       cols = line.split("\t") if "\t" in line else line.split()
       if len(cols) < 3:
-        raise ValueError(f"{where}: expected `chrom start end [split]`, got {len(cols)} "
+        raise InputError(f"{where}: expected `chrom start end [split]`, got {len(cols)} "
                          f"column(s): {line[:80]!r}")
       chrom, start_s, end_s = cols[0], cols[1], cols[2]
       try:
         start, end = int(start_s), int(end_s)
       except ValueError:
-        raise ValueError(f"{where}: start/end must be integers, got {start_s!r} {end_s!r}"
+        raise InputError(f"{where}: start/end must be integers, got {start_s!r} {end_s!r}"
                          ) from None
       if start < 0 or end <= start:
-        raise ValueError(f"{where}: bad interval {chrom}:{start}-{end} (need 0 <= start < end; "
+        raise InputError(f"{where}: bad interval {chrom}:{start}-{end} (need 0 <= start < end; "
                          "BED is 0-based, half-open)")
       if chrom not in index:
         sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise ValueError(f"{where}: chromosome {chrom!r} is not in the FASTA ({sample}); use "
+        raise InputError(f"{where}: chromosome {chrom!r} is not in the FASTA ({sample}); use "
                          "the genome the BED was made for (hg38 for human-sequences.bed)")
       if end > sizes[chrom]:
-        raise ValueError(f"{where}: end {end} is past the end of {chrom} ({sizes[chrom]} bp); "
+        raise InputError(f"{where}: end {end} is past the end of {chrom} ({sizes[chrom]} bp); "
                          "the BED and FASTA assemblies differ?")
       if split is not None:
         if len(cols) < 4:
-          raise ValueError(f"{where}: no split column (4th) to select split={split!r}")
+          raise InputError(f"{where}: no split column (4th) to select split={split!r}")
         seen_splits[cols[3]] = seen_splits.get(cols[3], 0) + 1
         if cols[3] != split:
           continue
       rows.append((index[chrom], start, end, 0, sizes[chrom]))
   if not rows:
     found = f"; splits present: {dict(sorted(seen_splits.items()))}" if seen_splits else ""
-    raise ValueError(f"{path}: no intervals for split={split!r}{found}")
+    raise InputError(f"{path}: no intervals for split={split!r}{found}")
   return Intervals.from_rows(names, rows)
 
 
@@ -188,12 +262,12 @@ def tile_genome(sizes: dict[str, int], tile_length: int, valid_fraction: float, 
   tile are clipped to its part, so train and valid windows never share bases.
   """
   if split not in ("train", "valid"):
-    raise ValueError(f"tiling the genome (data.bed='') defines only 'train' and 'valid', got "
+    raise InputError(f"tiling the genome (data.bed='') defines only 'train' and 'valid', got "
                      f"split={split!r}; give a BED with a split column for other splits")
   if not 0.0 < valid_fraction < 1.0:
-    raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction}")
+    raise InputError(f"valid_fraction must lie in (0, 1), got {valid_fraction}")
   if tile_length < 1:
-    raise ValueError(f"tile_length must be >= 1, got {tile_length}")
+    raise InputError(f"tile_length must be >= 1, got {tile_length}")
   rows = []
   for c, (name, size) in enumerate(sizes.items()):
     cut = int(size * (1.0 - valid_fraction))
@@ -206,7 +280,7 @@ def tile_genome(sizes: dict[str, int], tile_length: int, valid_fraction: float, 
     for k in range(n):
       rows.append((c, lo + k * tile_length, lo + (k + 1) * tile_length, lo, hi))
   if not rows:
-    raise ValueError(f"the genome ({sum(sizes.values())} bp) gives no {split!r} tiles")
+    raise InputError(f"the genome ({sum(sizes.values())} bp) gives no {split!r} tiles")
   return Intervals.from_rows(sizes, rows)
 
 
@@ -277,7 +351,7 @@ class GenomeWindows:
     seq = self._fasta.get_seq(chrom, s + 1, e) if e > s else ""
     ids = self.tokenizer.tokenize(seq, where=where)
     if ids.shape[0] != e - s:
-      raise ValueError(f"{where}: read {ids.shape[0]} bases, expected {e - s}; is the .fai "
+      raise InputError(f"{where}: read {ids.shape[0]} bases, expected {e - s}; is the .fai "
                        "index stale? delete it to rebuild")
     return ids
 

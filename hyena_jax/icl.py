@@ -43,7 +43,9 @@ from flax import nnx
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import finetune, metrics_writer, optim
+from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
 
 MODES = ("soft_prompt", "instruction")
@@ -59,7 +61,7 @@ def label_tokens(n_classes: int) -> np.ndarray:
     return np.array([tok.A, tok.N], np.int32)
   if n_classes == 3:
     return np.array([tok.A, tok.G, tok.N], np.int32)
-  raise ValueError(f"in-context learning defines label tokens for 2 or 3 classes (official "
+  raise InputError(f"in-context learning defines label tokens for 2 or 3 classes (official "
                    f"A/N and A/G/N), got head.n_classes={n_classes}")
 
 
@@ -101,7 +103,7 @@ def sample_demos(pool_labels: np.ndarray, n_classes: int, shots: int, rng: np.ra
     rows = np.flatnonzero(pool_labels == c)
     rows = rows[rows != exclude] if exclude is not None else rows
     if len(rows) < shots:
-      raise ValueError(f"class {c} has {len(rows)} training row(s) to draw demonstrations from, "
+      raise InputError(f"class {c} has {len(rows)} training row(s) to draw demonstrations from, "
                        f"fewer than icl.shots={shots}; lower icl.shots")
     chosen.append(rng.choice(rows, size=shots, replace=False))
   chosen = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
@@ -168,7 +170,7 @@ def label_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[
 def split_params(params: dict, mode: str) -> tuple[dict, dict]:
   """(trainable, fixed) parts of {"lm", "prompt"} for a mode."""
   if mode not in MODES:
-    raise ValueError(f"icl.mode must be one of {MODES}, got {mode!r}")
+    raise InputError(f"icl.mode must be one of {MODES}, got {mode!r}")
   if mode == "soft_prompt":
     return {"prompt": params["prompt"]}, {"lm": params["lm"]}
   return {"lm": params["lm"]}, {k: v for k, v in params.items() if k != "lm"}
@@ -261,19 +263,22 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """Tunes (soft prompt or all weights) and reports query accuracy on valid/test before and
   after; writes WORKDIR/{results.json, metrics.jsonl} and the best tuned parameters
   (prompt.npy for soft prompting, an orbax LM checkpoint for instruction tuning)."""
-  os.makedirs(workdir, exist_ok=True)
   icl, n_classes, max_length = config.icl, config.head.n_classes, config.data.max_length
   label_tokens(n_classes)  # validates n_classes early
   if icl.mode not in MODES:
-    raise ValueError(f"icl.mode must be one of {MODES}, got {icl.mode!r}")
+    raise InputError(f"icl.mode must be one of {MODES}, got {icl.mode!r}")
+  problems = run_config_lib.training_errors(config)
+  if problems:
+    raise InputError("invalid ICL config:\n  " + "\n  ".join(problems))
   splits = finetune.load_splits(config)
   lm, init = load_lm(config)
   n_soft = icl.n_soft if icl.mode == "soft_prompt" else 0
   length = n_soft + context_length(max_length, n_classes, icl.shots)
   if length > lm.config.l_max:
-    raise ValueError(f"a context of {icl.shots} shot(s) per class needs {length} positions "
+    raise InputError(f"a context of {icl.shots} shot(s) per class needs {length} positions "
                      f"(with {n_soft} soft tokens) but the model's l_max is {lm.config.l_max}; "
                      "lower icl.shots, icl.n_soft or data.max_length (with data.truncate)")
+  os.makedirs(workdir, exist_ok=True)  # only once the config and data have been checked
   lm_graphdef, lm_params = nnx.split(lm, nnx.Param)
   params = {"lm": nnx.to_pure_dict(lm_params), "prompt": {}}
   if n_soft:
@@ -329,7 +334,7 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
                      float(np.mean(jax.device_get(losses[-config.train.log_every_steps:]))),
                      time.perf_counter() - start)
     if not losses:
-      raise ValueError(f"{len(tune_set)} tuning rows do not fill one batch of "
+      raise InputError(f"{len(tune_set)} tuning rows do not fill one batch of "
                        f"icl.batch_size={batch}")
     train_loss = float(np.mean(jax.device_get(losses)))
     valid = evaluate(eval_fn, params_of(state), eval_sets["valid"], batch)
@@ -342,7 +347,7 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
               "trainable": jax.tree.map(np.asarray, state["trainable"])}
   tuned = {**fixed, **best["trainable"]}
   after = {k: evaluate(eval_fn, tuned, v, batch) for k, v in eval_sets.items()}
-  writer.close(plot=config.train.epochs > 0)
+  writer.close(plot=config.train.epochs > 0, loss_label="cross-entropy at label tokens (nats)")
   if n_soft:
     np.save(os.path.join(workdir, "prompt.npy"), np.asarray(tuned["prompt"]["embedding"]))
   elif config.train.epochs:
@@ -370,15 +375,13 @@ def main(argv) -> None:
   from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  finetune.quiet_orbax_logs()
   icl_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "ICL config, e.g. "
-                                  "configs/finetune/icl_soft_prompt.py", lock_config=True)
+  from absl import flags
+  from hyena_jax import cli
+  cli.define_config_file("config", None, "ICL config, e.g. configs/finetune/icl_soft_prompt.py")
   flags.DEFINE_string("workdir", None, "Where metrics, results.json and tuned weights go.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -15,19 +15,20 @@ record; every record carries `where` (file, line and name) for error messages.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
-import gzip
 import os
 import zipfile
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from absl import logging
 from flax import nnx
 
+from hyena_jax import genome
 from hyena_jax import tokenizer as tok
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError, MissingInputError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -55,7 +56,7 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, shift: float
   from hyena_jax import checkpoint, weights  # lazily: orbax/torch only when needed
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"model path not found: {path} (expected an orbax workdir, an "
+    raise MissingInputError(f"model path not found: {path} (expected an orbax workdir, an "
                             "official .safetensors/.ckpt/.pt file or a folder holding one)")
   if os.path.isdir(path):
     if os.path.isdir(checkpoint.checkpoint_dir(path)):
@@ -63,11 +64,11 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, shift: float
       return model, checkpoint.model_config(run_config)
     found = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
     if not found:
-      raise FileNotFoundError(f"{path} is a folder with neither checkpoints/ (an orbax workdir) "
+      raise MissingInputError(f"{path} is a folder with neither checkpoints/ (an orbax workdir) "
                               f"nor any of {list(_WEIGHT_FILES)}")
     path = os.path.join(path, found[0])
   if step is not None:
-    raise ValueError(f"step={step} only applies to orbax workdirs, not to {path}")
+    raise InputError(f"step={step} only applies to orbax workdirs, not to {path}")
   model, cfg, _ = weights.load_pretrained(path, shift=shift)
   return model, cfg
 
@@ -75,7 +76,7 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, shift: float
 def require_lm(model: nnx.Module, tool: str) -> HyenaLM:
   """Scoring and generation need next-token logits: refuse a classifier with a clear reason."""
   if not isinstance(model, HyenaLM):
-    raise ValueError(f"{tool} needs a language model (HyenaLM); got a {type(model).__name__}. "
+    raise InputError(f"{tool} needs a language model (HyenaLM); got a {type(model).__name__}. "
                      "A fine-tuned classifier's LM head is not trained for next-base prediction: "
                      "use a pretrained checkpoint (embeddings work with either)")
   return model
@@ -98,46 +99,46 @@ def as_records(sequences: Iterable[str | Record]) -> Iterator[Record]:
     yield s if isinstance(s, Record) else Record(f"seq{i}", s, f"sequence {i}")
 
 
-def open_text(path: str):
-  """Text of a plain or gzip file (detected by content), latin-1, universal newlines."""
-  with open(path, "rb") as f:
-    magic = f.read(2)
-  if magic == _GZIP_MAGIC:
-    return gzip.open(path, "rt", newline=None, errors="strict", encoding="latin-1")
-  return open(path, "rt", newline=None, encoding="latin-1")
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number, line) of a plain or gzip text file (see `genome.text_lines`). latin-1, so a
+  stray non-ASCII byte reaches the sequence checks, which name its position."""
+  return genome.text_lines(path, encoding="latin-1")
 
 
 def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
   """Streams FASTA records (plain or gzip, any line width, CRLF ok). Name = header's first word.
 
-  Errors name the file and line: text before the first header, a header without a name, and a
-  record without sequence.
+  Errors name the file and line: text before the first header, a header without a name, a
+  record without sequence, a name used twice, a binary file and a truncated gzip.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"FASTA file not found: {path}")
+    raise MissingInputError(f"FASTA file not found: {path}")
   name, header_line, parts = None, 0, []
+  seen: dict[str, int] = {}
 
   def finish() -> Record:
     where = f"{path}:{header_line} (record {name!r})"
     if not parts:
-      raise ValueError(f"{where}: record has no sequence; remove it or add bases")
+      raise InputError(f"{where}: record has no sequence; remove it or add bases")
     return Record(name, "".join(parts), where)
 
-  with open_text(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if line.startswith(">"):
-        if name is not None:
-          yield finish()
-        words = line[1:].split()
-        if not words:
-          raise ValueError(f"{path}:{lineno}: FASTA header without a name")
-        name, header_line, parts = words[0], lineno, []
-      elif line.strip():
-        if name is None:
-          raise ValueError(f"{path}:{lineno}: text before the first '>' header; is this FASTA?")
-        parts.append(line.strip())
+  for lineno, line in text_lines(path):
+    if line.startswith(">"):
+      if name is not None:
+        yield finish()
+      words = line[1:].split()
+      if not words:
+        raise InputError(f"{path}:{lineno}: FASTA header without a name")
+      name, header_line, parts = words[0], lineno, []
+      if name in seen:  # results are keyed by name: a second record would shadow the first
+        raise InputError(f"{path}:{lineno}: FASTA record name {name!r} is used again (first at "
+                         f"line {seen[name]}); names must be unique")
+      seen[name] = lineno
+    elif line.strip():
+      if name is None:
+        raise InputError(f"{path}:{lineno}: text before the first '>' header; is this FASTA?")
+      parts.append(line.strip())
   if name is not None:
     yield finish()
 
@@ -147,42 +148,53 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
   """Streams sequences from one column of a TSV (or CSV, by suffix) file.
 
   `column`/`name_column` are 0-based indices or header names (a name implies a header).
-  `header=None` detects it: the first row is a header if its sequence field is short (<= 64
-  characters) and not DNA (e.g. GenomicBenchmarks' `seq<TAB>label`). Records are named by `name_column`, else `row<N>`
-  (N = 1-based data row). Errors name the file and line.
+  `header=None` applies the one header rule of every table reader (`genome.HEADER_NAMES`):
+  line 1 is a header exactly when one of its fields is seq, sequence, name, id or label (any
+  case); a first line that is neither DNA nor such a header is an error, never dropped.
+  Records are named by `name_column`, else `row<N>` (N = 1-based data row). Errors name the
+  file and line.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"table file not found: {path}")
+    raise MissingInputError(f"table file not found: {path}")
   delimiter = "," if path.endswith((".csv", ".csv.gz")) else "\t"
   named = isinstance(column, str) or isinstance(name_column, str)
   if header is False and named:
-    raise ValueError("columns given by name need a header row; pass indices or header=True")
-  with open_text(path) as f:
-    rows = csv.reader(f, delimiter=delimiter)
-    first = next(rows, None)
-    if first is None:
-      return
-    if header is None:  # a short non-DNA field is a column name; a long one is a bad sequence
-      field = _field(first, _index(column, None), path, 1).strip()
-      header = named or (not _looks_like_dna(field) and len(field) <= 64)
-      if header:
-        logging.info("%s: reading line 1 as a header: %s", path, first)
-    names = first if header else None
-    col = _index(column, names, path)
-    name_col = None if name_column is None else _index(name_column, names, path)
-    data_row = 0
-    pending = [] if header else [(1, first)]
-    for lineno, row in _chain(pending, enumerate(rows, 2)):
-      if not row or (len(row) == 1 and not row[0].strip()):
-        continue  # blank line
-      data_row += 1
-      seq = _field(row, col, path, lineno).strip()
-      name = _field(row, name_col, path, lineno) if name_col is not None else f"row{data_row}"
-      where = f"{path}:{lineno} (record {name!r})"
-      if not seq:
-        raise ValueError(f"{where}: empty sequence")
-      yield Record(name, seq, where)
+    raise InputError("columns given by name need a header row; pass indices or header=True")
+  current = [0]  # line number of the row csv.reader last returned (one row per line)
+
+  def texts() -> Iterator[str]:
+    for lineno, line in text_lines(path):
+      current[0] = lineno
+      yield line
+
+  rows = iter(csv.reader(texts(), delimiter=delimiter))
+  first = next(rows, None)
+  if first is None:
+    return
+  if header is None:
+    header = named or genome.is_header_row(first)
+    field = _field(first, _index(column, None), path, 1).strip()
+    if not header and not _looks_like_dna(field):
+      raise InputError(f"{path}:1: {field[:40]!r} is neither DNA nor a column name; a header row "
+                       f"must name its columns (one of {', '.join(genome.HEADER_NAMES)}), or pass "
+                       "the sequence column by name (--column=NAME)")
+  names = first if header else None
+  col = _index(column, names, path)
+  name_col = None if name_column is None else _index(name_column, names, path)
+  data_row = 0
+  pending = [] if header else [first]
+  for row in _chain(pending, rows):
+    lineno = current[0]
+    if not row or (len(row) == 1 and not row[0].strip()):
+      continue  # blank line
+    data_row += 1
+    seq = _field(row, col, path, lineno).strip()
+    name = _field(row, name_col, path, lineno) if name_col is not None else f"row{data_row}"
+    where = f"{path}:{lineno} (record {name!r})"
+    if not seq:
+      raise InputError(f"{where}: empty sequence")
+    yield Record(name, seq, where)
 
 
 def _chain(first: list, rest: Iterable) -> Iterator:
@@ -196,13 +208,13 @@ def _index(column: int | str, names: list[str] | None, path: str = "") -> int:
   if names is None:
     return 0
   if column not in names:
-    raise ValueError(f"{path}: no column named {column!r}; header has {names}")
+    raise InputError(f"{path}: no column named {column!r}; header has {names}")
   return names.index(column)
 
 
 def _field(row: list[str], col: int, path: str, lineno: int) -> str:
   if col >= len(row):
-    raise ValueError(f"{path}:{lineno}: row has {len(row)} column(s), column {col} requested")
+    raise InputError(f"{path}:{lineno}: row has {len(row)} column(s), column {col} requested")
   return row[col]
 
 
@@ -222,13 +234,13 @@ def read_sequences(path: str | os.PathLike, *, fmt: str = "auto", column: int | 
     fmt = ("fasta" if low.endswith(FASTA_SUFFIXES) else
            "table" if low.endswith(TABLE_SUFFIXES) else "")
     if not fmt:
-      raise ValueError(f"cannot tell the format of {path} from its suffix; pass fmt='fasta' or "
+      raise InputError(f"cannot tell the format of {path} from its suffix; pass fmt='fasta' or "
                        f"'table' (FASTA: {FASTA_SUFFIXES}, tables: {TABLE_SUFFIXES})")
   if fmt == "fasta":
     return read_fasta(path)
   if fmt == "table":
     return read_table(path, column, name_column=name_column)
-  raise ValueError(f"fmt must be 'auto', 'fasta' or 'table', got {fmt!r}")
+  raise InputError(f"fmt must be 'auto', 'fasta' or 'table', got {fmt!r}")
 
 
 def encode_record(tokenizer: tok.CharacterTokenizer, record: Record, l_max: int, *,
@@ -236,10 +248,13 @@ def encode_record(tokenizer: tok.CharacterTokenizer, record: Record, l_max: int,
                   ) -> np.ndarray:
   """Token ids of one record ([prefix] + bases [+ SEP]), checked against l_max. int32 [n]."""
   room = l_max - len(prefix)
+  if not record.seq:
+    raise InputError(f"{record.where}: empty sequence (length 0); remove it or give at least "
+                     "one base")
   ids = tokenizer.encode(record.seq, None, add_eos=False, where=record.where)
   if ids.size + add_eos > room:
     if not truncate:
-      raise ValueError(f"{record.where}: {ids.size} bases{' + [SEP]' if add_eos else ''} exceed "
+      raise InputError(f"{record.where}: {ids.size} bases{' + [SEP]' if add_eos else ''} exceed "
                        f"the model's l_max={l_max}{' with the prefix token' if prefix else ''}; "
                        "pass truncate=True (--truncate) to keep the first bases, or split it")
     ids = ids[:room - add_eos]
@@ -255,7 +270,7 @@ def bucket_length(n: int, l_max: int, min_bucket: int = 64) -> int:
   """Padded length for a sequence of n tokens: the next power of two >= max(n, min_bucket),
   capped at l_max. Few distinct sizes means few compilations."""
   if not 1 <= n <= l_max:
-    raise ValueError(f"sequence of {n} tokens does not fit 1..l_max={l_max}")
+    raise InputError(f"sequence of {n} tokens does not fit 1..l_max={l_max}")
   return min(max(min_bucket, 1 << (n - 1).bit_length()), l_max)
 
 
@@ -271,7 +286,7 @@ def make_batches(items: Sequence[np.ndarray], batch_size: int, l_max: int,
   """Groups token arrays by bucket length and right-pads them; the batch axis is always
   `batch_size` (filler rows have length 0) so each bucket compiles once."""
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raise InputError(f"batch_size must be >= 1, got {batch_size}")
   by_bucket: dict[int, list[int]] = {}
   for i, ids in enumerate(items):
     by_bucket.setdefault(bucket_length(len(ids), l_max, min_bucket), []).append(i)
@@ -320,6 +335,20 @@ def run_chunked(items: Iterable, encode: Callable[[object], np.ndarray],
 # Writing results incrementally
 
 
+@contextlib.contextmanager
+def atomic_text(path: str) -> Iterator:
+  """A text file written beside `path` and renamed onto it on success; on any error it is removed,
+  so a failed run leaves no partial output that looks complete."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      yield f
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 class NpzStreamWriter:
   """Writes an .npz whose big array is streamed in row blocks, in order, never held whole.
 
@@ -332,7 +361,7 @@ class NpzStreamWriter:
     self.path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(self.path))
     if not os.path.isdir(parent):
-      raise FileNotFoundError(f"output folder does not exist: {parent}")
+      raise MissingInputError(f"output folder does not exist: {parent}")
     self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
     self._stream = None
     self._rows_left = 0
@@ -357,7 +386,7 @@ class NpzStreamWriter:
     """Appends rows [n, *shape[1:]] to the open entry, in order."""
     rows = np.ascontiguousarray(rows, dtype=self._dtype)
     if rows.shape[1:] != self._shape[1:] or rows.shape[0] > self._rows_left:
-      raise ValueError(f"rows of shape {rows.shape} do not fit the remaining "
+      raise InputError(f"rows of shape {rows.shape} do not fit the remaining "
                        f"{(self._rows_left,) + self._shape[1:]} of {self._name!r}")
     self._stream.write(rows.tobytes())
     self._rows_left -= rows.shape[0]
@@ -404,13 +433,3 @@ def define_common_flags() -> None:
 def parse_column(value: str | None) -> int | str | None:
   """Table column flag: an integer index or a header name."""
   return None if value is None else int(value) if value.lstrip("-").isdigit() else value
-
-
-def run_cli(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:
-  """Wraps a CLI main so input errors print one clear line (and exit 1), not a traceback."""
-  def wrapped(argv: Sequence[str]) -> None:
-    try:
-      main(argv)
-    except (ValueError, FileNotFoundError) as e:
-      raise SystemExit(f"error: {e}") from None
-  return wrapped

@@ -18,15 +18,13 @@ if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "")
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from hyena_jax import train  # noqa: E402
+from hyena_jax import cli, train  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "default.py")
-config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Training config file; override fields with --config.a.b=value.",
-    lock_config=True)
+cli.define_config_file(
+    "config", _DEFAULT_CONFIG, "Training config file; override fields with --config.a.b=value.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints and metrics go.")
 _ALLOW_CHANGED = flags.DEFINE_list(
     "allow_changed", [],
@@ -41,21 +39,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods / clusters).")
 
 
-def _quiet_libraries() -> None:
-  """Orbax logs every file it writes at INFO; keep its warnings, drop the chatter."""
-  import logging as py_logging
-
-  class _Filter(py_logging.Filter):
-    def filter(self, record):
-      return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-  logging.get_absl_handler().addFilter(_Filter())
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _quiet_libraries()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
@@ -78,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -48,13 +48,14 @@ class MetricsWriter:
       for key, value in metrics.items():
         self._tb.add_scalar(key, float(value), int(step))
 
-  def close(self, plot: bool = True) -> None:
+  def close(self, plot: bool = True, loss_label: str = "cross-entropy (nats/base)") -> None:
+    """`loss_label` names the y axis of curves.png: what the logged `loss` measures."""
     if not self.enabled:
       return
     if self._tb is not None:
       self._tb.close()
     if plot:
-      plot_curves(self.path, os.path.join(self.workdir, "curves.png"))
+      plot_curves(self.path, os.path.join(self.workdir, "curves.png"), loss_label)
 
 
 def read_rows(path: str, text: str | None = None) -> list[dict]:
@@ -96,7 +97,8 @@ def write_atomically(path: str, text: str) -> None:
       os.remove(tmp)
 
 
-def plot_curves(metrics_path: str, out_path: str) -> str:
+def plot_curves(metrics_path: str, out_path: str,
+                loss_label: str = "cross-entropy (nats/base)") -> str:
   """Training and validation loss against step, from metrics.jsonl, as a PNG."""
   import matplotlib
   matplotlib.use("Agg")
@@ -111,7 +113,7 @@ def plot_curves(metrics_path: str, out_path: str) -> str:
   if valid:
     ax.plot(*zip(*valid), "o-", label="valid loss")
   ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats/base)")
+  ax.set_ylabel(loss_label)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()

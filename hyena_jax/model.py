@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError
 from hyena_jax.hyena import HyenaOperator
 
 Pooling = Literal["mean", "last", "first", "sum"]
@@ -112,6 +113,8 @@ class Backbone(nnx.Module):
       x = self.embed(input_ids, dropout_key)
     else:
       x = embeddings.astype(jnp.float32)
+    if x.shape[1] < 1:
+      raise InputError(f"embeddings {tuple(x.shape)} hold no positions (length 0)")
     if x.shape[1] > self.config.l_max:
       raise ValueError(f"sequence length {x.shape[1]} exceeds l_max={self.config.l_max}")
     x, layers = run_blocks(self.layers, x, lambda block, h: block(h), remat=self.config.remat,
@@ -217,6 +220,9 @@ def check_input_ids(input_ids: jax.Array, cfg: HyenaConfig) -> None:
   if not jnp.issubdtype(input_ids.dtype, jnp.integer):
     raise TypeError(f"input_ids must be integers (token ids), got dtype {input_ids.dtype}; "
                     "tokenize DNA with hyena_jax.tokenizer.CharacterTokenizer")
+  if input_ids.shape[1] < 1:
+    raise InputError(f"input_ids {tuple(input_ids.shape)} hold no tokens (length 0); give at "
+                     "least one token per sequence")
   if input_ids.shape[1] > cfg.l_max:
     raise ValueError(f"sequence length {input_ids.shape[1]} exceeds l_max={cfg.l_max}; use a "
                      "model with a larger l_max or split the sequence (nothing is truncated)")

@@ -7,10 +7,12 @@ bottom. `validate(config)` runs before anything is built and says what to fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -99,11 +101,26 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int | None = None
   """
   from hyena_jax import config as config_lib
   model = config_lib.from_dict(config.model.to_dict())
-  errors = []
+  errors = training_errors(config)
   stages = config.train.stages
   if not stages:
     errors.append("train.stages is empty; give at least one (steps, seq_len, grad_accum)")
   batch = config.train.global_batch_size
+  if not _is_int(batch) or batch < 1:
+    errors.append(f"train.global_batch_size must be a positive int, got {batch!r}")
+    batch = None  # the per-stage batch checks below would only repeat this
+  for name in ("checkpoint.every_steps", "checkpoint.keep_last"):
+    errors += _int_at_least(config, name, 1)
+  errors += _int_at_least(config, "eval.every_steps", 0, "(0 = evaluate only at the end)")
+  for axis in ("data", "fsdp", "sequence"):
+    size = config.mesh[axis]
+    if not _is_int(size) or not (size == -1 or size >= 1):
+      errors.append(f"mesh.{axis} must be >= 1, or -1 for the remaining devices; got {size!r}")
+  sequence = config.mesh.sequence
+  if _is_int(sequence) and sequence > 1 and model.d_model % sequence:
+    errors.append(f"mesh.sequence={sequence} does not divide model.d_model={model.d_model}: "
+                  "context parallelism splits the channels of the long convolution over the "
+                  "sequence axis; choose a sequence axis size that divides d_model")
   for i, stage in enumerate(stages):
     if len(stage) != 3 or not all(isinstance(v, int) and v > 0 for v in stage):
       errors.append(f"train.stages[{i}]={stage!r}: expected (steps, seq_len, grad_accum) of "
@@ -113,6 +130,8 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int | None = None
     if seq_len > model.l_max:
       errors.append(f"train.stages[{i}] seq_len={seq_len} exceeds model.l_max={model.l_max}; "
                     "raise model.l_max or shorten the stage")
+    if batch is None:
+      continue
     if batch % accum:
       errors.append(f"train.stages[{i}] grad_accum={accum} does not divide "
                     f"train.global_batch_size={batch}")
@@ -124,11 +143,50 @@ def validate(config: ml_collections.ConfigDict, data_parallel: int | None = None
   elif data_parallel and config.eval.batch_size % data_parallel:
     errors.append(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                   f"{data_parallel} data-parallel devices")
-  if not 0 <= config.optim.warmup_fraction < 1:
-    errors.append(f"optim.warmup_fraction must be in [0, 1), got {config.optim.warmup_fraction}")
   if errors:
-    raise ValueError("invalid run config:\n  " + "\n  ".join(errors))
+    raise InputError("invalid run config:\n  " + "\n  ".join(errors))
   return model
+
+
+def training_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """What pretraining, fine-tuning and ICL configs share: optimizer fields, the logging interval
+  and a trainable compute dtype. Returns one message per problem (empty when all is well)."""
+  errors = _int_at_least(config, "train.log_every_steps", 1)
+  optim = config.optim
+  if not _is_real(optim.learning_rate) or optim.learning_rate <= 0:
+    errors.append(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}")
+  for name in ("init_lr", "weight_decay", "filter_weight_decay", "grad_clip"):
+    if not _is_real(optim[name]) or optim[name] < 0:
+      errors.append(f"optim.{name} must be >= 0, got {optim[name]!r}"
+                    + (" (0 = no clipping)" if name == "grad_clip" else ""))
+  if not _is_real(optim.eps) or optim.eps <= 0:
+    errors.append(f"optim.eps must be > 0, got {optim.eps!r}")
+  for name in ("b1", "b2", "warmup_fraction"):
+    if not _is_real(optim[name]) or not 0 <= optim[name] < 1:
+      errors.append(f"optim.{name} must be in [0, 1), got {optim[name]!r}")
+  if not _is_real(optim.min_lr_ratio) or not 0 <= optim.min_lr_ratio <= 1:
+    errors.append(f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio!r}")
+  if "model" in config and config.model.get("dtype") == "float16":
+    errors.append("model.dtype='float16' cannot train: there is no loss scaling, so small "
+                  "gradients underflow to 0; use 'bfloat16' (same memory, float32's range)")
+  return errors
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(config: ml_collections.ConfigDict, name: str, low: int, note: str = ""
+                  ) -> list[str]:
+  section, key = name.split(".")
+  value = config[section][key]
+  if _is_int(value) and value >= low:
+    return []
+  return [f"{name} must be an int >= {low}{' ' + note if note else ''}, got {value!r}"]
 
 
 def warmup_stages(final_seq_len: int, *, final_steps: int, warmup_steps_per_stage: int,

@@ -26,7 +26,9 @@ likelihood of itself and of the bases after it. For indels the windows differ in
 the score includes the probability of the inserted or deleted bases themselves (an insertion
 of k bases costs about k * log 4 nats even when neutral), so compare indels with indels of the
 same length, not with SNVs. A REF that does not match the FASTA is an error naming the VCF
-file and line.
+file and line. The default window (min(1024, l_max)) is fitted to each allele: it shrinks as far
+as an insertion needs for the ALT window to fit the model too (the TSV's
+window_start/window_end say what was used); an explicit `--window` is taken as given.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from hyena_jax import genome as genome_lib
 from hyena_jax import inference
 from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError, MissingInputError
 from hyena_jax.inference import Record
 from hyena_jax.model import HyenaLM
 
@@ -90,7 +94,7 @@ def score_sequences(model: HyenaLM, sequences: Iterable[str | Record], *,
   tokenizer = tokenizer or tok.CharacterTokenizer()
   prefix = () if context_token is None else (int(context_token),)
   if prefix and not 0 <= prefix[0] < model.config.padded_vocab_size:
-    raise ValueError(f"context_token={context_token} is not a token id")
+    raise InputError(f"context_token={context_token} is not a token id")
   encode = lambda r: inference.encode_record(tokenizer, r, model.config.l_max,  # noqa: E731
                                              truncate=truncate, prefix=prefix)
   for record, logp in inference.run_chunked(inference.as_records(sequences), encode,
@@ -140,32 +144,30 @@ def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"VCF file not found: {path}")
-  with inference.open_text(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if not line.strip() or line.startswith("#"):
-        continue
-      where = f"{path}:{lineno}"
-      cols = line.split("\t") if "\t" in line else line.split()
-      if len(cols) < 5:
-        raise ValueError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
-                         f"{len(cols)}")
-      chrom, pos, vid, ref, alts = cols[:5]
-      try:
-        pos_int = int(pos)
-      except ValueError:
-        raise ValueError(f"{where}: POS {pos!r} is not an integer") from None
-      if pos_int < 1:
-        raise ValueError(f"{where}: POS must be 1-based (>= 1), got {pos_int}")
-      if not ref or not set(ref) <= _ALLELE:
-        raise ValueError(f"{where}: REF {ref!r} must be bases A C G T N")
-      for alt in alts.split(","):
-        if not alt or not set(alt) <= _ALLELE:
-          raise ValueError(f"{where}: ALT {alt!r} is not supported: only explicit alleles of "
-                           "A C G T N (SNVs and indels); symbolic (<DEL>), missing (., *) and "
-                           "breakend alleles cannot be scored")
-        yield Variant(chrom, pos_int, ref.upper(), alt.upper(), vid, where)
+    raise MissingInputError(f"VCF file not found: {path}")
+  for lineno, line in inference.text_lines(path):
+    if not line.strip() or line.startswith("#"):
+      continue
+    where = f"{path}:{lineno}"
+    cols = line.split("\t") if "\t" in line else line.split()
+    if len(cols) < 5:
+      raise InputError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
+                       f"{len(cols)}")
+    chrom, pos, vid, ref, alts = cols[:5]
+    try:
+      pos_int = int(pos)
+    except ValueError:
+      raise InputError(f"{where}: POS {pos!r} is not an integer") from None
+    if pos_int < 1:
+      raise InputError(f"{where}: POS must be 1-based (>= 1), got {pos_int}")
+    if not ref or not set(ref) <= _ALLELE:
+      raise InputError(f"{where}: REF {ref!r} must be bases A C G T N")
+    for alt in alts.split(","):
+      if not alt or not set(alt) <= _ALLELE:
+        raise InputError(f"{where}: ALT {alt!r} is not supported: only explicit alleles of "
+                         "A C G T N (SNVs and indels); symbolic (<DEL>), missing (., *) and "
+                         "breakend alleles cannot be scored")
+      yield Variant(chrom, pos_int, ref.upper(), alt.upper(), vid, where)
 
 
 class Genome:
@@ -180,13 +182,12 @@ class Genome:
   def __init__(self, path: str | os.PathLike, *, in_memory_bytes: int = 256 << 20):
     self.path = os.fspath(path)
     if not os.path.isfile(self.path):
-      raise FileNotFoundError(f"FASTA file not found: {self.path}")
+      raise MissingInputError(f"FASTA file not found: {self.path}")
     with open(self.path, "rb") as f:
       gzipped = f.read(2) == inference._GZIP_MAGIC  # noqa: SLF001
     self._faidx, self._seqs = None, None
     if not gzipped and os.path.getsize(self.path) > in_memory_bytes:
-      import pyfaidx
-      self._faidx = pyfaidx.Fasta(self.path, as_raw=True, sequence_always_upper=True)
+      self._faidx = genome_lib.open_fasta(self.path)  # checks names, empty records, binary
     else:
       self._seqs = {r.name: r.seq.upper() for r in inference.read_fasta(self.path)}
 
@@ -202,7 +203,7 @@ class Genome:
   def fetch(self, chrom: str, start: int, end: int) -> str:
     """Upper-case bases [start, end) (0-based) of `chrom`."""
     if self._faidx is not None:
-      return self._faidx[chrom][start:end]
+      return self._faidx[chrom][start:end].upper()
     return self._seqs[chrom][start:end]
 
   def __contains__(self, chrom: str) -> bool:
@@ -215,23 +216,40 @@ def variant_windows(genome: Genome, variant: Variant, window: int) -> tuple[str,
   if v.chrom not in genome:
     names = genome.names
     more = " ..." if len(names) > 5 else ""
-    raise ValueError(f"{v.where}: chromosome {v.chrom!r} is not in {genome.path} (it has "
+    raise InputError(f"{v.where}: chromosome {v.chrom!r} is not in {genome.path} (it has "
                      f"{names[:5]}{more}); check the naming (chr1 vs 1)")
   chrom_len = genome.length(v.chrom)
   s, r = v.pos - 1, len(v.ref)
   if s + r > chrom_len:
-    raise ValueError(f"{v.where}: {v.chrom}:{v.pos} REF {v.ref} runs past the chromosome end "
+    raise InputError(f"{v.where}: {v.chrom}:{v.pos} REF {v.ref} runs past the chromosome end "
                      f"({chrom_len} bp)")
   found = genome.fetch(v.chrom, s, s + r)
   if found != v.ref:
-    raise ValueError(f"{v.where}: REF {v.ref!r} does not match the FASTA {genome.path} at "
+    raise InputError(f"{v.where}: REF {v.ref!r} does not match the FASTA {genome.path} at "
                      f"{v.chrom}:{v.pos} ({found!r}); is the VCF on the same assembly?")
   if window < r:
-    raise ValueError(f"{v.where}: window={window} is shorter than REF ({r} bases)")
+    raise InputError(f"{v.where}: window={window} is shorter than REF ({r} bases)")
   left = (window - r) // 2
   start, end = max(0, s - left), min(chrom_len, s + r + (window - r - left))
   before, after = genome.fetch(v.chrom, start, s), genome.fetch(v.chrom, s + r, end)
   return before + v.ref + after, before + v.alt + after, start, end
+
+
+def fit_window(variant: Variant, window: int | None, room: int) -> int:
+  """Reference bases around REF for one variant. An explicit `window` is used as given; the
+  default, min(1024, room), shrinks only as far as the ALT window needs to fit the model (an
+  insertion of k bases on a 1k model, room 1026, gets min(1024, 1026 - k) reference bases; the
+  TSV's window_start/window_end record what was used). A REF or ALT allele longer than the
+  model's input remains an error naming the VCF line."""
+  if window:
+    return window
+  grow = max(0, len(variant.alt) - len(variant.ref))
+  fitted = min(1024, room - grow)
+  if fitted < len(variant.ref):
+    raise InputError(f"{variant.where}: REF ({len(variant.ref)} bases) and ALT "
+                     f"({len(variant.alt)} bases) cannot both fit the model's {room} input "
+                     "positions; this variant cannot be scored with this model, remove it")
+  return fitted
 
 
 def score_variants(model: HyenaLM, genome: Genome | str, variants: Iterable[Variant], *,
@@ -246,16 +264,15 @@ def score_variants(model: HyenaLM, genome: Genome | str, variants: Iterable[Vari
   genome = genome if isinstance(genome, Genome) else Genome(genome)
   l_max = model.config.l_max
   room = l_max - (context_token is not None)
-  window = window or min(1024, room)
   tokenizer = tok.CharacterTokenizer()
   prefix = () if context_token is None else (int(context_token),)
 
   def items() -> Iterator[tuple]:
     for v in variants:
-      ref_seq, alt_seq, start, end = variant_windows(genome, v, window)
+      ref_seq, alt_seq, start, end = variant_windows(genome, v, fit_window(v, window, room))
       for seq, allele in ((ref_seq, "ref"), (alt_seq, "alt")):
         if len(seq) > room:
-          raise ValueError(f"{v.where}: the {allele} window has {len(seq)} bases, more than "
+          raise InputError(f"{v.where}: the {allele} window has {len(seq)} bases, more than "
                            f"l_max={l_max} allows; pass a smaller window")
       yield v, start, end, ref_seq, alt_seq
 
@@ -294,7 +311,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
   A first pass tokenizes everything, so bad input fails with file and line before any compute.
   """
   if not output_path.endswith((".npz", ".tsv")):
-    raise ValueError(f"output must end with .npz (per base) or .tsv (per sequence): {output_path}")
+    raise InputError(f"output must end with .npz (per base) or .tsv (per sequence): {output_path}")
   read = lambda: inference.read_sequences(input_path, fmt=fmt, column=column,  # noqa: E731
                                           name_column=name_column)
   tokenizer = tok.CharacterTokenizer()
@@ -306,7 +323,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
     names.append(record.name)
     lengths.append(len(ids) - len(prefix))
   if not names:
-    raise ValueError(f"{input_path}: no sequences found")
+    raise InputError(f"{input_path}: no sequences found")
   stream = score_sequences(model, read(), context_token=context_token, truncate=truncate,
                            batch_size=batch_size, tokenizer=tokenizer)
   totals = []
@@ -322,7 +339,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
         totals.append(np.nansum(logp, dtype=np.float64))
       writer.add("loglik", np.asarray(totals))
   else:
-    with open(output_path, "w") as f:
+    with inference.atomic_text(output_path) as f:
       f.write("name\tbases\tscored\tloglik\tmean_logp\n")
       for record, logp in stream:
         scored = int(np.isfinite(logp).sum())
@@ -344,17 +361,17 @@ def score_vcf_file(model: HyenaLM, vcf_path: str, fasta_path: str, output_path: 
   genome = Genome(fasta_path)
   variants = list(read_vcf(vcf_path))
   if not variants:
-    raise ValueError(f"{vcf_path}: no variants found (only header or blank lines)")
+    raise InputError(f"{vcf_path}: no variants found (only header or blank lines)")
   room = model.config.l_max - (context_token is not None)
   window_ = window or min(1024, room)
   for v in variants:  # validation pass
-    ref_seq, alt_seq, _, _ = variant_windows(genome, v, window_)
+    ref_seq, alt_seq, _, _ = variant_windows(genome, v, fit_window(v, window, room))
     if max(len(ref_seq), len(alt_seq)) > room:
-      raise ValueError(f"{v.where}: a window of {max(len(ref_seq), len(alt_seq))} bases exceeds "
+      raise InputError(f"{v.where}: a window of {max(len(ref_seq), len(alt_seq))} bases exceeds "
                        f"l_max={model.config.l_max}; pass a smaller window")
-  with open(output_path, "w") as f:
+  with inference.atomic_text(output_path) as f:
     f.write("chrom\tpos\tid\tref\talt\tllr\tref_loglik\talt_loglik\twindow_start\twindow_end\n")
-    for s in score_variants(model, genome, variants, window=window_, batch_size=batch_size,
+    for s in score_variants(model, genome, variants, window=window, batch_size=batch_size,
                             context_token=context_token):
       v = s.variant
       f.write(f"{v.chrom}\t{v.pos}\t{v.id}\t{v.ref}\t{v.alt}\t{s.llr:.6f}\t{s.ref_loglik:.6f}\t"
@@ -371,6 +388,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Flags of the CLI (defined only when run as a program)."""
   inference.define_common_flags()
+  flags.adopt_module_key_flags(inference)  # so --help lists --model, not only --helpfull
   flags.DEFINE_string("input", None, "sequences to score: FASTA or TSV/CSV")
   flags.DEFINE_string("vcf", None, "variants to score (VCF: CHROM POS ID REF ALT ...)")
   flags.DEFINE_string("fasta", None, "reference FASTA for --vcf (plain, or gzip read in memory)")
@@ -408,4 +426,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(inference.run_cli(main))
+  from hyena_jax import cli
+  cli.run(main)

@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from hyena_jax.errors import InputError
+
 AXES = ("data", "fsdp", "sequence")
 BATCH_AXES = ("data", "fsdp")
 # Parameters smaller than this stay replicated: sharding them saves nothing and costs collectives.
@@ -32,12 +34,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1,
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, sequence]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} "
+    raise InputError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} "
                      f"sequence={sequence}")
   known = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or (-1 in sizes and len(devices) % known) \
       or known > len(devices):
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} x sequence={sequence} does not divide "
+    raise InputError(f"mesh data={data} x fsdp={fsdp} x sequence={sequence} does not divide "
                      f"the {len(devices)} available devices")
   if -1 not in sizes and known < len(devices):
     logging.warning("mesh %s uses %d of the %d devices; set one axis to -1 to use all",

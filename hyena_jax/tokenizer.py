@@ -25,6 +25,8 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from hyena_jax.errors import InputError
+
 CLS, SEP, BOS, MASK, PAD, RESERVED, UNK = 0, 1, 2, 3, 4, 5, 6
 A, C, G, T, N = 7, 8, 9, 10, 11
 VOCAB_SIZE = 12
@@ -41,9 +43,9 @@ _INVALID = -1
 
 def _build_table(lowercase: LowercasePolicy, iupac: IupacPolicy) -> np.ndarray:
   if lowercase not in ("upper", "unk"):
-    raise ValueError(f"lowercase must be 'upper' or 'unk', got {lowercase!r}")
+    raise InputError(f"lowercase must be 'upper' or 'unk', got {lowercase!r}")
   if iupac not in ("N", "unk", "error"):
-    raise ValueError(f"iupac must be 'N', 'unk' or 'error', got {iupac!r}")
+    raise InputError(f"iupac must be 'N', 'unk' or 'error', got {iupac!r}")
   table = np.full(256, _INVALID, np.int32)
   for base, idx in BASE_IDS.items():
     table[ord(base)] = idx
@@ -79,7 +81,7 @@ class CharacterTokenizer:
     raw = seq.encode("latin-1", errors="replace") if isinstance(seq, str) else bytes(seq)
     if isinstance(seq, str) and not seq.isascii():
       bad = next(i for i, ch in enumerate(seq) if not ch.isascii())
-      raise ValueError(f"{where}: non-ASCII character {seq[bad]!r} at position {bad}; "
+      raise InputError(f"{where}: non-ASCII character {seq[bad]!r} at position {bad}; "
                        "DNA must be ASCII (ACGTN, lowercase, IUPAC codes)")
     ids = self._table[np.frombuffer(raw, dtype=np.uint8)]
     if ids.size and ids.min() < 0:
@@ -87,7 +89,7 @@ class CharacterTokenizer:
       hint = ("IUPAC ambiguity codes are refused with iupac='error'"
               if chr(raw[bad]).upper() in IUPAC_AMBIGUITY else
               "allowed: A C G T N (any case) and IUPAC codes R Y S W K M B D H V")
-      raise ValueError(f"{where}: invalid character {chr(raw[bad])!r} at position {bad}; {hint}")
+      raise InputError(f"{where}: invalid character {chr(raw[bad])!r} at position {bad}; {hint}")
     return ids
 
   def encode(self, seq: str | bytes, max_length: int | None = None, *, add_eos: bool = True,
@@ -102,10 +104,10 @@ class CharacterTokenizer:
     if max_length is not None:
       room = max_length - int(add_eos)
       if room < 0:
-        raise ValueError(f"max_length={max_length} leaves no room for [SEP]")
+        raise InputError(f"max_length={max_length} leaves no room for [SEP]")
       if ids.size > room:
         if not truncate:
-          raise ValueError(f"{where}: {ids.size} bases do not fit max_length={max_length}"
+          raise InputError(f"{where}: {ids.size} bases do not fit max_length={max_length}"
                            f"{' with [SEP]' if add_eos else ''}; pass truncate=True to keep the "
                            f"first {room} bases, or raise max_length")
         ids = ids[:room]
@@ -119,7 +121,7 @@ class CharacterTokenizer:
                    truncate: bool = False) -> np.ndarray:
     """Left-padded batch, int32 [len(seqs), max_length]."""
     if len(seqs) == 0:
-      raise ValueError("encode_batch got no sequences")
+      raise InputError("encode_batch got no sequences")
     return np.stack([self.encode(s, max_length, add_eos=add_eos, truncate=truncate,
                                  where=f"sequence {i}") for i, s in enumerate(seqs)])
 
@@ -127,7 +129,7 @@ class CharacterTokenizer:
     """Inverse of `encode` for bases; special tokens are dropped or written as `[NAME]`."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= 16):
-      raise ValueError(f"token ids must lie in [0, 16), got range [{ids.min()}, {ids.max()}]")
+      raise InputError(f"token ids must lie in [0, 16), got range [{ids.min()}, {ids.max()}]")
     if skip_special:
       ids = ids[ids >= A]
     return "".join(_DECODE[ids])

@@ -269,7 +269,7 @@ class HyenaDNAClassifier(nn.Module):
 # Loading
 
 
-_FREQ_ALIAS = re.compile(r"implicit_filter\.[35]\.freq$")
+_FREQ_ALIAS = re.compile(r"implicit_filter\.(?!1\.)\d*[13579]\.freq$")  # .3, .5, .7, ...
 
 
 def to_hf_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -295,11 +295,12 @@ def to_hf_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-  """Strict load of an -hf-named state dict; `.3/.5.freq` may be absent (they alias `.1.freq`)."""
+  """Strict load of an -hf-named state dict; the `.{2j+1}.freq` aliases of `.1.freq` may be absent
+  (the model's own keys say which exist: .3 and .5 for num_inner_mlps=2, .3 for 1, ...)."""
   state = to_hf_keys(state_dict)
-  for key in [k for k in state if k.endswith("implicit_filter.1.freq")]:
-    state[key.replace(".1.freq", ".3.freq")] = state[key]
-    state[key.replace(".1.freq", ".5.freq")] = state[key]
+  for key in model.state_dict():
+    if _FREQ_ALIAS.search(key):
+      state[key] = state[_FREQ_ALIAS.sub("implicit_filter.1.freq", key)]
   if isinstance(model, HyenaDNAForCausalLM) and "lm_head.weight" not in state:
     state["lm_head.weight"] = state["hyena.backbone.embeddings.word_embeddings.weight"]  # tied
   model.load_state_dict(state, strict=True)

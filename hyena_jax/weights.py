@@ -26,6 +26,7 @@ from flax import nnx
 from hyena_jax import config as config_lib
 from hyena_jax import hyena
 from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError, MissingDependencyError, MissingInputError
 
 Layout = str  # "hf" | "standalone" | "lightning"
 
@@ -109,33 +110,47 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a .safetensors, or a torch pickle with `weights_only=True`, into float32 numpy."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint file not found: {path}")
+    raise MissingInputError(f"checkpoint file not found: {path}")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return {k: np.asarray(v) for k, v in load_file(path).items()}
+    try:
+      from safetensors.numpy import load_file
+    except ImportError as e:
+      raise MissingDependencyError(f"reading {path} needs the safetensors package: "
+                                   'pip install -e ".[torch]"') from e
+    try:
+      tensors = load_file(path)
+    except Exception as e:  # SafetensorError for a damaged header, OSError for a short file
+      raise InputError(f"{path}: not a readable .safetensors file ({e}); re-download it or "
+                       "point --model/--from at the right file") from e
+    return {k: np.asarray(v) for k, v in tensors.items()}
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"reading {path} needs PyTorch: pip install 'hyena_jax[torch]'") from e
+    raise MissingDependencyError(f"reading {path} needs PyTorch: pip install -e \".[torch]\" "
+                                 "(on a CPU-only machine install the CPU build of torch first)"
+                                 ) from e
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises UnpicklingError subclasses and RuntimeErrors here
-    raise ValueError(f"{path}: torch.load(weights_only=True) refused this file ({e}). Only plain "
+    raise InputError(f"{path}: torch.load(weights_only=True) refused this file ({e}). Only plain "
                      "tensor state_dicts and Lightning checkpoints are read; pickled code is "
                      "never executed.") from e
   if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: expected a state_dict (mapping of tensors), got {type(obj).__name__}")
+    raise InputError(f"{path}: expected a state_dict (mapping of tensors), got {type(obj).__name__}")
   out = {}
   for k, v in obj.items():
     if not isinstance(v, torch.Tensor):
-      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+      raise InputError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
     out[k] = v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
   return out
 
 
 _IGNORED = re.compile(r"(^|\.)torchmetrics|^(model\.)?(encoder|decoder)\.(?!0\.output_transform)")
+
+
+_FREQ_ALIAS = re.compile(r"implicit_filter\.(?!1\.)\d*[13579]\.freq$")
 
 
 def canonicalize(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Layout, str]:
@@ -152,7 +167,7 @@ def canonicalize(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nda
   elif any(k.startswith("backbone.") for k in keys):
     layout, strip = "standalone", ""
   else:
-    raise ValueError("not a HyenaDNA checkpoint: no key starts with 'hyena.backbone.', "
+    raise InputError("not a HyenaDNA checkpoint: no key starts with 'hyena.backbone.', "
                      f"'model.backbone.' or 'backbone.' (first keys: {keys[:3]})")
   out: dict[str, np.ndarray] = {}
   head_prefix = "head"
@@ -171,12 +186,14 @@ def canonicalize(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nda
   if lm_head is not None:
     emb = out.get("backbone.embeddings.word_embeddings.weight")
     if emb is None or emb.shape != lm_head.shape or not np.array_equal(emb, lm_head):
-      raise ValueError("lm_head.weight differs from the word embeddings; HyenaDNA ties them and "
+      raise InputError("lm_head.weight differs from the word embeddings; HyenaDNA ties them and "
                        "this port does not support an untied head")
-  for key in [k for k in out if re.search(r"implicit_filter\.[35]\.freq$", k)]:
-    ref = out.get(key.replace(".3.freq", ".1.freq").replace(".5.freq", ".1.freq"))
+  # The shared Sin freq appears once per activation, at implicit_filter.{2j+1} for
+  # j = 0..num_inner_mlps (.1, .3, .5 for the default 2 inner MLPs; .7 with 3).
+  for key in [k for k in out if _FREQ_ALIAS.search(k)]:
+    ref = out.get(_FREQ_ALIAS.sub("implicit_filter.1.freq", key))
     if ref is None or not np.array_equal(ref, out[key]):
-      raise ValueError(f"{key} differs from implicit_filter.1.freq; upstream shares one Sin "
+      raise InputError(f"{key} differs from implicit_filter.1.freq; upstream shares one Sin "
                        "frequency across the filter MLP and so does this port")
     del out[key]
   return out, layout, head_prefix
@@ -197,10 +214,10 @@ def infer_config(canonical: Mapping[str, np.ndarray], **overrides) -> HyenaConfi
     if f"{f0}.pos_emb.z" in canonical:
       values["l_max"] = canonical[f"{f0}.pos_emb.z"].shape[1]
   except KeyError as e:
-    raise ValueError(f"cannot infer the architecture: tensor {e} is missing") from e
+    raise InputError(f"cannot infer the architecture: tensor {e} is missing") from e
   values.update(overrides)
   if "l_max" not in values:
-    raise ValueError("this checkpoint stores no pos_emb.z, so l_max is unknown: pass l_max")
+    raise InputError("this checkpoint stores no pos_emb.z, so l_max is unknown: pass l_max")
   return config_lib.from_dict(values)
 
 
@@ -216,19 +233,19 @@ def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.nd
   if unknown:
     hint = (" (a classification head: load it into a SequenceClassifier)"
             if any("output_transform" in k for k in unknown) else "")
-    raise ValueError(f"{source}: {len(unknown)} key(s) this port does not map{hint}: "
+    raise InputError(f"{source}: {len(unknown)} key(s) this port does not map{hint}: "
                      f"{unknown[:8]}")
   missing = sorted(e.torch_key for e in entries if e.torch_key not in canonical)
   if missing:
-    raise ValueError(f"{source}: {len(missing)} required key(s) missing: {missing[:8]}")
+    raise InputError(f"{source}: {len(missing)} required key(s) missing: {missing[:8]}")
   for key, expected in expected_buffers.items():
     if key in canonical:
       got = canonical[key]
       if got.shape != expected.shape:
-        raise ValueError(f"{source}: {key} has shape {got.shape}, expected {expected.shape} for "
+        raise InputError(f"{source}: {key} has shape {got.shape}, expected {expected.shape} for "
                          f"l_max={cfg.l_max}; the config's l_max does not match the checkpoint")
       if not np.allclose(got, expected, rtol=1e-5, atol=1e-5):
-        raise ValueError(f"{source}: {key} differs from the deterministic buffer "
+        raise InputError(f"{source}: {key} differs from the deterministic buffer "
                          f"(max |diff| {np.abs(got - expected).max():.2e}); trained positional "
                          "features or decay rates are not supported")
   graphdef, state = nnx.split(model, nnx.Param)
@@ -237,10 +254,10 @@ def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.nd
   for e in entries:
     value = e.to_jax(np.asarray(canonical[e.torch_key]))
     if e.path not in flat:
-      raise ValueError(f"{source}: model has no parameter at {'.'.join(map(str, e.path))}")
+      raise InputError(f"{source}: model has no parameter at {'.'.join(map(str, e.path))}")
     var = flat[e.path]
     if tuple(var.shape) != value.shape:
-      raise ValueError(f"{source}: {e.torch_key} has shape {canonical[e.torch_key].shape}, the "
+      raise InputError(f"{source}: {e.torch_key} has shape {canonical[e.torch_key].shape}, the "
                        f"model expects {tuple(var.shape)} (after layout conversion) at "
                        f"{'.'.join(map(str, e.path))}; check d_model/n_layer/d_inner/filter_order")
     values[e.path] = jnp.asarray(value, dtype=var.dtype)

@@ -227,6 +227,26 @@ def test_variant_scores_are_likelihood_ratios(model, tmp_path):
     np.testing.assert_allclose(float(row[5]), loglik(alt_seq) - loglik(ref_seq), atol=1e-4)
 
 
+def test_default_window_fits_an_insertion(model, tmp_path):
+  """Issue 11: the default window (min(1024, l_max) = 128 here) used to abort on any insertion
+  of >= 3 bases; it now gives the insertion's window k fewer reference bases."""
+  rng = np.random.default_rng(6)
+  chrom = _random_dna(rng, 300)
+  fasta = _write(tmp_path / "g.fa", f">c\n{chrom}\n")
+  vcf = _write(tmp_path / "v.vcf", f"c\t150\tins\t{chrom[149]}\t{chrom[149]}TTGAC\n"
+               f"c\t160\tsnv\t{chrom[159]}\t{'A' if chrom[159] != 'A' else 'C'}\n")
+  out = tmp_path / "e.tsv"
+  summary = score.score_vcf_file(model, str(vcf), str(fasta), str(out), batch_size=2)
+  rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
+  assert summary["variants"] == 2 and [r[2] for r in rows] == ["ins", "snv"]
+  spans = [int(r[9]) - int(r[8]) for r in rows]
+  assert spans == [128 - 5, 128]  # ALT adds 5 bases: ref window 123, alt window 128 = l_max
+  start, end = int(rows[0][8]), int(rows[0][9])
+  alt_seq = chrom[start:149] + chrom[149] + "TTGAC" + chrom[150:end]
+  np.testing.assert_allclose(float(rows[0][7]), score.log_likelihood(model, [alt_seq])[0],
+                             rtol=1e-6, atol=1e-4)
+
+
 def test_variant_bad_input(model, tmp_path):
   rng = np.random.default_rng(4)
   fasta, chroms = _genome(tmp_path, rng)

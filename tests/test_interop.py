@@ -16,6 +16,7 @@ from flax import nnx
 
 from conftest import shared_path
 from hyena_jax import checkpoint, config as config_lib, convert, export, weights
+from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 torch = pytest.importorskip("torch")
@@ -311,6 +312,56 @@ def test_export_bad_inputs(trained_run, tmp_path):
   with pytest.raises(FileExistsError, match="--overwrite"):
     export.export(workdir, str(tmp_path / "taken"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["odd", "taken"]  # nothing written
+
+
+@pytest.mark.parametrize("num_inner_mlps", [1, 3])
+def test_num_inner_mlps_round_trips_through_the_torch_reference(tmp_path, num_inner_mlps):
+  """Issue 11: the freq aliases are implicit_filter.{2j+1} for j = 0..num_inner_mlps, exactly as
+  PyTorch's state_dict lists them; export used to add .3/.5 always (strict load of
+  num_inner_mlps=1 failed) and convert refused .7 (num_inner_mlps=3)."""
+  cfg = TINY.replace(num_inner_mlps=num_inner_mlps, n_layer=1)
+  model = HyenaLM(cfg, rngs=nnx.Rngs(num_inner_mlps))
+  model.eval()
+  workdir = str(tmp_path / "run")
+  checkpoint.save_model(workdir, model, {"model": cfg.to_dict()})
+  out = export.export(workdir, str(tmp_path / "pt"), layout="standalone")
+  state = torch.load(os.path.join(out, "weights.pt"), weights_only=True)
+  reference = torch_reference.from_pretrained(out)
+  official_keys = {k[len("hyena."):] for k in reference.state_dict() if k.startswith("hyena.")}
+  assert set(state) == official_keys  # what the official load_state_dict(strict=True) needs
+  freqs = sorted(k.rsplit(".", 2)[-2] for k in state if k.endswith(".freq"))
+  assert freqs == sorted(str(2 * j + 1) for j in range(num_inner_mlps + 1))
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, cfg.l_max), 0, 16))
+  np.testing.assert_allclose(_torch_out(reference, tokens), np.asarray(model(jnp.asarray(tokens))),
+                             rtol=1e-4, atol=1e-5)
+  back = str(tmp_path / "back")
+  convert.convert(out, back)  # the official file, aliases included, converts back exactly
+  restored, run_config, _ = checkpoint.restore_model(back)
+  assert checkpoint.model_config(run_config).num_inner_mlps == num_inner_mlps
+  _assert_trees_equal(_params(restored), _params(model))
+
+
+def test_hf_export_refuses_what_the_remote_code_hard_codes(tmp_path):
+  with pytest.raises(InputError, match=r"layer_norm_epsilon=1e-06: the -hf remote code "
+                                       r"hard-codes 1e-05"):
+    export.check_exportable(TINY.replace(layer_norm_epsilon=1e-6), "hf")
+  export.check_exportable(TINY.replace(layer_norm_epsilon=1e-6), "lightning")
+
+
+def test_export_overwrite_replaces_only_its_own_files(trained_run, tmp_path):
+  workdir, model, _, tokens = trained_run
+  out = tmp_path / "exports"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  (out / "weights.pt").write_bytes(b"an older standalone export")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    export.export(workdir, str(out))
+  export.export(workdir, str(out), overwrite=True)
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt"]
+  assert (out / "notes.txt").read_text() == "mine"  # never written, never touched
+  reference = torch_reference.from_pretrained(str(out))
+  np.testing.assert_allclose(_torch_out(reference, tokens), np.asarray(model(jnp.asarray(tokens))),
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_export_leaves_nothing_behind_on_failure(trained_run, tmp_path, monkeypatch):

@@ -1,0 +1,199 @@
+"""What every command-line tool shares: one answer to the user's mistakes, and quiet logs.
+
+`run(main)` replaces `absl.app.run(main)` in main, finetune, icl, convert, export, embed, score
+and generate:
+  * an expected error (`errors.InputError`, a flag that does not parse, a config override that
+    names no field) prints ONE line on stderr, `error: <what, where, the fix>`, and exits 2;
+  * any other exception is a bug and keeps its traceback;
+  * libraries' INFO chatter (orbax logs every file it writes; jax logs the backends it could not
+    start, e.g. libtpu on a CPU machine) is dropped, their warnings kept.
+
+Config files are defined with `define_config_file`, which answers an unknown override such as
+`--config.train.foo=1` with the fields that exist and a "did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging as py_logging
+import os
+import runpy
+import sys
+from typing import Any, Callable, NoReturn, Sequence
+
+from absl import app, flags, logging
+
+from hyena_jax import errors
+
+EXIT_INPUT_ERROR = 2
+
+
+def one_line(message: Any) -> str:
+  """A (possibly multi-line, bulleted) message as one line: later lines joined with '; '."""
+  lines = [line.strip() for line in str(message).splitlines()]
+  lines = [line[2:] if line.startswith("- ") else line for line in lines]  # bullets
+  lines = [line for line in lines if line]
+  if not lines:
+    return type(message).__name__ if isinstance(message, BaseException) else "unknown error"
+  head, rest = lines[0], lines[1:]
+  if not rest:
+    return head
+  return head + (" " if head.endswith(":") else "; ") + "; ".join(rest)
+
+
+def fail(message: Any) -> NoReturn:
+  """Prints `error: <message>` as one line on stderr and exits with status 2."""
+  sys.stderr.write(f"error: {one_line(message)}\n")
+  sys.stderr.flush()
+  sys.exit(EXIT_INPUT_ERROR)
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops INFO (and lower) records of orbax and jax's backend probing; keeps their warnings."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.WARNING:
+      return True
+    if "/orbax/" in record.pathname or record.name.startswith("orbax"):
+      return False
+    # "Unable to initialize backend 'tpu': ... libtpu.so ..." on every start of a non-TPU machine.
+    return not (record.name == "jax._src.xla_bridge"
+                and str(record.msg).startswith("Unable to initialize backend"))
+
+
+_FILTER = _QuietLibraries()
+
+
+def quiet_logs() -> None:
+  """Installs the library filter on absl's handler and the root logger's handlers (idempotent)."""
+  handlers = [logging.get_absl_handler()] + list(py_logging.getLogger().handlers)
+  for handler in handlers:
+    if _FILTER not in handler.filters:
+      handler.addFilter(_FILTER)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config files with overrides
+
+
+_CONFIG_FLAGS: list[tuple[str, str | None]] = []  # (flag name, default file) of this program
+
+
+def define_config_file(name: str, default: str | None, help_string: str) -> Any:
+  """`config_flags.DEFINE_config_file(..., lock_config=True)`, answering a bad override in one
+  line. With a default, ml_collections reads the file and the `--name.a.b=v` overrides of
+  sys.argv right here, at definition; without one, during flag parsing (see `run`)."""
+  from ml_collections import config_flags
+  _CONFIG_FLAGS.append((name, default))
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+  except (KeyError, AttributeError):
+    message = _override_error(sys.argv)
+    if message is None:
+      raise
+    fail(message)
+
+
+def _override_error(argv: Sequence[str]) -> str | None:
+  """The message for the first `--<config>.path=value` of argv that names no config field, or
+  None when every override path exists (then the error at hand is not about overrides)."""
+  for name, default in _CONFIG_FLAGS:
+    spec = _flag_value(argv, name) or default
+    overrides = _override_paths(argv, name)
+    if not overrides or not spec:
+      continue
+    try:
+      config = _load_config(spec)
+    except Exception:  # the config file itself is broken: let the original error speak
+      return None
+    for arg, path in overrides:
+      message = _missing_field(config, path)
+      if message:
+        return f"{arg}: {message}"
+  return None
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _override_paths(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
+  out = []
+  for arg in argv:
+    if arg.startswith(f"--{name}.") or arg.startswith(f"--no{name}."):
+      flag = arg.split("=", 1)[0]
+      path = flag.split(".", 1)[1]
+      out.append((flag, path))
+  return out
+
+
+def _load_config(spec: str) -> Any:
+  """get_config() of a config file `path[:arg]`, as ml_collections would call it."""
+  path, _, arg = spec.partition(":")
+  get_config = runpy.run_path(os.path.expanduser(path))["get_config"]
+  return get_config(arg) if arg else get_config()
+
+
+def _missing_field(config: Any, path: str) -> str | None:
+  """Why `path` (a.b.c) names no field of `config`, with a "did you mean", or None if it does."""
+  node, done = config, []
+  for part in path.split("."):
+    keys = list(node.keys()) if hasattr(node, "keys") else None
+    if keys is None:
+      return (f"{'.'.join(done)} is a {type(node).__name__}, not a section; it has no field "
+              f"{part!r}")
+    if part not in keys:
+      where = ".".join(done) or "the config"
+      guess = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+      hint = f" (did you mean {'.'.join(done + guess)}?)" if guess else ""
+      return f"{where} has no field {part!r}{hint}; {where} has: {', '.join(sorted(keys))}"
+    node, done = node[part], done + [part]
+  return None
+
+
+def _check_config_files() -> None:
+  """ml_collections defers a config file that failed to load until its first use (a long way
+  into main); a missing file is the user's mistake, so answer it here."""
+  for name, _ in _CONFIG_FLAGS:
+    spec = flags.FLAGS[name].config_filename if hasattr(flags.FLAGS[name], "config_filename") \
+        else None
+    if spec and not os.path.isfile(os.path.expanduser(spec.partition(":")[0])):
+      fail(f"--{name}={spec}: no such config file; give the path of a config .py file (e.g. "
+           "configs/default.py), relative to the current folder or absolute")
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a main
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if "Traceback (most recent call last)" in message:  # a config file's get_config() raised
+      head, _, trace = message.partition("Traceback (most recent call last)")
+      message = head.rstrip(": \n") + ": " + trace.strip().splitlines()[-1]
+    fail(f"{message}; see --help")
+  except (KeyError, AttributeError):  # a config override naming no field
+    message = _override_error(argv)
+    if message is None:
+      raise
+    fail(message)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`absl.app.run(main)` with quiet library logs and one-line answers to input errors (exit 2)."""
+  def wrapped(argv: list[str]) -> Any:
+    quiet_logs()
+    _check_config_files()
+    try:
+      return main(argv)
+    except (errors.InputError, app.UsageError) as e:
+      fail(e)
+  app.run(wrapped, flags_parser=_parse_flags)

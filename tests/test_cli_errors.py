@@ -1,0 +1,240 @@
+"""What users get wrong, and the one-line answer each gets (issue 11's table of bad inputs).
+
+A few cases run the real command line (each costs one interpreter start); the rest call the
+function the CLI calls and check the InputError's text. `cli.run` turns every InputError into
+`error: <message>` on one stderr line and exit status 2, which the subprocess cases check.
+"""
+
+import gzip
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hyena_jax import cli, config as config_lib, data, genome, inference, run_config, score
+from hyena_jax import tokenizer, weights
+from hyena_jax.errors import InputError, MissingDependencyError
+from hyena_jax.model import HyenaLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args: list[str], cwd) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+  """The CLI contract: exit 2 and exactly one stderr line, `error: ...` (no traceback)."""
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, result.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  return lines[0]
+
+
+def _tiny_lm() -> HyenaLM:
+  cfg = config_lib.HyenaConfig(d_model=8, n_layer=1, d_inner=16, l_max=64, filter_order=8)
+  lm = HyenaLM(cfg, rngs=nnx.Rngs(0))
+  lm.eval()
+  return lm
+
+
+# ------------------------------------------------------------------------------------------------
+# The command-line contract
+
+
+def test_cli_run_one_line_for_input_errors_traceback_for_bugs(tmp_path):
+  script = textwrap.dedent("""
+      import sys
+      from hyena_jax import cli
+      from hyena_jax.errors import InputError
+      def main(argv):
+        if sys.argv[1] == "input":
+          raise InputError("invalid run config:\\n  a must be >= 1\\n  b must be > 0")
+        raise RuntimeError("a bug")
+      cli.run(main)
+  """)
+  bad = _run(["-c", script, "input"], tmp_path)
+  assert _one_line_error(bad) == "error: invalid run config: a must be >= 1; b must be > 0"
+  bug = _run(["-c", script, "bug"], tmp_path)
+  assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
+
+
+def test_unknown_config_key_gets_a_did_you_mean(tmp_path):
+  result = _run(["-m", "hyena_jax.main", "--config.train.log_every_step=3",
+                 "--workdir=runs/x"], tmp_path)
+  line = _one_line_error(result)
+  assert line.startswith("error: --config.train.log_every_step: train has no field "
+                         "'log_every_step' (did you mean train.log_every_steps?)")
+  assert not (tmp_path / "runs").exists()
+  # Config files given as a flag (parsed with the other flags, not at definition).
+  cohn = os.path.join(ROOT, "configs", "finetune", "human_enhancers_cohn.py")
+  result = _run(["-m", "hyena_jax.finetune", f"--config={cohn}", "--workdir=ft",
+                 "--config.optim.lerning_rate=1"], tmp_path)
+  assert _one_line_error(result).startswith(
+      "error: --config.optim.lerning_rate: optim has no field 'lerning_rate' (did you mean "
+      "optim.learning_rate?)")
+  result = _run(["-m", "hyena_jax.main", "--config=nope.py", "--workdir=runs/x"], tmp_path)
+  assert _one_line_error(result).startswith("error: --config=nope.py: no such config file")
+  assert sorted(os.listdir(tmp_path)) == []
+  # The message builder on its own: a top-level typo and a field without a close match.
+  config = run_config.base_config()
+  assert "did you mean train?" in cli._missing_field(config, "trian.seed")
+  assert cli._missing_field(config, "train.foo").startswith("train has no field 'foo'; train "
+                                                            "has: global_batch_size,")
+  assert cli._missing_field(config, "optim.b1") is None
+
+
+def test_config_validation_happens_before_compile():
+  cases = [
+      ({"checkpoint.every_steps": 0}, "checkpoint.every_steps must be an int >= 1, got 0"),
+      ({"train.log_every_steps": 0}, "train.log_every_steps must be an int >= 1, got 0"),
+      ({"optim.learning_rate": -0.01}, "optim.learning_rate must be > 0, got -0.01"),
+      ({"train.global_batch_size": -4}, "train.global_batch_size must be a positive int, got -4"),
+      ({"mesh.sequence": 3}, "mesh.sequence=3 does not divide model.d_model=128"),
+      ({"mesh.fsdp": 0}, "mesh.fsdp must be >= 1, or -1"),
+      ({"model.dtype": "float16"}, "model.dtype='float16' cannot train: there is no loss scaling"),
+      ({"eval.every_steps": -1}, "eval.every_steps must be an int >= 0 (0 = evaluate only"),
+  ]
+  for change, message in cases:
+    config = run_config.base_config()
+    ((name, value),) = change.items()
+    section, key = name.split(".")
+    config[section][key] = value
+    with pytest.raises(InputError, match="invalid run config:") as e:
+      run_config.validate(config)
+    assert message in str(e.value), (name, str(e.value))
+  run_config.validate(run_config.base_config())  # the defaults pass; eval.every_steps=0 too
+  config = run_config.base_config()
+  config.eval.every_steps = 0
+  run_config.validate(config)
+  with pytest.raises(InputError, match=r"unknown HyenaConfig field\(s\) \['d_modle'\]; did you "
+                                       r"mean 'd_model'"):
+    config_lib.from_dict({"d_modle": 8})
+
+
+# ------------------------------------------------------------------------------------------------
+# Files: binary, truncated gzip, duplicate names, headers
+
+
+def _truncated_gz(path, text: str):
+  blob = gzip.compress(text.encode())
+  path.write_bytes(blob[:len(blob) // 2])
+  return str(path)
+
+
+def test_binary_fasta_names_the_file_and_leaves_no_index(tmp_path):
+  path = tmp_path / "data.fasta"
+  path.write_bytes(b">chr1\nACGT\n" + bytes(range(128, 256)) + b"\n")
+  with pytest.raises(InputError, match=r"data\.fasta:3: not a text FASTA file"):
+    genome.open_fasta(str(path))
+  assert not (tmp_path / "data.fasta.fai").exists()
+  tsv = tmp_path / "train.tsv"
+  tsv.write_bytes(b"ACGT\t1\n\x00\x01\x02\x03\t0\n")
+  with pytest.raises(InputError, match=r"train\.tsv:2: contains NUL bytes: a binary file"):
+    data.read_labelled_sequences(str(tsv))
+
+
+def test_truncated_gzip_names_the_file_in_every_reader(tmp_path):
+  fasta = "".join(f">r{i}\n{'ACGT' * 50}\n" for i in range(200))
+  fa_gz = _truncated_gz(tmp_path / "x.fa.gz", fasta)
+  pattern = r"x\.fa\.gz:\d+: the gzip data is damaged or truncated"
+  with pytest.raises(InputError, match=pattern):
+    list(inference.read_fasta(fa_gz))              # embed / score --input / generate
+  with pytest.raises(InputError, match=pattern):
+    data.read_fasta_records(fa_gz)                 # finetune FASTA + labels
+  with pytest.raises(InputError, match=pattern):
+    score.Genome(fa_gz)                            # score --fasta
+  tsv_gz = _truncated_gz(tmp_path / "t.tsv.gz", "".join(f"{'ACGT' * 50}\t1\n" for _ in range(300)))
+  with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
+    data.read_labelled_sequences(tsv_gz)           # finetune TSV
+
+
+def test_duplicate_fasta_names_are_refused_in_every_reader(tmp_path):
+  path = tmp_path / "ref.fa"
+  path.write_text(">chr1\nACGTACGT\n>chr2\nGGGG\n>chr1 again\nTTTTTTTT\n")
+  message = r"ref\.fa:5: FASTA record name 'chr1' is used again \(first at line 1\)"
+  with pytest.raises(InputError, match=message):
+    score.Genome(str(path))                        # score --fasta scored the last one before
+  with pytest.raises(InputError, match=message):
+    list(inference.read_fasta(str(path)))
+  with pytest.raises(InputError, match=message):
+    data.read_fasta_records(str(path))
+  with pytest.raises(InputError, match=r"ref\.fa:5: FASTA record name 'chr1' appears more than "
+                                       "once"):
+    genome.open_fasta(str(path))                   # pretraining (pyfaidx)
+  assert not (tmp_path / "ref.fa.fai").exists()
+
+
+def test_one_header_rule_no_silently_dropped_row(tmp_path):
+  tsv = tmp_path / "x.tsv"
+  tsv.write_text("ACGT\tyes\nGGCC\t1\n")  # header-less, first label not a number
+  with pytest.raises(InputError, match=r"x\.tsv:1: label 'yes' is not an integer class id; line "
+                                       r"1 was read as data because a header row must name"):
+    data.read_labelled_sequences(str(tsv))
+  tsv.write_text("ACGT\t1\nGGCC\t0\n")
+  seqs, labels = data.read_labelled_sequences(str(tsv))
+  assert seqs == ["ACGT", "GGCC"] and labels.tolist() == [1, 0]
+  tsv.write_text("label\tSequence\n1\tACGT\n0\tGGCC\n")  # a header: columns found by name
+  seqs, labels = data.read_labelled_sequences(str(tsv))
+  assert seqs == ["ACGT", "GGCC"] and labels.tolist() == [1, 0]
+  table = tmp_path / "s.tsv"
+  table.write_text("id\tseq\nr1\tACGT\n")
+  assert [(r.name, r.seq) for r in inference.read_table(str(table), 1, name_column=0)] == \
+      [("r1", "ACGT")]
+  table.write_text("gene\tdna_seq\nr1\tACGT\n")  # unknown column names: refused, not guessed
+  with pytest.raises(InputError, match=r"s\.tsv:1: 'dna_seq' is neither DNA nor a column name"):
+    list(inference.read_table(str(table), 1))
+  table.write_text("ACGT\nGG\n")
+  assert [r.seq for r in inference.read_table(str(table))] == ["ACGT", "GG"]
+
+
+def test_empty_model_input_is_a_clear_error():
+  lm = _tiny_lm()
+  with pytest.raises(InputError, match=r"input_ids \(1, 0\) hold no tokens \(length 0\)"):
+    lm(jnp.zeros((1, 0), jnp.int32))
+  with pytest.raises(InputError, match=r"sequence 0: empty sequence \(length 0\)"):
+    inference.encode_record(tokenizer.CharacterTokenizer(),
+                            inference.Record("seq0", "", "sequence 0"), 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights files
+
+
+def test_random_bytes_safetensors_is_one_line_naming_the_file(tmp_path):
+  bad = tmp_path / "model.safetensors"
+  bad.write_bytes(np.random.default_rng(0).bytes(4096))
+  with pytest.raises(InputError, match=r"model\.safetensors: not a readable \.safetensors file"):
+    inference.load_model(str(bad))                 # score/embed/generate --model=
+  result = _run(["-m", "hyena_jax.convert", f"--from={bad}", "--out=out"], tmp_path)
+  line = _one_line_error(result)
+  assert f"{bad}: not a readable .safetensors file" in line
+  assert not (tmp_path / "out").exists()
+
+
+def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
+  (tmp_path / "w.safetensors").write_bytes(b"x")
+  monkeypatch.setitem(sys.modules, "safetensors.numpy", None)  # import fails as if absent
+  with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[torch\]"'):
+    weights.read_state_dict(str(tmp_path / "w.safetensors"))
+
+
+def test_inference_help_lists_model_and_input_errors_leave_no_output(tmp_path):
+  from hyena_jax import checkpoint
+  helped = _run(["-m", "hyena_jax.embed", "--help"], tmp_path)
+  assert "--model:" in helped.stdout and "--input:" in helped.stdout  # not only --helpfull
+  lm = _tiny_lm()
+  checkpoint.save_model(str(tmp_path / "run"), lm, {"model": lm.config.to_dict()})
+  fa_gz = _truncated_gz(tmp_path / "in.fa.gz",
+                        "".join(f">r{i}\n{'ACGT' * 10}\n" for i in range(2000)))
+  result = _run(["-m", "hyena_jax.embed", "--model=run", f"--input={fa_gz}", "--output=e.npz"],
+                tmp_path)
+  assert "in.fa.gz:" in _one_line_error(result) and "damaged or truncated" in result.stderr
+  assert sorted(os.listdir(tmp_path)) == ["in.fa.gz", "run"]
