@@ -448,8 +448,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   allow_changed = tuple(allow_changed)
   _check_allow_changed(allow_changed, config)
-  os.makedirs(workdir, exist_ok=True)
+  # Validate the config and open the data before creating the workdir: a mistake leaves nothing.
   run = dataclasses.replace(build_run(config), config_workdir=workdir)
+  os.makedirs(workdir, exist_ok=True)
   final_path = os.path.join(workdir, "final_metrics.json")
   with _Preemption() as preemption:
     mngr = ckpt_lib.make_manager(

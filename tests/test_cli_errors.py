@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from hyena_jax import cli, config as config_lib, data, genome, inference, run_config, score
-from hyena_jax import tokenizer, weights
+from hyena_jax import tokenizer, train, weights
 from hyena_jax.errors import InputError, MissingDependencyError
 from hyena_jax.model import HyenaLM
 
@@ -91,7 +91,7 @@ def test_unknown_config_key_gets_a_did_you_mean(tmp_path):
   assert cli._missing_field(config, "optim.b1") is None
 
 
-def test_config_validation_happens_before_compile():
+def test_config_validation_happens_before_compile(tmp_path):
   cases = [
       ({"checkpoint.every_steps": 0}, "checkpoint.every_steps must be an int >= 1, got 0"),
       ({"train.log_every_steps": 0}, "train.log_every_steps must be an int >= 1, got 0"),
@@ -111,6 +111,12 @@ def test_config_validation_happens_before_compile():
       run_config.validate(config)
     assert message in str(e.value), (name, str(e.value))
   run_config.validate(run_config.base_config())  # the defaults pass; eval.every_steps=0 too
+  # Through the training entry point: refused before the workdir is created.
+  config = run_config.base_config()
+  config.checkpoint.every_steps = 0
+  with pytest.raises(InputError, match="checkpoint.every_steps must be an int >= 1"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
   config = run_config.base_config()
   config.eval.every_steps = 0
   run_config.validate(config)
