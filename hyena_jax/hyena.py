@@ -120,8 +120,9 @@ class ShortFilter(nnx.Module):
   def __call__(self, u: jax.Array, halo: jax.Array | None = None) -> jax.Array:
     """u: [batch, channels, length] -> same shape.
 
-    `halo` ([batch, channels, taps-1]) holds the positions just before u (context parallelism);
-    None means zeros, i.e. u starts the sequence.
+    `halo` ([batch, channels, taps-1]) holds the positions just before u (from the previous
+    shard in context parallelism, from the cache in decoding); None means zeros, i.e. u starts
+    the sequence.
     """
     taps = self.kernel.shape[0]
     length = u.shape[-1]
@@ -143,13 +144,13 @@ class DecodeCache(NamedTuple):
 
 
 class HyenaOperator(nnx.Module):
-  """Order-2 Hyena mixer: in_proj -> short conv -> x0 | x1 | v -> (k * (v x1) + D v x1) x0 -> out_proj.
+  """Order-2 Hyena mixer: in_proj, short conv -> x0, x1, v; (k * (v x1) + D v x1) x0 -> out_proj.
 
   Stages, composed by `__call__` (whole sequence), context_parallel._mixer (a sequence shard)
   and `prefill`/`step` (cached decoding):
     `project`    in_proj + short filter, with an optional halo (the two positions before u)
     `filter_fn`  the implicit filter k for a range of positions (`HyenaFilter.__call__`)
-    `fftconv.long_conv(..., impl=conv_impl)`   the long convolution (one dispatch)
+    the long convolution: `fftconv.long_conv(..., impl=conv_impl)`, the one dispatch
     `output`     gating (when the convolution did not fuse it) and out_proj
     `step`       one position on a `DecodeCache`
   """
