@@ -42,9 +42,8 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from hyena_jax import inference
+from hyena_jax import hyena, inference
 from hyena_jax import tokenizer as tok
-from hyena_jax.hyena import DecodeCache
 from hyena_jax.model import HyenaLM
 
 Method = Literal["cached", "recompute"]
@@ -95,7 +94,7 @@ def _generate_recompute(model: HyenaLM, buf: jax.Array, start: jax.Array, stop: 
 
 
 def _prefill(model: HyenaLM, buf: jax.Array, start: jax.Array
-             ) -> tuple[list[DecodeCache], jax.Array]:
+             ) -> tuple[list[hyena.DecodeCache], jax.Array]:
   """One forward over buf [B, T] (the model's blocks, `HyenaOperator.prefill` as the mixer):
   per-layer caches of positions < start, and the logits [B, V] at position start - 1."""
   backbone = model.backbone
@@ -108,8 +107,8 @@ def _prefill(model: HyenaLM, buf: jax.Array, start: jax.Array
   return caches, model.logits_from_hidden(backbone.ln_f(last))
 
 
-def _step(model: HyenaLM, caches: list[DecodeCache], token: jax.Array, t: jax.Array
-          ) -> tuple[jax.Array, list[DecodeCache]]:
+def _step(model: HyenaLM, caches: list[hyena.DecodeCache], token: jax.Array, t: jax.Array
+          ) -> tuple[jax.Array, list[hyena.DecodeCache]]:
   """Advances every layer by one position (`HyenaOperator.step` as the mixer): token [B] at
   position t -> logits [B, V] at t, and the caches advanced past t."""
   backbone = model.backbone
