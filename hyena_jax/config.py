@@ -80,7 +80,10 @@ class HyenaConfig:
     if self.dtype not in _DTYPES:
       errors.append(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
     if self.conv_impl not in ("fft", "pallas"):
-      errors.append(f"conv_impl must be 'fft' or 'pallas', got {self.conv_impl!r}")
+      # Every path honours both (the model, context parallelism, generation's prefill; a decoding
+      # step is a dot product, not a convolution), so only unknown values are refused here.
+      errors.append(f"conv_impl must be 'fft' (XLA FFT) or 'pallas' (hyena_jax.pallas_conv "
+                    f"kernel), got {self.conv_impl!r}")
     if self.remat not in ("none", "block", "dots"):
       errors.append(f"remat must be 'none', 'block' or 'dots', got {self.remat!r}")
     if errors:

@@ -3,13 +3,16 @@
 Layout (N = size of the `sequence` mesh axis, c = Lp / N positions per device):
 
     ids [B, L] -> embed (+ dropout) -> pad on the right to Lp = N * c -> x [B, Lp, d],
-    sharded [B / data, Lp / N, d]; then, per device inside `jax.shard_map`, for each block:
+    sharded [B / data, Lp / N, d]; then, per device inside `jax.shard_map`, the model's own
+    blocks (`model.Block.apply`, `Backbone.encode`) with the mixer's stages (hyena.py) composed
+    by `_mixer`:
       norm1, in_proj, MLP, norm2, gating, out_proj   position-wise on the local [b, c, .] slice
       short depthwise conv                           2-position halo from the previous shard
                                                      (`ppermute`; shard 0 receives zeros = causal)
       long convolution                               all-to-all [b, d, c] -> [b, d / N, Lp]: whole
-                                                     sequences of d / N channels, `fft_long_conv`
-                                                     locally, all-to-all back to [b, d, c]
+                                                     sequences of d / N channels, the conv_impl
+                                                     dispatch (`fftconv.long_conv`) locally,
+                                                     all-to-all back to [b, d, c]
       implicit filter                                each shard builds the taps of its own
                                                      positions [d, c] and the same all-to-all
                                                      turns them into [d / N, Lp] (computed once
@@ -35,14 +38,14 @@ the shard_map replicated, so parameters stored sharded over an FSDP axis are all
 way in (parameter-sized, never activation-sized) and their gradients reduced on the way out.
 The mesh's axes should be `AxisType.Auto`, as `sharding.make_mesh(data, fsdp, sequence)` builds.
 
-Limits: `d_model` must be divisible by N (channels are what the long convolution shards); the
-local long convolution is always the XLA FFT path (`fftconv.fft_long_conv`), whatever
-`conv_impl` says.
+Limits: `d_model` must be divisible by N (channels are what the long convolution shards).
+`conv_impl` is honoured: "pallas" runs the kernel on each device's full-length channels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Sequence
@@ -54,7 +57,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hyena_jax import fftconv, sharding
 from hyena_jax.config import HyenaConfig
-from hyena_jax.model import Backbone, Block, HyenaLM, run_blocks
+from hyena_jax.model import Backbone, HyenaLM
 from hyena_jax.hyena import HyenaFilter, HyenaOperator
 
 SEQ_AXIS = "sequence"                 # the mesh axis of sharding.AXES that splits the length
@@ -149,43 +152,24 @@ def _filter_channels(filter_fn: HyenaFilter, sh: _Shard) -> jax.Array:
   return _to_channels(k, sh)
 
 
-def _mixer(mixer: HyenaOperator, u: jax.Array, sh: _Shard) -> jax.Array:
-  """HyenaOperator.__call__ on a sequence shard. u: [b, c, d] -> [b, c, d] (compute dtype)."""
-  b, c, d = u.shape
-  z = mixer.in_proj(u.reshape(b * c, d).astype(mixer.dtype))
-  z = z.reshape(b, c, 3 * d).transpose(0, 2, 1)                    # [b, 3d, c]
+def _mixer(mixer: HyenaOperator, u: jax.Array, sh: _Shard) -> tuple[jax.Array, None]:
+  """The mixer's stages on a sequence shard (a `model.Mix`). u: [b, c, d] -> [b, c, d]."""
   taps = mixer.short_filter.kernel.shape[0]
-  z = mixer.short_filter(z, halo=_halo(z, taps - 1, sh))
-  x0, x1, v = z[:, :d], z[:, d:2 * d], z[:, 2 * d:]
-  vx = v * x1                                                       # [b, d, c]
+  x0, x1, v, _ = mixer.project(u, halo=lambda z: _halo(z, taps - 1, sh))
   k = _filter_channels(mixer.filter_fn, sh)                         # [d / N, Lp]
-  d_local = d // sh.n
+  d_local = mixer.d_model // sh.n
   d_bias = jax.lax.dynamic_slice_in_dim(mixer.filter_fn.bias[...],
                                         jax.lax.axis_index(sh.axis) * d_local, d_local)
-  # float32 in, so the convolution comes back (and travels) unrounded: together with the gate
-  # applied below in float32 this is exactly fft_long_conv(vx, k, D, gate=x0) of the unsharded op.
-  y = fftconv.fft_long_conv(_to_channels(vx, sh).astype(jnp.float32), k, d_bias)
-  y = _to_positions(y, sh)                                          # [b, d, c] float32
-  y = (y * x0.astype(jnp.float32)).astype(vx.dtype)
-  y = y.transpose(0, 2, 1).reshape(b * c, d)
-  return mixer.out_proj(y).reshape(b, c, d)
-
-
-def _block(block: Block, x: jax.Array, sh: _Shard) -> jax.Array:
-  """Block.__call__ on a sequence shard: x [b, c, d] float32 residual stream -> same."""
-  b, c, d = x.shape
-  x = x + _mixer(block.mixer, block.norm1(x).astype(block.dtype), sh).astype(jnp.float32)
-  flat = x.reshape(b * c, d)
-  flat = flat + block.mlp(block.norm2(flat).astype(block.dtype)).astype(jnp.float32)
-  return flat.reshape(b, c, d)
+  # float32 in, so the convolution comes back (and travels) unrounded: with the gate applied by
+  # `output` in float32 this is exactly the unsharded op's long_conv(vx, k, D, gate=x0).
+  y = fftconv.long_conv(_to_channels(v * x1, sh).astype(jnp.float32), k, d_bias,
+                        impl=mixer.conv_impl)                       # [b, d / N, Lp]
+  return mixer.output(_to_positions(y, sh), gate=x0), None
 
 
 def _backbone(backbone: Backbone, x: jax.Array, sh: _Shard) -> jax.Array:
   """Blocks and ln_f on a shard (the embedding is done outside): [b, c, d] -> [b, c, d]."""
-  cfg = backbone.config
-  x, _ = run_blocks(backbone.layers, x, lambda block, h: _block(block, h, sh), remat=cfg.remat,
-                    scan=cfg.scan_layers)
-  return backbone.ln_f(x)
+  return backbone.encode(x, mix=functools.partial(_mixer, sh=sh)).hidden
 
 
 # ------------------------------------------------------------------ public API

@@ -2,10 +2,21 @@
 
     y[b, c, t] = (sum_{s <= t} k[c, t - s] * u[b, c, s] + D[c] * u[b, c, t]) * gate[b, c, t]
 
-`fft_long_conv` is the reference path (`jnp.fft`, float32). The official model uses an FFT of
-length exactly 2L; any length >= 2L - 1 gives the same causal convolution, and we use the next
-5-smooth length because 2L can have a large prime factor (L = 1,000,002 gives 2 * 1,000,002 =
-2^2 * 3 * 166,667, for which FFT libraries fall back to a much slower algorithm).
+Entry points, one per way the model needs it:
+  * `long_conv(..., impl=conv_impl)`: THE dispatch every whole-sequence caller goes through (the
+    model's forward, context parallelism on its channel shard, the decoder's prefill):
+    "fft" -> `fft_long_conv`, "pallas" -> `pallas_conv.long_conv` (matmul DFTs, fused gate).
+  * `fft_long_conv`: the XLA path (`jnp.fft`, float32).
+  * `decoding_filter` + `long_conv_step`: one output position on a cache of past inputs, for
+    cached decoding. It is a dot product of length T, not a convolution over the sequence, so it
+    is the same for every `conv_impl` (an FFT or a Pallas kernel would compute all T outputs to
+    keep one).
+  * `direct_long_conv`: quadratic-time reference for tests only.
+
+FFT size: the official model uses an FFT of length exactly 2L; any length >= 2L - 1 gives the
+same causal convolution, and we use the next 5-smooth length because 2L can have a large prime
+factor (L = 1,000,002 gives 2 * 1,000,002 = 2^2 * 3 * 166,667, for which FFT libraries fall back
+to a much slower algorithm).
 """
 
 from __future__ import annotations
@@ -14,6 +25,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from hyena_jax.errors import InputError
+
+CONV_IMPLS = ("fft", "pallas")   # the values of HyenaConfig.conv_impl
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,3 +86,45 @@ def direct_long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array,
   toeplitz = jnp.where(lag >= 0, k[:, jnp.clip(lag, 0, length - 1)], 0.0)  # [C, t, s]
   y = jnp.einsum("cts,bcs->bct", toeplitz, u, precision="highest") + u * d_bias[:, None]
   return y if gate is None else y * gate
+
+
+def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | None = None, *,
+              impl: str) -> jax.Array:
+  """The long-convolution dispatch: `impl` is the model's `conv_impl`, honoured on every path.
+
+  Same contract as `fft_long_conv` (u [B, C, L], k [C, L], d_bias [C], gate [B, C, L] or None;
+  returns [B, C, L] in u's dtype). "pallas" calls `pallas_conv.long_conv` with its defaults (its
+  interpreter on CPU).
+  """
+  if impl == "fft":
+    return fft_long_conv(u, k, d_bias, gate)
+  if impl == "pallas":
+    from hyena_jax import pallas_conv  # imported lazily: Pallas is optional at import time
+    return pallas_conv.long_conv(u, k, d_bias, gate)
+  raise InputError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+
+
+def decoding_filter(k: jax.Array) -> jax.Array:
+  """k [C, T] -> [C, 2T] = [k reversed | zeros]: its length-T slice at T-1-t is
+  [k[t - s] if s <= t else 0 for s < T], the taps that reach position t (see `long_conv_step`)."""
+  return jnp.concatenate([k[:, ::-1], jnp.zeros_like(k)], axis=1)
+
+
+def long_conv_step(u: jax.Array, k_rev: jax.Array, d_bias: jax.Array, t: jax.Array
+                   ) -> jax.Array:
+  """Output position t of the causal convolution with its skip term (no gate).
+
+  Args:
+    u: [B, C, T] float32 inputs up to and including position t (later ones meet zero taps).
+    k_rev: [C, 2T] from `decoding_filter`.
+    d_bias: [C] skip term D.
+    t: the position (may be traced).
+
+  Returns:
+    [B, C] float32, sum_{s <= t} k[c, t - s] u[b, c, s] + D[c] u[b, c, t]: O(T C) per call.
+  """
+  length = u.shape[-1]
+  k_t = jax.lax.dynamic_slice_in_dim(k_rev, length - 1 - t, length, axis=1)   # [C, T]
+  y = jnp.einsum("bcs,cs->bc", u, k_t, precision=jax.lax.Precision.HIGHEST)
+  u_t = jax.lax.dynamic_index_in_dim(u, t, axis=2, keepdims=False)
+  return y + u_t * d_bias.astype(jnp.float32)[None, :]

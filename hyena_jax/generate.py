@@ -23,6 +23,12 @@ recompiles per step; sampling settings are traced values, so one compilation per
     and the filter k (flipped and zero-padded). The long convolution at t is then one dot
     product, y_t = sum_{s<=t} k[t-s] u_s + D u_t, O(T d) per layer (T, not t: the buffer has a
     fixed size), and everything else touches one position: O(d^2 + T d) per layer per base.
+
+Nothing here repeats the model: prefill and step run the model's blocks (`model.Block.apply`)
+with `HyenaOperator.prefill` / `HyenaOperator.step` (hyena.py) as the mixer. `conv_impl` is
+honoured wherever a long convolution runs: the recompute forward and the prefill go through the
+`fftconv.long_conv` dispatch (fft or pallas). A step has no sequence to convolve: its one output
+position is a dot product over the cache (`fftconv.long_conv_step`), identical for both values.
 """
 
 from __future__ import annotations
@@ -36,13 +42,12 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from hyena_jax import inference
+from hyena_jax import hyena, inference
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
 
 Method = Literal["cached", "recompute"]
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass
@@ -89,60 +94,31 @@ def _generate_recompute(model: HyenaLM, buf: jax.Array, start: jax.Array, stop: 
 # Incremental decoding
 
 
-def _prefill(model: HyenaLM, buf: jax.Array, start: jax.Array) -> tuple[list[dict], jax.Array]:
-  """Full forward over buf [B, T]; per-layer caches describing positions < start, and the
-  logits [B, V] at position start - 1."""
+def _prefill(model: HyenaLM, buf: jax.Array, start: jax.Array
+             ) -> tuple[list[hyena.DecodeCache], jax.Array]:
+  """One forward over buf [B, T] (the model's blocks, `HyenaOperator.prefill` as the mixer):
+  per-layer caches of positions < start, and the logits [B, V] at position start - 1."""
   backbone = model.backbone
-  out = backbone(buf, return_layers=True)
-  batch, length = buf.shape
-  keep = (jnp.arange(length) < start)[None, None, :]
+  x = backbone.embed(buf)                                                   # [B, T, d] float32
   caches = []
-  block_inputs = [backbone.embed(buf)] + list(out.layers[:-1])
-  for block, x in zip(backbone.layers, block_inputs):
-    mixer, d = block.mixer, block.mixer.d_model
-    h = block.norm1(x).astype(block.dtype).reshape(batch * length, d).astype(mixer.dtype)
-    z = mixer.in_proj(h).reshape(batch, length, 3 * d).transpose(0, 2, 1)  # [B, 3d, T]
-    zc = mixer.short_filter(z)
-    gated = (zc[:, 2 * d:] * zc[:, d:2 * d]).astype(jnp.float32)           # u = v * x1
-    z_pad = jnp.concatenate([jnp.zeros(z.shape[:2] + (2,), z.dtype), z], axis=-1)
-    k = mixer.filter_fn(length)                                             # [d, T] float32
-    caches.append({
-        "z_prev": jax.lax.dynamic_slice_in_dim(z_pad, start, 2, axis=2),   # z at start-2, start-1
-        "u": gated * keep,                                                  # [B, d, T]
-        # k flipped and zero-padded: a length-T slice at T-1-t is [k[t-s] if s <= t else 0]_s.
-        "k_pad": jnp.concatenate([k[:, ::-1], jnp.zeros_like(k)], axis=1),  # [d, 2T]
-    })
-  last = jax.lax.dynamic_index_in_dim(out.hidden, start - 1, axis=1, keepdims=False)
-  return caches, model.logits_from_hidden(last)
+  for block in backbone.layers:
+    x, cache = block.apply(x, lambda mixer, u: mixer.prefill(u, start))
+    caches.append(cache)
+  last = jax.lax.dynamic_index_in_dim(x, start - 1, axis=1, keepdims=False)  # [B, d]
+  return caches, model.logits_from_hidden(backbone.ln_f(last))
 
 
-def _step(model: HyenaLM, caches: list[dict], token: jax.Array, t: jax.Array
-          ) -> tuple[jax.Array, list[dict]]:
-  """Advances every layer by one position: token [B] at position t -> logits [B, V] at t."""
+def _step(model: HyenaLM, caches: list[hyena.DecodeCache], token: jax.Array, t: jax.Array
+          ) -> tuple[jax.Array, list[hyena.DecodeCache]]:
+  """Advances every layer by one position (`HyenaOperator.step` as the mixer): token [B] at
+  position t -> logits [B, V] at t, and the caches advanced past t."""
   backbone = model.backbone
-  x = backbone.embed(token[:, None])[:, 0]                                  # [B, d] float32
+  x = backbone.embed(token[:, None])                                        # [B, 1, d] float32
   new_caches = []
   for block, cache in zip(backbone.layers, caches):
-    mixer, d = block.mixer, block.mixer.d_model
-    z = mixer.in_proj(block.norm1(x).astype(block.dtype).astype(mixer.dtype))  # [B, 3d]
-    # The 3-tap short filter on positions t-2, t-1, t, summed in ShortFilter's order.
-    w = mixer.short_filter.kernel[...][:, 0, :].astype(z.dtype)             # [3, 3d]
-    taps = (cache["z_prev"][..., 0], cache["z_prev"][..., 1], z)
-    zc = mixer.short_filter.bias[...].astype(z.dtype)
-    for j in range(3):
-      zc = zc + w[j] * taps[j]
-    x0, x1, v = zc[:, :d], zc[:, d:2 * d], zc[:, 2 * d:]
-    u_t = (v * x1).astype(jnp.float32)                                      # [B, d]
-    u = jax.lax.dynamic_update_slice_in_dim(cache["u"], u_t[:, :, None], t, axis=2)
-    length = u.shape[-1]
-    k_t = jax.lax.dynamic_slice_in_dim(cache["k_pad"], length - 1 - t, length, axis=1)  # [d, T]
-    y = jnp.einsum("bds,ds->bd", u, k_t, precision=_HIGHEST)
-    y = (y + u_t * mixer.filter_fn.bias[...][None, :]) * x0.astype(jnp.float32)
-    x = x + mixer.out_proj(y.astype(x0.dtype)).astype(jnp.float32)
-    x = x + block.mlp(block.norm2(x).astype(block.dtype)).astype(jnp.float32)
-    new_caches.append({"z_prev": jnp.stack([cache["z_prev"][..., 1], z], axis=-1), "u": u,
-                       "k_pad": cache["k_pad"]})
-  return model.logits_from_hidden(backbone.ln_f(x)), new_caches
+    x, cache = block.apply(x, lambda mixer, u, cache=cache: mixer.step(u, cache, t))
+    new_caches.append(cache)
+  return model.logits_from_hidden(backbone.ln_f(x[:, 0])), new_caches
 
 
 @nnx.jit

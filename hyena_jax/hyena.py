@@ -1,4 +1,21 @@
-"""The Hyena operator (order 2) of HyenaDNA, in Flax NNX.
+"""The Hyena operator (order 2) of HyenaDNA, in Flax NNX: every stage of the mixer lives here.
+
+Stages (`HyenaOperator` methods and members), composed by three callers that share them:
+  * `project`: in_proj + the 3-tap `ShortFilter`, with an optional halo (the two positions
+    before the input: zeros, a ppermute from the previous shard, or a decoding cache);
+  * `filter_fn` (`HyenaFilter`): the implicit long filter for positions start .. start+L-1;
+  * the long convolution: `fftconv.long_conv(..., impl=conv_impl)`, the one dispatch
+    (fftconv.py holds all convolution maths);
+  * `output`: gating (when the convolution did not fuse it) and out_proj;
+  * `prefill` / `step`: cached decoding, the forward over a buffer plus a `DecodeCache`, then one
+    position at a time.
+Callers: `__call__` (model.py's Block, the whole sequence), context_parallel._mixer (a sequence
+shard, all-to-all around the long convolution), generate.py (prefill, step). The residual block
+around the mixer (norms, MLP) is model.Block, written once for all three.
+
+Precision: the implicit-filter MLP (including sin(w * Wz)) runs its matmuls at
+`Precision.HIGHEST`: on TPU the default float32 matmul is one bfloat16 pass and the filter's
+error would reach every position of the long convolution. Projections follow `dtype`.
 
 Differences from the official PyTorch code, all deliberate and none numerical:
   * The positional features `z`, `t` and the decay rates `deltas` are deterministic functions of
@@ -14,6 +31,7 @@ Differences from the official PyTorch code, all deliberate and none numerical:
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +76,11 @@ class HyenaFilter(nnx.Module):
     self.shift, self.modulate = shift, modulate
     init = _normal(initializer_range)
     widths = [emb_dim] + [filter_order] * (num_inner_mlps + 1)
-    layers = [nnx.Linear(a, b, kernel_init=init, rngs=rngs) for a, b in zip(widths, widths[1:])]
-    layers.append(nnx.Linear(filter_order, d_model, use_bias=False, kernel_init=init, rngs=rngs))
+    highest = jax.lax.Precision.HIGHEST  # float32 accuracy on TPU/GPU too (module docstring)
+    layers = [nnx.Linear(a, b, kernel_init=init, precision=highest, rngs=rngs)
+              for a, b in zip(widths, widths[1:])]
+    layers.append(nnx.Linear(filter_order, d_model, use_bias=False, kernel_init=init,
+                             precision=highest, rngs=rngs))
     self.implicit_filter = nnx.List(layers)
     # One Sin frequency shared by every activation, as upstream.
     self.freq = nnx.Param(jnp.full((1, filter_order), activation_freq, jnp.float32))
@@ -99,8 +120,9 @@ class ShortFilter(nnx.Module):
   def __call__(self, u: jax.Array, halo: jax.Array | None = None) -> jax.Array:
     """u: [batch, channels, length] -> same shape.
 
-    `halo` ([batch, channels, taps-1]) holds the positions just before u (context parallelism);
-    None means zeros, i.e. u starts the sequence.
+    `halo` ([batch, channels, taps-1]) holds the positions just before u (from the previous
+    shard in context parallelism, from the cache in decoding); None means zeros, i.e. u starts
+    the sequence.
     """
     taps = self.kernel.shape[0]
     length = u.shape[-1]
@@ -114,8 +136,24 @@ class ShortFilter(nnx.Module):
     return out
 
 
+class DecodeCache(NamedTuple):
+  """One layer's state for cached decoding at a buffer of T positions (see `HyenaOperator.step`)."""
+  z_prev: jax.Array   # [B, 3d, 2] in_proj outputs of the two previous positions (short filter)
+  u: jax.Array        # [B, d, T] float32 long-conv inputs v * x1 so far (zeros beyond)
+  k_rev: jax.Array    # [d, 2T] float32 the filter as `fftconv.decoding_filter` lays it out
+
+
 class HyenaOperator(nnx.Module):
-  """Order-2 Hyena mixer: in_proj -> short conv -> x0 | x1 | v -> (k * (v x1) + D v x1) x0 -> out_proj."""
+  """Order-2 Hyena mixer: in_proj, short conv -> x0, x1, v; (k * (v x1) + D v x1) x0 -> out_proj.
+
+  Stages, composed by `__call__` (whole sequence), context_parallel._mixer (a sequence shard)
+  and `prefill`/`step` (cached decoding):
+    `project`    in_proj + short filter, with an optional halo (the two positions before u)
+    `filter_fn`  the implicit filter k for a range of positions (`HyenaFilter.__call__`)
+    the long convolution: `fftconv.long_conv(..., impl=conv_impl)`, the one dispatch
+    `output`     gating (when the convolution did not fuse it) and out_proj
+    `step`       one position on a `DecodeCache`
+  """
 
   def __init__(self, d_model: int, *, l_max: int, n_layer: int, emb_dim: int, filter_order: int,
                num_inner_mlps: int, activation_freq: float, shift: float, modulate: bool,
@@ -131,23 +169,67 @@ class HyenaOperator(nnx.Module):
         num_inner_mlps=num_inner_mlps, activation_freq=activation_freq, shift=shift,
         modulate=modulate, initializer_range=initializer_range, rngs=rngs)
 
-  def long_conv(self, v: jax.Array, k: jax.Array, gate: jax.Array) -> jax.Array:
-    """(causal_conv(v, k) + D v) * gate, all [batch, d_model, length]."""
-    d_bias = self.filter_fn.bias[...]
-    if self.conv_impl == "pallas":
-      from hyena_jax import pallas_conv  # imported lazily: Pallas is optional at import time
-      return pallas_conv.long_conv(v, k, d_bias, gate)
-    return fftconv.fft_long_conv(v, k, d_bias, gate)
+  def project(self, u: jax.Array, halo: jax.Array | Callable[[jax.Array], jax.Array] | None = None
+              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """in_proj and the short filter. u: [B, L, d] -> (x0, x1, v) each [B, d, L] and z [B, 3d, L].
 
-  def __call__(self, u: jax.Array) -> jax.Array:
-    """u: [batch, length, d_model] -> [batch, length, d_model] in the compute dtype."""
+    z is in_proj's output before the short filter (what a decoding cache keeps). `halo` is the
+    short filter's input at the 2 positions before u, [B, 3d, 2]: a `DecodeCache.z_prev`, or a
+    function of z that fetches it (context parallelism: from the previous shard); None = zeros,
+    i.e. u starts the sequence.
+    """
     batch, length, d = u.shape
     # Projections on 2-D [batch*length, C] arrays: their backward is a plain matmul on CPU.
     z = self.in_proj(u.reshape(batch * length, d).astype(self.dtype))
     z = z.reshape(batch, length, 3 * d).transpose(0, 2, 1)           # [batch, 3d, length]
-    z = self.short_filter(z)
-    x0, x1, v = z[:, :d], z[:, d:2 * d], z[:, 2 * d:]
-    k = self.filter_fn(length)                                        # [d, length], float32
-    y = self.long_conv(v * x1, k, gate=x0)                            # [batch, d, length]
-    y = y.transpose(0, 2, 1).reshape(batch * length, d)
+    zc = self.short_filter(z, halo=halo(z) if callable(halo) else halo)
+    return zc[:, :d], zc[:, d:2 * d], zc[:, 2 * d:], z
+
+  def output(self, y: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+    """y: [B, d, L] long-conv output -> [B, L, d] (compute dtype) after `* gate` and out_proj.
+
+    Pass `gate` (x0, [B, d, L]) when the convolution did not apply it; the product is float32.
+    """
+    if gate is not None:
+      y = y.astype(jnp.float32) * gate.astype(jnp.float32)
+    batch, d, length = y.shape
+    y = y.astype(self.dtype).transpose(0, 2, 1).reshape(batch * length, d)
     return self.out_proj(y).reshape(batch, length, d)
+
+  def _forward(self, u: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The whole-sequence mixer; also returns (z, v x1, k) for `prefill`'s cache."""
+    x0, x1, v, z = self.project(u)
+    vx = v * x1                                                       # [B, d, L]
+    k = self.filter_fn(u.shape[1])                                    # [d, L] float32
+    y = fftconv.long_conv(vx, k, self.filter_fn.bias[...], x0, impl=self.conv_impl)
+    return self.output(y), (z, vx, k)
+
+  def __call__(self, u: jax.Array) -> jax.Array:
+    """u: [B, L, d] -> [B, L, d] in the compute dtype."""
+    return self._forward(u)[0]
+
+  def prefill(self, u: jax.Array, start: jax.Array) -> tuple[jax.Array, DecodeCache]:
+    """`__call__` over a decoding buffer u [B, T, d], plus the cache of positions < start.
+
+    The long convolution goes through the `conv_impl` dispatch, like `__call__`.
+    """
+    y, (z, vx, k) = self._forward(u)
+    length = u.shape[1]
+    keep = (jnp.arange(length) < start)[None, None, :]
+    z_pad = jnp.concatenate([jnp.zeros(z.shape[:2] + (2,), z.dtype), z], axis=-1)
+    return y, DecodeCache(z_prev=jax.lax.dynamic_slice_in_dim(z_pad, start, 2, axis=2),
+                          u=vx.astype(jnp.float32) * keep, k_rev=fftconv.decoding_filter(k))
+
+  def step(self, u: jax.Array, cache: DecodeCache, t: jax.Array
+           ) -> tuple[jax.Array, DecodeCache]:
+    """One position: u [B, 1, d] at position t -> ([B, 1, d], the cache advanced past t).
+
+    The long convolution at one position is a dot product over the cached inputs
+    (`fftconv.long_conv_step`), O(T d), the same for every conv_impl: there is no sequence
+    left to convolve, so neither the FFT nor the Pallas kernel applies.
+    """
+    x0, x1, v, z = self.project(u, halo=cache.z_prev)
+    hist = jax.lax.dynamic_update_slice_in_dim(cache.u, (v * x1).astype(jnp.float32), t, axis=2)
+    y = fftconv.long_conv_step(hist, cache.k_rev, self.filter_fn.bias[...], t)   # [B, d]
+    z_prev = jnp.concatenate([cache.z_prev[..., 1:], z], axis=-1)
+    return self.output(y[..., None], gate=x0), DecodeCache(z_prev, hist, cache.k_rev)

@@ -6,15 +6,21 @@ Data flow (shapes with B batch, L length <= l_max, d d_model, V padded vocab = 1
     for each block: x += mixer(norm1(x)); x += mlp(norm2(x))
     hidden = ln_f(x) [B, L, d];  logits = hidden @ E^T [B, L, V]   (LM head tied to E)
 
+The block (norm1, mixer, residual, norm2, MLP) is `Block.apply`, the one copy: context
+parallelism (context_parallel.py) and cached decoding (generate.py) call it with their own
+composition of the mixer's stages (hyena.py), so neither repeats the block or the mixer.
+
 Mixed precision: `config.dtype` is the compute dtype of projections and the MLP; LayerNorms, the
 residual stream (upstream `residual_in_fp32`), the implicit filter and the FFT stay float32.
+The float32 matmuls whose accuracy matters (implicit-filter MLP, tied LM head) run at
+`Precision.HIGHEST` (on TPU the default float32 matmul is a single bfloat16 pass).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +31,8 @@ from hyena_jax.errors import InputError
 from hyena_jax.hyena import HyenaOperator
 
 Pooling = Literal["mean", "last", "first", "sum"]
+# How a caller runs the mixer inside `Block.apply`: (mixer, u [B, L, d]) -> (y [B, L, d], aux).
+Mix = Callable[[HyenaOperator, jax.Array], tuple[jax.Array, Any]]
 _normal = nnx.initializers.normal
 
 
@@ -62,13 +70,24 @@ class Block(nnx.Module):
     self.norm2 = _layer_norm(cfg.d_model, cfg, rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, L, d] float32 residual stream -> same."""
+  def apply(self, x: jax.Array, mix: Mix | None = None) -> tuple[jax.Array, Any]:
+    """x: [B, L, d] float32 residual stream -> (same, what `mix` returned beside its output).
+
+    `mix(mixer, u)` -> (y, aux) runs the mixer on u = norm1(x) [B, L, d] (compute dtype); None is
+    the plain `mixer(u)`. Context parallelism and decoding pass their own composition of the
+    mixer's stages; everything else in the block is this one code path.
+    """
     batch, length, d = x.shape
-    x = x + self.mixer(self.norm1(x).astype(self.dtype)).astype(jnp.float32)
+    u = self.norm1(x).astype(self.dtype)
+    y, aux = mix(self.mixer, u) if mix is not None else (self.mixer(u), None)
+    x = x + y.astype(jnp.float32)
     flat = x.reshape(batch * length, d)  # position-wise work on 2-D arrays (fast backward on CPU)
     flat = flat + self.mlp(self.norm2(flat).astype(self.dtype)).astype(jnp.float32)
-    return flat.reshape(batch, length, d)
+    return flat.reshape(batch, length, d), aux
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, L, d] float32 residual stream -> same."""
+    return self.apply(x)[0]
 
 
 _REMAT_POLICIES = {
@@ -117,8 +136,17 @@ class Backbone(nnx.Module):
       raise InputError(f"embeddings {tuple(x.shape)} hold no positions (length 0)")
     if x.shape[1] > self.config.l_max:
       raise ValueError(f"sequence length {x.shape[1]} exceeds l_max={self.config.l_max}")
-    x, layers = run_blocks(self.layers, x, lambda block, h: block(h), remat=self.config.remat,
-                           scan=self.config.scan_layers, return_layers=return_layers)
+    return self.encode(x, return_layers=return_layers)
+
+  def encode(self, x: jax.Array, *, mix: Mix | None = None, return_layers: bool = False
+             ) -> BackboneOutput:
+    """Blocks and ln_f on embeddings x [B, L, d] float32 (remat and scan as configured).
+
+    `mix` is passed to every `Block.apply` (context parallelism's sharded mixer).
+    """
+    x, layers = run_blocks(self.layers, x, lambda block, h: block.apply(h, mix)[0],
+                           remat=self.config.remat, scan=self.config.scan_layers,
+                           return_layers=return_layers)
     return BackboneOutput(hidden=self.ln_f(x), layers=tuple(layers))
 
 
@@ -166,9 +194,13 @@ class HyenaLM(nnx.Module):
     self.backbone = Backbone(cfg, rngs=rngs)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-    """hidden: [..., d] -> [..., V] float32; the head is the transposed embedding (tied)."""
+    """hidden: [..., d] -> [..., V] float32; the head is the transposed embedding (tied).
+
+    At Precision.HIGHEST: float32 logits, also where the default matmul is one bf16 pass (TPU).
+    """
     table = self.backbone.word_embeddings.embedding[...]
-    return jnp.einsum("...d,vd->...v", hidden.astype(jnp.float32), table.astype(jnp.float32))
+    return jnp.einsum("...d,vd->...v", hidden.astype(jnp.float32), table.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
 
   def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """input_ids: [B, L] -> next-token logits [B, L, V] (float32)."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 from conftest import shared_path
 from hyena_jax import config as config_lib
@@ -65,6 +66,12 @@ def test_fft_conv_equals_direct_convolution(length):
   if length <= 301:
     np.testing.assert_allclose(fftconv.direct_long_conv(u, k, d_bias), expected, rtol=1e-4,
                                atol=1e-4)
+    # Cached decoding's one-position form, on the inputs up to t (later ones still zero).
+    k_rev = fftconv.decoding_filter(jnp.asarray(k))
+    for t in {0, length // 2, length - 1}:
+      seen = np.where(np.arange(length) <= t, u, 0.0)
+      np.testing.assert_allclose(fftconv.long_conv_step(seen, k_rev, d_bias, t), expected[..., t],
+                                 rtol=1e-5, atol=1e-5)
 
 
 def test_fft_size_is_smooth_and_large_enough():
@@ -132,6 +139,37 @@ def test_bfloat16_policy_keeps_float32_where_it_matters():
   assert nnx.state(model16, nnx.Param)["backbone"]["ln_f"]["scale"][...].dtype == jnp.float32
   rel = float(jnp.linalg.norm(logits16 - logits32) / jnp.linalg.norm(logits32))
   assert 0 < rel < 3e-2
+
+
+def _dot_precisions(fn, *args):
+  """The `precision` of every dot_general in fn's jaxpr, nested jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(eqn.params["precision"])
+      for sub in jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_filter_mlp_and_lm_head_matmuls_run_at_highest_precision():
+  """On TPU the default float32 matmul is one bfloat16 pass (TF32 on A100/H100): the implicit
+  filter (sin(w Wz) and the last Linear) and the tied LM head must ask for HIGHEST; the
+  projections keep the dtype policy (default precision)."""
+  model = HyenaLM(TINY, rngs=nnx.Rngs(0))
+  mixer = model.backbone.layers[0].mixer
+  highest = jax.lax.Precision.HIGHEST
+  filter_dots = _dot_precisions(lambda: mixer.filter_fn(32))
+  assert len(filter_dots) == TINY.num_inner_mlps + 2
+  assert all(p == (highest, highest) for p in filter_dots), filter_dots
+  head = _dot_precisions(model.logits_from_hidden, jnp.ones((2, 3, TINY.d_model)))
+  assert head == [(highest, highest)]
+  proj = _dot_precisions(lambda u: mixer.project(u)[0], jnp.ones((2, 3, TINY.d_model)))
+  assert len(proj) == 1 and proj[0] is None
 
 
 def test_scanned_layers_equal_the_unrolled_stack(remat="block"):

@@ -1,0 +1,99 @@
+"""`conv_impl` is honoured on every path: the model, context parallelism and cached decoding.
+
+Both implementations are replaced by call-counting fakes (the pallas fake computes with the FFT,
+so nothing here runs the slow Pallas interpreter); each path is traced once per conv_impl and
+must call the chosen implementation once per layer and the other one never. The numerical
+equalities with the real kernel (interpret mode) are in test_context_parallel.py,
+test_inference.py and test_pallas_conv.py.
+"""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from hyena_jax import context_parallel as cp
+from hyena_jax import fftconv, generate, pallas_conv, sharding
+from hyena_jax.config import HyenaConfig
+from hyena_jax.errors import InputError
+from hyena_jax.model import HyenaLM
+
+# An l_max used by no other test file: jit caches key on the config, so every path here is
+# traced afresh (a cache hit would skip the Python calls being counted).
+CFG = HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=40)
+IMPLS = ("fft", "pallas")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+  """Counts calls per implementation; both compute with the real FFT path."""
+  counts = collections.Counter()
+  real_fft = fftconv.fft_long_conv
+
+  def fake(name):
+    def conv(u, k, d_bias, gate=None, **kwargs):
+      assert not kwargs, f"the dispatch passed {kwargs} to {name}"
+      counts[name] += 1
+      return real_fft(u, k, d_bias, gate)
+    return conv
+
+  monkeypatch.setattr(fftconv, "fft_long_conv", fake("fft"))
+  monkeypatch.setattr(pallas_conv, "long_conv", fake("pallas"))
+  return counts
+
+
+def _model(impl, train=False):
+  model = HyenaLM(CFG.replace(conv_impl=impl), rngs=nnx.Rngs(0))
+  model.train() if train else model.eval()
+  return model
+
+
+def _trace(fn, model, ids):
+  """Traces fn(model, ids) (jax.eval_shape: no compilation, no run)."""
+  graphdef, state = nnx.split(model)
+  jax.eval_shape(lambda s, x: fn(nnx.merge(graphdef, s), x), state, ids)
+
+
+def _expect(calls, impl, n):
+  assert calls == {impl: n}, f"conv_impl={impl!r}: the long convolutions called were {calls}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_uses_conv_impl(calls, impl):
+  ids = jnp.zeros((2, 24), jnp.int32)
+  _trace(lambda m, x: m(x), _model(impl), ids)
+  _expect(calls, impl, CFG.n_layer)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_context_parallel_forward_and_train_step_use_conv_impl(calls, impl):
+  mesh = sharding.make_mesh(1, 1, 8, devices=jax.devices()[:8])
+  ids = jnp.zeros((2, 24), jnp.int32)
+  _trace(lambda m, x: cp.forward(m, x, mesh), _model(impl), ids)
+  _expect(calls, impl, CFG.n_layer)
+  calls.clear()
+  loss = lambda m, x: cp.lm_loss(m, x, x, mesh, dropout_key=jax.random.key(0))[0]  # noqa: E731
+  _trace(nnx.grad(loss), _model(impl, train=True), ids)
+  _expect(calls, impl, CFG.n_layer)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cached_generation_uses_conv_impl_in_prefill(calls, impl):
+  model = _model(impl)
+  result = generate.generate(model, "ACGTA", 6, method="cached", seed=0)
+  # Prefill: one long convolution per layer. The steps are dot products (long_conv_step).
+  _expect(calls, impl, CFG.n_layer)
+  calls.clear()
+  again = generate.generate(model, "ACGTA", 6, method="recompute", seed=0)
+  _expect(calls, impl, CFG.n_layer)
+  assert result.sequences == again.sequences
+
+
+def test_unknown_conv_impl_is_refused_with_the_choices():
+  with pytest.raises(InputError, match=r"conv_impl must be 'fft' \(XLA FFT\) or 'pallas'"):
+    HyenaConfig(conv_impl="direct")
+  u = jnp.zeros((1, 2, 4))
+  with pytest.raises(InputError, match="conv_impl must be one of"):
+    fftconv.long_conv(u, u[0], jnp.zeros(2), impl="direct")
