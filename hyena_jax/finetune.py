@@ -13,6 +13,12 @@ group, timm cosine with warm-up, full fine-tuning (or a frozen backbone). Known 
 the official code: the learning-rate schedule is defined in real optimizer steps (upstream counts
 `ceil(train_len / batch) * epochs` too, so they agree when train_len is the real row count);
 float32 instead of fp16 AMP; the last incomplete training batch is dropped.
+
+Model selection: the best validation checkpoint by eval.metric, except that a constant
+predictor (one class for every validation row; prediction_summary) ranks below any checkpoint
+that separates classes; constant predictions are logged as a warning and recorded in
+results.json (`collapsed`, `constant_valid_steps`, `warnings`, `predictions`). Small data or a
+CPU: finetune_config.small_data.
 """
 
 from __future__ import annotations
