@@ -142,8 +142,8 @@ def collapse_message(summary: dict[str, Any], split: str, step: int) -> str:
   else:
     what = f"prediction spread {summary['prediction_spread']:.2g}"
   return (f"collapsed to a constant predictor on {split} at step {step}: {what}. On small data "
-          "use the small_data recipe (configs/finetune/<task>.py:small_data: warm-up, lower "
-          "learning rate) or start from a pretrained backbone (--config.pretrained)")
+          "start from a pretrained backbone (--config.pretrained), use the small_data recipe "
+          "(--config=configs/finetune/TASK.py:small_data) or train longer")
 
 
 # ------------------------------------------------------------------------------------------------
