@@ -27,5 +27,7 @@ setup(
     extras_require={
         "torch": ["torch>=2.1,<3", "safetensors>=0.4"],
         "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4"],
+        # benchmarks/bench_finetune.py's k-mer logistic-regression baseline.
+        "bench": ["scikit-learn>=1.3"],
     },
 )

@@ -13,6 +13,12 @@ group, timm cosine with warm-up, full fine-tuning (or a frozen backbone). Known 
 the official code: the learning-rate schedule is defined in real optimizer steps (upstream counts
 `ceil(train_len / batch) * epochs` too, so they agree when train_len is the real row count);
 float32 instead of fp16 AMP; the last incomplete training batch is dropped.
+
+Model selection: the best validation checkpoint by eval.metric, except that a constant
+predictor (one class for every validation row; prediction_summary) ranks below any checkpoint
+that separates classes; constant predictions are logged as a warning and recorded in
+results.json (`collapsed`, `constant_valid_steps`, `warnings`, `predictions`). Small data or a
+CPU: finetune_config.small_data.
 """
 
 from __future__ import annotations
@@ -106,6 +112,40 @@ def task_metrics(outputs: np.ndarray, labels: np.ndarray, n_classes: int) -> dic
   return {"loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
           "accuracy": accuracy(labels, preds), "mcc": mcc(labels, preds, n_classes),
           "macro_f1": macro_f1(labels, preds, n_classes)}
+
+
+def prediction_summary(outputs: np.ndarray, n_classes: int) -> dict[str, Any]:
+  """How varied a split's predictions are, to catch a collapsed (constant) predictor.
+
+  outputs: logits [N, n_classes] (regression: predictions [N, 1]). Classification: `constant`
+  when every row gets the same argmax class; `logit_spread` is the largest range over rows of a
+  logit relative to class 0's (for 2 classes, the range of logit_1 - logit_0). Regression:
+  `constant` when the predictions' range is below 1e-6 of their scale.
+  """
+  outputs = np.asarray(outputs, np.float64)
+  if n_classes == 1:
+    pred = outputs[:, 0]
+    spread = float(np.ptp(pred))
+    return {"constant": bool(spread <= 1e-6 * max(1.0, float(np.abs(pred).max()))),
+            "prediction_spread": spread}
+  counts = np.bincount(outputs.argmax(1), minlength=n_classes)
+  relative = outputs - outputs[:, :1]
+  return {"constant": bool(np.count_nonzero(counts) == 1 and len(outputs) > 1),
+          "predicted_class_counts": counts.tolist(),
+          "logit_spread": float(np.ptp(relative, axis=0).max())}
+
+
+def collapse_message(summary: dict[str, Any], split: str, step: int) -> str:
+  """The warning for a constant predictor (prediction_summary(...)["constant"] is True)."""
+  if "predicted_class_counts" in summary:
+    counts = summary["predicted_class_counts"]
+    what = (f"every one of its {sum(counts)} rows is predicted as class "
+            f"{int(np.argmax(counts))} (logit spread {summary['logit_spread']:.2g})")
+  else:
+    what = f"prediction spread {summary['prediction_spread']:.2g}"
+  return (f"collapsed to a constant predictor on {split} at step {step}: {what}. On small data "
+          "start from a pretrained backbone (--config.pretrained), use the small_data recipe "
+          "(--config=configs/finetune/TASK.py:small_data) or train longer")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +392,6 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   """Fine-tunes on config.data, keeps the best validation checkpoint, evaluates it on the test
   split; writes WORKDIR/{results.json, metrics.jsonl, test_outputs.npy, checkpoints/} and
   returns the results dict. train.epochs = train.num_steps = 0 evaluates the initial weights."""
-  os.makedirs(workdir, exist_ok=True)
   if ckpt_lib.latest_step(workdir) is not None:
     raise OutputExistsError(f"{workdir} already holds a fine-tuning run (checkpoints/); use a new "
                             "--workdir")
@@ -366,6 +405,8 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     raise InputError(f"data.max_length={config.data.max_length} exceeds the model's l_max="
                      f"{model.config.l_max}; lower it (with data.truncate=True) or use a model "
                      "with a longer context")
+  # Created only after the config, data and model checks, so that a mistake leaves nothing.
+  os.makedirs(workdir, exist_ok=True)
   logging.info("init: %s; rows train %d / valid %d / test %d", init, len(splits["train"]),
                len(splits["valid"]), len(splits["test"]))
 
@@ -397,14 +438,19 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
                                best_metric="valid_objective")
   metric = config.eval.metric
   eval_every = config.train.eval_every_steps or steps_per_epoch
-  best = {"step": 0, "score": -np.inf}
+  # Selection ranks (not constant, score): a constant predictor on validation never displaces a
+  # checkpoint that separates classes, however its accuracy compares (on an imbalanced valid
+  # split the majority class alone scores well).
+  best = {"step": 0, "score": -np.inf, "constant": True}
   since_best, stopped_early, step, start = 0, False, 0, time.perf_counter()
   rng_epoch, order = -1, None
+  warnings, constant_steps = [], []
 
-  def save(step, params, score):
+  def save(step, params, score, constant=False):
+    objective = score - (1e6 if constant else 0.0)
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                             config=ocp.args.JsonSave(run_config)),
-              metrics={"valid_objective": -score})
+              metrics={"valid_objective": -objective})
 
   while step < total:
     epoch, pos = divmod(step, steps_per_epoch)
@@ -424,12 +470,22 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
                    step / steps_per_epoch, metrics["loss"], metrics["learning_rate"],
                    time.perf_counter() - start)
     if step % eval_every == 0 or step == total:
-      valid, _ = run_eval(state["params"], "valid")
-      writer.write(step, {f"valid_{k}": v for k, v in valid.items()})
-      logging.info("step %d  valid %s", step, "  ".join(f"{k} {v:.4f}" for k, v in valid.items()))
-      if valid[metric] > best["score"]:
-        best, since_best = {"step": step, "score": valid[metric]}, 0
-        save(step, state["params"], valid[metric])
+      valid, valid_outputs = run_eval(state["params"], "valid")
+      summary = prediction_summary(valid_outputs, n_classes)
+      spread = summary.get("logit_spread", summary.get("prediction_spread"))
+      writer.write(step, {**{f"valid_{k}": v for k, v in valid.items()},
+                          "valid_constant": int(summary["constant"]), "valid_spread": spread})
+      logging.info("step %d  valid %s  spread %.3g", step,
+                   "  ".join(f"{k} {v:.4f}" for k, v in valid.items()), spread)
+      if summary["constant"]:
+        constant_steps.append(step)
+        if len(constant_steps) == 1:  # once in the log; every such step goes to results.json
+          warnings.append(collapse_message(summary, "validation", step))
+          logging.warning("%s", warnings[-1])
+      if (not summary["constant"], valid[metric]) > (not best["constant"], best["score"]):
+        best = {"step": step, "score": valid[metric], "constant": summary["constant"]}
+        since_best = 0
+        save(step, state["params"], valid[metric], summary["constant"])
       else:
         since_best += 1
         if config.train.patience and since_best >= config.train.patience:
@@ -451,14 +507,26 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     save(0, params, 0.0)
     mngr.wait_until_finished()
   mngr.close()
-  valid, _ = run_eval(params, "valid")
+  valid, valid_outputs = run_eval(params, "valid")
   test, test_outputs = run_eval(params, "test")
   np.save(os.path.join(workdir, "test_outputs.npy"), test_outputs)
   writer.close(plot=bool(total), loss_label="mean squared error" if config.head.n_classes == 1
                else "cross-entropy (nats/sequence)")
+  predictions = {"valid": prediction_summary(valid_outputs, n_classes),
+                 "test": prediction_summary(test_outputs, n_classes)}
+  if predictions["valid"]["constant"]:
+    if total:
+      message = (f"the selected checkpoint (step {best['step']}) is a constant predictor: every "
+                 f"validation evaluation ({len(constant_steps)} of them) was constant")
+    else:
+      message = collapse_message(predictions["valid"], "validation", 0)
+    warnings.append(message)
+    logging.warning("%s", message)
   results = {
       "task": config.task, "metric": metric, "init": init,
-      "test": test, "valid": valid, "best_step": best["step"], "steps": step,
+      "test": test, "valid": valid, "predictions": predictions,
+      "collapsed": predictions["valid"]["constant"], "constant_valid_steps": constant_steps,
+      "warnings": warnings, "best_step": best["step"], "steps": step,
       "epochs": step / max(steps_per_epoch, 1), "stopped_early": stopped_early,
       "train_seconds": round(train_seconds, 1),
       "rows": {k: len(v) for k, v in splits.items()},

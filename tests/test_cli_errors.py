@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from hyena_jax import cli, config as config_lib, data, genome, inference, run_config, score
-from hyena_jax import tokenizer, train, weights
+from hyena_jax import finetune, finetune_config, tokenizer, train, weights
 from hyena_jax.errors import InputError, MissingDependencyError
 from hyena_jax.model import HyenaLM
 
@@ -160,6 +160,12 @@ def test_truncated_gzip_names_the_file_in_every_reader(tmp_path):
   tsv_gz = _truncated_gz(tmp_path / "t.tsv.gz", "".join(f"{'ACGT' * 50}\t1\n" for _ in range(300)))
   with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
     data.read_labelled_sequences(tsv_gz)           # finetune TSV
+  config = finetune_config.base_config()          # through the fine-tuning entry point
+  config.data.update(train=tsv_gz, test=tsv_gz)
+  config.mesh.data = 1
+  with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
+    finetune.finetune_and_evaluate(config, str(tmp_path / "ft"))
+  assert not (tmp_path / "ft").exists()
 
 
 def test_duplicate_fasta_names_are_refused_in_every_reader(tmp_path):

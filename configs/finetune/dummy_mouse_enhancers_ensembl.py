@@ -14,10 +14,10 @@ Recipe (SPEC 6.1): tiny-1k (d_model 128, 2 layers), mean pooling, AdamW 6e-4, ba
 from hyena_jax import finetune_config
 
 
-def get_config():
+def get_config(recipe: str = "official"):
   config = finetune_config.task_config(
       "dummy_mouse_enhancers_ensembl", max_length=4707, n_classes=2, metric="accuracy",
-      model="tiny-1k")
+      model="tiny-1k", recipe=recipe)
   # Longer than tiny-1k's context: a from-scratch model sized for it.
   config.model.l_max = 4709
   return config

@@ -13,7 +13,8 @@ Recipe (SPEC 6.1): tiny-1k (d_model 128, 2 layers), mean pooling, AdamW 6e-4, ba
 from hyena_jax import finetune_config
 
 
-def get_config():
+def get_config(recipe: str = "official"):
   config = finetune_config.task_config(
-      "human_enhancers_ensembl", max_length=573, n_classes=2, metric="accuracy", model="tiny-1k")
+      "human_enhancers_ensembl", max_length=573, n_classes=2, metric="accuracy", model="tiny-1k",
+      recipe=recipe)
   return config

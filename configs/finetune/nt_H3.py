@@ -12,6 +12,6 @@ The paper's per-task launch settings are not public; expect roughly the paper's 
 from hyena_jax import finetune_config
 
 
-def get_config():
+def get_config(recipe: str = "official"):
   return finetune_config.task_config("nt_H3", max_length=500, n_classes=2,
-                                     metric="mcc", model="tiny-1k-d256")
+                                     metric="mcc", model="tiny-1k-d256", recipe=recipe)
