@@ -168,6 +168,36 @@ def _check_config_files() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Renamed flags
+
+# The one convention of every tool: --model names any model source (hyena_jax.load), --output
+# any output, --config an ml_collections file. Older names stay as deprecated aliases.
+
+
+def define_deprecated_alias(old: str, new: str, define: Callable[..., Any] = flags.DEFINE_string
+                            ) -> None:
+  """Defines flag --`old` (a string unless `define` says otherwise) as a deprecated alias of
+  --`new`; read the pair with `aliased(new, old)`."""
+  define(old, None, f"Deprecated: use --{new}.")
+
+
+def aliased(new: str, old: str, *, required: bool = True) -> Any:
+  """The value of --`new`, else of its deprecated alias --`old` (with a warning on stderr).
+
+  Both given is a usage error; neither is one when `required`.
+  """
+  f = flags.FLAGS
+  if f[old].present:
+    if f[new].present:
+      raise app.UsageError(f"--{old} is the deprecated name of --{new}: pass only --{new}")
+    sys.stderr.write(f"warning: --{old} is deprecated; use --{new}\n")
+    return f[old].value
+  if required and f[new].value is None:
+    raise app.UsageError(f"--{new} is required")
+  return f[new].value
+
+
+# ------------------------------------------------------------------------------------------------
 # Running a main
 
 

@@ -241,7 +241,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  model, _ = inference.load_model(FLAGS.model, step=FLAGS.step, shift=FLAGS.shift)
+  model = inference.model_from_flags()
   summary = embed_file(model, FLAGS.input, FLAGS.output,
                        column=inference.parse_column(FLAGS.column),
                        name_column=inference.parse_column(FLAGS.name_column),

@@ -211,9 +211,10 @@ def build_classifier(config: ml_collections.ConfigDict) -> tuple[SequenceClassif
     model = SequenceClassifier(cfg, n_classes, pooling=pooling, rngs=rngs)
     model.train()
     return model, "scratch"
-  from hyena_jax import inference  # the loader shared with embed/score/generate
-  source, source_cfg = inference.load_model(config.pretrained, step=config.pretrained_step,
-                                            shift=config.pretrained_shift)
+  from hyena_jax import loading  # the loader shared with embed/score/generate
+  loaded = loading.load(config.pretrained, step=config.pretrained_step,
+                        shift=config.pretrained_shift)
+  source, source_cfg = loaded.model, loaded.config
   cfg = dataclasses.replace(source_cfg, **execution_fields(config))
   model = SequenceClassifier(cfg, n_classes, pooling=pooling, rngs=rngs)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

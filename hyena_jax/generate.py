@@ -213,7 +213,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (FLAGS.prompt is None) == (FLAGS.prompt_fasta is None):
     raise app.UsageError("pass exactly one of --prompt or --prompt_fasta")
-  model, _ = inference.load_model(FLAGS.model, step=FLAGS.step, shift=FLAGS.shift)
+  model = inference.model_from_flags()
   prompts = ([("prompt", FLAGS.prompt)] if FLAGS.prompt is not None else
              [(r.name, r.seq) for r in inference.read_fasta(FLAGS.prompt_fasta)])
   lines = []

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import os
+import warnings
 import zipfile
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -32,8 +33,6 @@ from hyena_jax.errors import InputError, MissingInputError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 _GZIP_MAGIC = b"\x1f\x8b"
-_WEIGHT_FILES = ("model.safetensors", "weights.safetensors", "weights.ckpt", "weights.pt",
-                 "pytorch_model.bin")
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fa.gz", ".fasta.gz", ".fna.gz")
 TABLE_SUFFIXES = (".tsv", ".csv", ".txt", ".tsv.gz", ".csv.gz", ".txt.gz")
 
@@ -44,33 +43,12 @@ TABLE_SUFFIXES = (".tsv", ".csv", ".txt", ".tsv.gz", ".csv.gz", ".txt.gz")
 
 def load_model(path: str | os.PathLike, *, step: int | None = None, shift: float | None = None
                ) -> tuple[HyenaLM | SequenceClassifier, HyenaConfig]:
-  """Loads a model for inference (eval mode) from an orbax workdir or an official release.
-
-  `path` may be: a workdir written by our training/convert tools (holds `checkpoints/`, restored
-  at `step`, default latest); an official weights file (`.safetensors`, Lightning `.ckpt`,
-  standalone `.pt`/`.bin`); or a folder holding one of those next to its `config.json`.
-  `shift` overrides the modulation shift of official files (default 0.05, see SPEC 1.5).
-  Returns (model, config); the model is a HyenaLM, or a SequenceClassifier when the checkpoint
-  carries a classification head.
-  """
-  from hyena_jax import checkpoint, weights  # lazily: orbax/torch only when needed
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise MissingInputError(f"model path not found: {path} (expected an orbax workdir, an "
-                            "official .safetensors/.ckpt/.pt file or a folder holding one)")
-  if os.path.isdir(path):
-    if os.path.isdir(checkpoint.checkpoint_dir(path)):
-      model, run_config, _ = checkpoint.restore_model(path, step)
-      return model, checkpoint.model_config(run_config)
-    found = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
-    if not found:
-      raise MissingInputError(f"{path} is a folder with neither checkpoints/ (an orbax workdir) "
-                              f"nor any of {list(_WEIGHT_FILES)}")
-    path = os.path.join(path, found[0])
-  if step is not None:
-    raise InputError(f"step={step} only applies to orbax workdirs, not to {path}")
-  model, cfg, _ = weights.load_pretrained(path, shift=shift)
-  return model, cfg
+  """Deprecated: use `hyena_jax.load(path, step=..., shift=...)`. Returns (model, config)."""
+  warnings.warn("inference.load_model is deprecated; use hyena_jax.load(path) (returns a Loaded "
+                "with .model and .config)", DeprecationWarning, stacklevel=2)
+  from hyena_jax import loading  # pylint: disable=g-import-not-at-top
+  loaded = loading.load(path, step=step, shift=shift)
+  return loaded.model, loaded.config
 
 
 def require_lm(model: nnx.Module, tool: str) -> HyenaLM:
@@ -422,12 +400,24 @@ class NpzStreamWriter:
 
 
 def define_common_flags() -> None:
-  """--model, --batch_size, --shift, --step (called by each CLI's define_flags)."""
+  """--model, --step, --revision, --batch_size, --shift (called by each CLI's define_flags)."""
   from absl import flags
-  flags.DEFINE_string("model", None, "orbax workdir, official weights file, or a folder with one")
-  flags.DEFINE_integer("step", None, "orbax workdir: checkpoint step (default: latest)")
+  flags.DEFINE_string("model", None, "orbax run, official weights file or folder, or Hub repo "
+                      "id ORG/NAME (see hyena_jax.load)")
+  flags.DEFINE_integer("step", None, "orbax run: checkpoint step to read (default: latest)")
+  flags.DEFINE_string("revision", None, "Hub repo id: branch, tag or commit (default: main)")
   flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
   flags.DEFINE_float("shift", None, "official weights: modulation shift (default 0.05)")
+
+
+def model_from_flags() -> HyenaLM | SequenceClassifier:
+  """`hyena_jax.load` of the common flags' model, logging where it came from."""
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from hyena_jax import loading  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  loaded = loading.load(f.model, step=f.step, revision=f.revision, shift=f.shift)
+  logging.info("model: %s", loaded.where)
+  return loaded.model
 
 
 def parse_column(value: str | None) -> int | str | None:

@@ -410,7 +410,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("pass exactly one of --input (sequences) or --vcf (with --fasta)")
   if FLAGS.vcf is not None and FLAGS.fasta is None:
     raise app.UsageError("--vcf needs --fasta, the reference the variants are called against")
-  model, _ = inference.load_model(FLAGS.model, step=FLAGS.step, shift=FLAGS.shift)
+  model = inference.model_from_flags()
   if FLAGS.vcf is not None:
     summary = score_vcf_file(model, FLAGS.vcf, FLAGS.fasta, FLAGS.output, window=FLAGS.window,
                              batch_size=FLAGS.batch_size, context_token=FLAGS.context_token)

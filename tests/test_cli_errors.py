@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import hyena_jax
 from hyena_jax import cli, config as config_lib, data, genome, inference, run_config, score
 from hyena_jax import tokenizer, train, weights
 from hyena_jax.errors import InputError, MissingDependencyError
@@ -218,8 +219,8 @@ def test_random_bytes_safetensors_is_one_line_naming_the_file(tmp_path):
   bad = tmp_path / "model.safetensors"
   bad.write_bytes(np.random.default_rng(0).bytes(4096))
   with pytest.raises(InputError, match=r"model\.safetensors: not a readable \.safetensors file"):
-    inference.load_model(str(bad))                 # score/embed/generate --model=
-  result = _run(["-m", "hyena_jax.convert", f"--from={bad}", "--out=out"], tmp_path)
+    hyena_jax.load(str(bad))                       # every --model=
+  result = _run(["-m", "hyena_jax.convert", f"--model={bad}", "--output=out"], tmp_path)
   line = _one_line_error(result)
   assert f"{bad}: not a readable .safetensors file" in line
   assert not (tmp_path / "out").exists()
