@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import hyena_jax
-from hyena_jax import cli, config as config_lib, data, genome, inference, run_config, score
+from hyena_jax import cli, config as config_lib, inference, run_config, seqfiles
 from hyena_jax import tokenizer, train, weights
 from hyena_jax.errors import InputError, MissingDependencyError
 from hyena_jax.model import HyenaLM
@@ -126,92 +126,17 @@ def test_config_validation_happens_before_compile(tmp_path):
     config_lib.from_dict({"d_modle": 8})
 
 
-# ------------------------------------------------------------------------------------------------
-# Files: binary, truncated gzip, duplicate names, headers
-
-
-def _truncated_gz(path, text: str):
-  blob = gzip.compress(text.encode())
-  path.write_bytes(blob[:len(blob) // 2])
-  return str(path)
-
-
-def test_binary_fasta_names_the_file_and_leaves_no_index(tmp_path):
-  path = tmp_path / "data.fasta"
-  path.write_bytes(b">chr1\nACGT\n" + bytes(range(128, 256)) + b"\n")
-  with pytest.raises(InputError, match=r"data\.fasta:3: not a text FASTA file"):
-    genome.open_fasta(str(path))
-  assert not (tmp_path / "data.fasta.fai").exists()
-  tsv = tmp_path / "train.tsv"
-  tsv.write_bytes(b"ACGT\t1\n\x00\x01\x02\x03\t0\n")
-  with pytest.raises(InputError, match=r"train\.tsv:2: contains NUL bytes: a binary file"):
-    data.read_labelled_sequences(str(tsv))
-
-
-def test_truncated_gzip_names_the_file_in_every_reader(tmp_path):
-  fasta = "".join(f">r{i}\n{'ACGT' * 50}\n" for i in range(200))
-  fa_gz = _truncated_gz(tmp_path / "x.fa.gz", fasta)
-  pattern = r"x\.fa\.gz:\d+: the gzip data is damaged or truncated"
-  with pytest.raises(InputError, match=pattern):
-    list(inference.read_fasta(fa_gz))              # embed / score --input / generate
-  with pytest.raises(InputError, match=pattern):
-    data.read_fasta_records(fa_gz)                 # finetune FASTA + labels
-  with pytest.raises(InputError, match=pattern):
-    score.Genome(fa_gz)                            # score --fasta
-  tsv_gz = _truncated_gz(tmp_path / "t.tsv.gz", "".join(f"{'ACGT' * 50}\t1\n" for _ in range(300)))
-  with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
-    data.read_labelled_sequences(tsv_gz)           # finetune TSV
-
-
-def test_duplicate_fasta_names_are_refused_in_every_reader(tmp_path):
-  path = tmp_path / "ref.fa"
-  path.write_text(">chr1\nACGTACGT\n>chr2\nGGGG\n>chr1 again\nTTTTTTTT\n")
-  message = r"ref\.fa:5: FASTA record name 'chr1' is used again \(first at line 1\)"
-  with pytest.raises(InputError, match=message):
-    score.Genome(str(path))                        # score --fasta scored the last one before
-  with pytest.raises(InputError, match=message):
-    list(inference.read_fasta(str(path)))
-  with pytest.raises(InputError, match=message):
-    data.read_fasta_records(str(path))
-  with pytest.raises(InputError, match=r"ref\.fa:5: FASTA record name 'chr1' appears more than "
-                                       "once"):
-    genome.open_fasta(str(path))                   # pretraining (pyfaidx)
-  assert not (tmp_path / "ref.fa.fai").exists()
-
-
-def test_one_header_rule_no_silently_dropped_row(tmp_path):
-  tsv = tmp_path / "x.tsv"
-  tsv.write_text("ACGT\tyes\nGGCC\t1\n")  # header-less, first label not a number
-  with pytest.raises(InputError, match=r"x\.tsv:1: label 'yes' is not an integer class id; line "
-                                       r"1 was read as data because a header row must name"):
-    data.read_labelled_sequences(str(tsv))
-  tsv.write_text("ACGT\t1\nGGCC\t0\n")
-  seqs, labels = data.read_labelled_sequences(str(tsv))
-  assert seqs == ["ACGT", "GGCC"] and labels.tolist() == [1, 0]
-  tsv.write_text("label\tSequence\n1\tACGT\n0\tGGCC\n")  # a header: columns found by name
-  seqs, labels = data.read_labelled_sequences(str(tsv))
-  assert seqs == ["ACGT", "GGCC"] and labels.tolist() == [1, 0]
-  table = tmp_path / "s.tsv"
-  table.write_text("id\tseq\nr1\tACGT\n")
-  assert [(r.name, r.seq) for r in inference.read_table(str(table), 1, name_column=0)] == \
-      [("r1", "ACGT")]
-  table.write_text("gene\tdna_seq\nr1\tACGT\n")  # unknown column names: refused, not guessed
-  with pytest.raises(InputError, match=r"s\.tsv:1: 'dna_seq' is neither DNA nor a column name"):
-    list(inference.read_table(str(table), 1))
-  table.write_text("ACGT\nGG\n")
-  assert [r.seq for r in inference.read_table(str(table))] == ["ACGT", "GG"]
-
-
 def test_empty_model_input_is_a_clear_error():
   lm = _tiny_lm()
   with pytest.raises(InputError, match=r"input_ids \(1, 0\) hold no tokens \(length 0\)"):
     lm(jnp.zeros((1, 0), jnp.int32))
   with pytest.raises(InputError, match=r"sequence 0: empty sequence \(length 0\)"):
     inference.encode_record(tokenizer.CharacterTokenizer(),
-                            inference.Record("seq0", "", "sequence 0"), 64)
+                            seqfiles.Record("seq0", "", "sequence 0"), 64)
 
 
 # ------------------------------------------------------------------------------------------------
+# Files: binary, truncated gzip, duplicate names and the header rule are in test_seqfiles.py.
 # Weights files
 
 
@@ -231,6 +156,12 @@ def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "safetensors.numpy", None)  # import fails as if absent
   with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[torch\]"'):
     weights.read_state_dict(str(tmp_path / "w.safetensors"))
+
+
+def _truncated_gz(path, text: str):
+  blob = gzip.compress(text.encode())
+  path.write_bytes(blob[:len(blob) // 2])
+  return str(path)
 
 
 def test_inference_help_lists_model_and_input_errors_leave_no_output(tmp_path):
