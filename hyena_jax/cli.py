@@ -201,9 +201,16 @@ def aliased(new: str, old: str, *, required: bool = True) -> Any:
 # Running a main
 
 
+_HELP_FLAGS = ("-?", "-h", "-help", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no failure
+    if e.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     message = str(e)
     if "Traceback (most recent call last)" in message:  # a config file's get_config() raised

@@ -39,6 +39,10 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
   return lines[0]
 
 
+TOOLS = ("main", "finetune", "icl", "convert", "export", "embed", "score", "generate")
+MODEL_TOOLS = ("convert", "export", "embed", "score", "generate")  # the rest: --config.pretrained
+
+
 def _tiny_lm() -> HyenaLM:
   cfg = config_lib.HyenaConfig(d_model=8, n_layer=1, d_inner=16, l_max=64, filter_order=8)
   lm = HyenaLM(cfg, rngs=nnx.Rngs(0))
@@ -176,3 +180,21 @@ def test_inference_help_lists_model_and_input_errors_leave_no_output(tmp_path):
                 tmp_path)
   assert "in.fa.gz:" in _one_line_error(result) and "damaged or truncated" in result.stderr
   assert sorted(os.listdir(tmp_path)) == ["in.fa.gz", "run"]
+
+
+def test_every_cli_help_runs_and_names_model_and_output(tmp_path):
+  """One convention: --help exits 0; --model is the model source, --output the output; the old
+  names are deprecated aliases, and passing both spellings is a usage error."""
+  env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  runs = {tool: subprocess.Popen([sys.executable, "-m", f"hyena_jax.{tool}", "--help"], cwd=tmp_path,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for tool in TOOLS}
+  both = _run(["-m", "hyena_jax.export", "--workdir=a", "--model=b", "--output=c"], tmp_path)
+  for tool, proc in runs.items():
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (tool, err[-2000:])
+    assert "flags:" in out, tool
+    if tool in MODEL_TOOLS:
+      assert "--model:" in out and "--output:" in out, (tool, out)
+      assert "--out:" not in out and "--from:" not in out and "--workdir:" not in out, tool
+  assert "--workdir is the deprecated name of --model: pass only --model" in _one_line_error(both)
