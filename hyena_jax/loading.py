@@ -144,8 +144,9 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
     import huggingface_hub  # pylint: disable=g-import-not-at-top  (only Hub ids need it)
     from huggingface_hub import errors as hub_errors  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise MissingDependencyError(f"loading the Hub repo {repo_id} needs huggingface_hub: "
-                                 'pip install -e ".[hub]" (or pip install huggingface_hub)') from e
+    raise MissingDependencyError(f"{repo_id} is not a local path; loading it as a Hub repo id "
+                                 'needs huggingface_hub: pip install -e ".[hub]" (or pip install '
+                                 "huggingface_hub)") from e
   offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
   at = f"{repo_id}" + (f"@{revision}" if revision else "")
   try:
@@ -157,11 +158,12 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
         local_files_only=offline, allow_patterns=["config.json", *WEIGHT_FILES])
   except hub_errors.LocalEntryNotFoundError as e:
     if offline:
-      raise MissingInputError(f"{at} is not in the Hub cache ({_hub_cache()}) and HF_HUB_OFFLINE "
-                              "is set: download it once online, or point --model at a local "
-                              f"copy ({e})") from None
-    raise MissingInputError(f"cannot download {at} and it is not cached in {_hub_cache()}: "
-                            f"check the network ({e})") from None
+      raise MissingInputError(f"{at} is not a local path, and as a Hub repo id it is not in the "
+                              f"Hub cache ({_hub_cache()}) and HF_HUB_OFFLINE is set: download it "
+                              "once online, or point --model at a local copy") from None
+    raise MissingInputError(f"{at} is not a local path, and as a Hub repo id it cannot be "
+                            f"downloaded and is not cached in {_hub_cache()}: check the path or "
+                            f"the network ({e})") from None
   except hub_errors.RepositoryNotFoundError:
     raise MissingInputError(f"{repo_id} is not a local path, and the Hub has no such repo (or it "
                             "is private: log in with `hf auth login`)") from None
