@@ -97,7 +97,7 @@ def load(source: str | os.PathLike, *, dtype: str | None = None, conv_impl: str 
     if os.path.isdir(text) and _is_orbax_run(text):
       if shift is not None or config_path is not None:
         raise InputError(f"{text} is an orbax run, whose config records shift and the "
-                         "architecture: drop shift/config_path (--shift/--config)")
+                         "architecture: drop shift and config_path (--shift, --config_json)")
       return _load_orbax(text, step, overrides)
     if step is not None:
       raise InputError(f"step={step} only applies to orbax runs (a folder with checkpoints/), "
