@@ -26,7 +26,9 @@ setup(
     ],
     extras_require={
         "torch": ["torch>=2.1,<3", "safetensors>=0.4"],
-        "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4"],
+        # hyena_jax.load("ORG/NAME"): Hub repo ids (imported only when one is given).
+        "hub": ["huggingface_hub>=0.23"],
+        "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4", "huggingface_hub>=0.23"],
         # benchmarks/bench_finetune.py's k-mer logistic-regression baseline.
         "bench": ["scikit-learn>=1.3"],
     },

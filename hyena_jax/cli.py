@@ -168,12 +168,49 @@ def _check_config_files() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Renamed flags
+
+# The one convention of every tool: --model names any model source (hyena_jax.load), --output
+# any output, --config an ml_collections file. Older names stay as deprecated aliases.
+
+
+def define_deprecated_alias(old: str, new: str, define: Callable[..., Any] = flags.DEFINE_string
+                            ) -> None:
+  """Defines flag --`old` (a string unless `define` says otherwise) as a deprecated alias of
+  --`new`; read the pair with `aliased(new, old)`."""
+  define(old, None, f"Deprecated: use --{new}.")
+
+
+def aliased(new: str, old: str, *, required: bool = True) -> Any:
+  """The value of --`new`, else of its deprecated alias --`old` (with a warning on stderr).
+
+  Both given is a usage error; neither is one when `required`.
+  """
+  f = flags.FLAGS
+  if f[old].present:
+    if f[new].present:
+      raise app.UsageError(f"--{old} is the deprecated name of --{new}: pass only --{new}")
+    sys.stderr.write(f"warning: --{old} is deprecated; use --{new}\n")
+    return f[old].value
+  if required and f[new].value is None:
+    raise app.UsageError(f"--{new} is required")
+  return f[new].value
+
+
+# ------------------------------------------------------------------------------------------------
 # Running a main
+
+
+_HELP_FLAGS = ("-?", "-h", "-help", "--help", "--helpshort", "--helpfull", "--helpxml")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no failure
+    if e.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     message = str(e)
     if "Traceback (most recent call last)" in message:  # a config file's get_config() raised

@@ -1,8 +1,12 @@
 """Converts an official PyTorch HyenaDNA release into an orbax checkpoint of this project.
 
-    python -m hyena_jax.convert --from=PATH --out=WORKDIR [--shift=0.05] [--pooling=mean]
+    python -m hyena_jax.convert --model=PATH --output=WORKDIR [--shift=0.05] [--pooling=mean]
 
-PATH is a weights file or a directory holding one, with the official config.json beside it:
+(--from, --out, --config and --step are the deprecated names of --model, --output,
+--config_json and --save_step.)
+
+PATH is a Hub repo id, a weights file or a directory holding one (see `hyena_jax.load`), with
+the official config.json beside it:
   * an HF "-hf" repository (`config.json` + `model.safetensors` or `pytorch_model.bin`),
   * an original repository / training output (`config.json` + `weights.ckpt`, Lightning, with or
     without the `.mixer.layer.` key level),
@@ -23,27 +27,9 @@ import typing
 from typing import Any
 
 from hyena_jax import checkpoint
-from hyena_jax import weights
-from hyena_jax.errors import InputError, MissingInputError, OutputExistsError
+from hyena_jax import loading
+from hyena_jax.errors import InputError, OutputExistsError
 from hyena_jax.model import Pooling
-
-# Searched in this order inside a directory: safetensors first (exact and pickle-free).
-WEIGHT_NAMES = ("model.safetensors", "weights.safetensors", "pytorch_model.bin", "weights.ckpt",
-                "weights.pt", "last.ckpt")
-
-
-def find_weights(path: str | os.PathLike) -> str:
-  """The weights file `path` names, or the one inside directory `path`."""
-  path = os.fspath(path)
-  if os.path.isfile(path):
-    return path
-  if not os.path.isdir(path):
-    raise MissingInputError(f"--from={path} does not exist")
-  for name in WEIGHT_NAMES:
-    if os.path.isfile(os.path.join(path, name)):
-      return os.path.join(path, name)
-  raise MissingInputError(f"no weights file in {path} (looked for {', '.join(WEIGHT_NAMES)}; "
-                          f"found {sorted(os.listdir(path))[:10]}): pass the file itself as --from")
 
 
 def convert(src: str | os.PathLike, workdir: str | os.PathLike, *, shift: float | None = None,
@@ -56,14 +42,13 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike, *, shift: float 
   """
   if pooling not in typing.get_args(Pooling):
     raise InputError(f"pooling must be one of {typing.get_args(Pooling)}, got {pooling!r}")
-  path = find_weights(src)
   existing = os.path.join(checkpoint.checkpoint_dir(os.fspath(workdir)), str(step))
   if os.path.exists(existing):  # checked again by save_model; failing early skips the load
-    raise OutputExistsError(f"{existing} already exists; choose another --out or --step")
-  if config_path is None:
-    beside = os.path.join(os.path.dirname(path), "config.json")
-    config_path = beside if os.path.isfile(beside) else None
-  model, cfg, layout = weights.load_pretrained(path, config_path=config_path, shift=shift)
+    raise OutputExistsError(f"{existing} already exists; choose another --output or --save_step")
+  loaded = loading.load(src, shift=shift, config_path=config_path)
+  if loaded.kind == "orbax":
+    raise InputError(f"{src} is already an orbax run of this project; use it as it is")
+  model, cfg = loaded.model, loaded.config
   run_config: dict[str, Any] = {"model": cfg.to_dict()}
   n_classes = getattr(model, "n_classes", 0)
   if n_classes:
@@ -75,24 +60,31 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike, *, shift: float 
 if __name__ == "__main__":
   from absl import app, flags, logging
 
-  flags.DEFINE_string("from", None, "Official weights file, or a directory holding one and "
-                      "config.json.", required=True)
-  flags.DEFINE_string("out", None, "Run directory to create checkpoints/<step>/ in.",
-                      required=True)
+  from hyena_jax import cli
+
+  flags.DEFINE_string("model", None, "Official weights file, or a directory holding one and "
+                      "config.json (see hyena_jax.load).")
+  flags.DEFINE_string("output", None, "Run directory to create checkpoints/<save_step>/ in.")
   flags.DEFINE_float("shift", None, "Filter-modulation shift; default: the config's, else 0.05.")
   flags.DEFINE_enum("pooling", "mean", list(typing.get_args(Pooling)),
                     "Pooling of a classification head (official configs do not record it).")
-  flags.DEFINE_string("config", None, "config.json to use instead of the one beside the weights.")
-  flags.DEFINE_integer("step", 0, "Step number of the written checkpoint.")
+  flags.DEFINE_string("config_json", None, "Official config.json to use instead of the one "
+                      "beside the weights.")
+  flags.DEFINE_integer("save_step", 0, "Step number of the written checkpoint.")
+  cli.define_deprecated_alias("from", "model")
+  cli.define_deprecated_alias("out", "output")
+  cli.define_deprecated_alias("config", "config_json")
+  cli.define_deprecated_alias("step", "save_step", flags.DEFINE_integer)
   FLAGS = flags.FLAGS
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    out, run_config = convert(getattr(FLAGS, "from"), FLAGS.out, shift=FLAGS.shift,
-                              pooling=FLAGS.pooling, config_path=FLAGS.config, step=FLAGS.step)
+    out, run_config = convert(cli.aliased("model", "from"), cli.aliased("output", "out"),
+                              shift=FLAGS.shift, pooling=FLAGS.pooling,
+                              config_path=cli.aliased("config_json", "config", required=False),
+                              step=cli.aliased("save_step", "step"))
     logging.info("run config: %s", run_config)
     print(out)
 
-  from hyena_jax import cli
   cli.run(main)

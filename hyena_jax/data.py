@@ -17,14 +17,13 @@ validation pass sees every window exactly once and every host yields the same nu
 Augmentation (`rc_aug`, `random_offset`) applies to the "train" split only. Window construction
 and the BED/tiling hold-out are documented in `hyena_jax.genome`.
 
-Fine-tuning: `read_labelled_sequences` (TSV/CSV), `read_labelled_fasta` (FASTA + labels),
-`encode_classification` (left-padded, no [SEP], the official classification encoding) and
+Fine-tuning: the labelled files are read by `seqfiles.read_labelled_sequences` (TSV/CSV) and
+`seqfiles.read_labelled_fasta` (FASTA + labels); here are `encode_classification` (left-padded, no [SEP], the official classification encoding) and
 `split_train_test` (seeded hold-out).
 """
 
 from __future__ import annotations
 
-import csv
 import difflib
 import multiprocessing
 import os
@@ -37,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from hyena_jax import genome
+from hyena_jax import genome, seqfiles
 from hyena_jax import tokenizer as tokenizer_lib
 from hyena_jax.errors import InputError, MissingInputError
 
@@ -173,8 +172,8 @@ def make_pretrain_windows(data_cfg: Mapping[str, Any], *, split: str, seq_len: i
     raise InputError(f"split must be one of {_SPLITS}, got {split!r}")
   seq_len = _check_int("seq_len", seq_len, 1)
   fasta_path = data_cfg["fasta"] or bundled_genome()
-  fasta = genome.open_fasta(fasta_path)  # builds the .fai once, here, before any worker starts
-  sizes = genome.chrom_sizes(fasta)
+  fasta = seqfiles.open_fasta(fasta_path)  # builds the .fai once, here, before any worker starts
+  sizes = seqfiles.chrom_sizes(fasta)
   fasta.close()
   if data_cfg["bed"]:
     intervals = genome.read_bed(data_cfg["bed"], sizes, split)
@@ -257,161 +256,6 @@ def to_global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Shar
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning sources
 # ---------------------------------------------------------------------------------------------
-
-_DNA_CHARS = frozenset("ACGTN" + tokenizer_lib.IUPAC_AMBIGUITY
-                       + ("ACGTN" + tokenizer_lib.IUPAC_AMBIGUITY).lower())
-
-
-def _read_lines(path: str) -> list[tuple[int, str]]:
-  """(line number, line) of a small plain or gzip text file; binary or truncated files raise
-  InputError naming the file and line (see genome.text_lines)."""
-  return list(genome.text_lines(path))
-
-
-def _parse_label(text: str, where: str, float_labels: bool = False) -> int | float:
-  if float_labels:  # regression targets
-    try:
-      value = float(text.strip())
-    except ValueError:
-      raise InputError(f"{where}: label {text!r} is not a number (regression target)") from None
-    if not np.isfinite(value):
-      raise InputError(f"{where}: label {text!r} is not finite")
-    return value
-  try:
-    label = int(text.strip())
-  except ValueError:
-    raise InputError(f"{where}: label {text!r} is not an integer class id") from None
-  if label < 0:
-    raise InputError(f"{where}: label {label} is negative; class ids start at 0")
-  return label
-
-
-def _check_dna(seq: str, where: str) -> None:
-  if not seq:
-    raise InputError(f"{where}: empty sequence")
-  bad = set(seq) - _DNA_CHARS
-  if bad:
-    raise InputError(f"{where}: invalid character(s) {sorted(bad)} in the sequence; allowed: "
-                     "ACGTN and IUPAC codes, any case")
-
-
-def read_labelled_sequences(path: str | os.PathLike, *, float_labels: bool = False,
-                            return_lines: bool = False) -> tuple[Any, ...]:
-  """Reads `seq<sep>label` rows (TSV for .tsv/.txt, CSV for .csv, else sniffed; `.gz` allowed).
-
-  Line 1 is a header exactly when one of its fields is a known column name (seq, sequence,
-  name, id or label, any case; `genome.HEADER_NAMES`); the columns named `seq`/`sequence` and
-  `label` are then used (else the first two). Any other first line is data, so a header-less
-  file whose first label is not a number is an error naming line 1, never a dropped row.
-  Returns (sequences, int64 labels [N]), labels float32 with `float_labels` (regression), plus
-  int64 line numbers [N] with `return_lines` (for error messages that point at the row).
-  """
-  path = os.fspath(path)
-  stem = path[:-3] if path.endswith(".gz") else path
-  lines = _read_lines(path)
-  if stem.endswith(".csv"):
-    delim = ","
-  elif stem.endswith((".tsv", ".txt")):
-    delim = "\t"
-  else:
-    delim = "\t" if lines and "\t" in lines[0][1] else ","
-  seqs, labels, numbers = [], [], []
-  seq_col, label_col, header_done = 0, 1, False
-  for (lineno, _), row in zip(lines, csv.reader((line for _, line in lines), delimiter=delim)):
-    if not row or not "".join(row).strip():
-      continue
-    where = f"{path}:{lineno}"
-    first_data = not header_done
-    if not header_done:
-      header_done = True
-      if genome.is_header_row(row):
-        names = [c.strip().lower() for c in row]
-        seq_col = next((names.index(n) for n in ("seq", "sequence") if n in names), 0)
-        label_col = names.index("label") if "label" in names else 1
-        continue
-    if len(row) <= max(seq_col, label_col):
-      raise InputError(f"{where}: expected `seq{delim!r}label`, got {len(row)} column(s)")
-    try:
-      seq = row[seq_col].strip()
-      _check_dna(seq, where)
-      labels.append(_parse_label(row[label_col], where, float_labels))
-    except InputError as e:
-      if not first_data:
-        raise
-      raise InputError(f"{e}; line 1 was read as data because a header row must name its "
-                       f"columns (one of {', '.join(genome.HEADER_NAMES)}, e.g. `seq{delim}label`"
-                       ")") from None
-    seqs.append(seq)
-    numbers.append(lineno)
-  if not seqs:
-    raise InputError(f"{path}: no labelled sequences")
-  out = (seqs, np.asarray(labels, np.float32 if float_labels else np.int64))
-  return out + (np.asarray(numbers, np.int64),) if return_lines else out
-
-
-def read_fasta_records(path: str | os.PathLike) -> list[tuple[str, str, int]]:
-  """Small-FASTA reader (plain or gzip): [(name, sequence, header line)], in file order."""
-  path = os.fspath(path)
-  records: list[list] = []
-  seen: dict[str, int] = {}
-  for lineno, line in _read_lines(path):
-    if line.startswith(">"):
-      name = line[1:].split(maxsplit=1)[0] if line[1:].strip() else ""
-      if not name:
-        raise InputError(f"{path}:{lineno}: FASTA header without a name")
-      if name in seen:  # labels are matched by name: a second record would take the first's
-        raise InputError(f"{path}:{lineno}: FASTA record name {name!r} is used again (first at "
-                         f"line {seen[name]}); names must be unique")
-      seen[name] = lineno
-      records.append([name, [], lineno])
-    elif line.strip() and not line.startswith(";"):
-      if not records:
-        raise InputError(f"{path}:{lineno}: sequence before the first '>' header; is this "
-                         "a FASTA file?")
-      records[-1][1].append(line.strip())
-  out = []
-  for name, parts, lineno in records:
-    seq = "".join(parts)
-    if not seq:
-      raise InputError(f"{path}:{lineno}: FASTA record {name!r} is empty")
-    _check_dna(seq, f"{path}:{lineno} ({name})")
-    out.append((name, seq, lineno))
-  if not out:
-    raise InputError(f"{path}: no FASTA records")
-  return out
-
-
-def read_labelled_fasta(fasta_path: str | os.PathLike, labels_path: str | os.PathLike, *,
-                        float_labels: bool = False, return_lines: bool = False
-                        ) -> tuple[Any, ...]:
-  """FASTA sequences + a `name<TAB>label` file (optional header); every record needs a label.
-
-  Returns (sequences, int64 labels [N]) in FASTA order; labels float32 with `float_labels`, plus
-  the int64 FASTA header line of each record [N] with `return_lines`.
-  """
-  records = read_fasta_records(fasta_path)
-  labels_path = os.fspath(labels_path)
-  by_name: dict[str, int] = {}
-  for lineno, line in _read_lines(labels_path):
-    cols = line.strip().split("\t") if "\t" in line else line.split()
-    if not cols:
-      continue
-    where = f"{labels_path}:{lineno}"
-    if len(cols) != 2:
-      raise InputError(f"{where}: expected `name<TAB>label`, got {len(cols)} column(s)")
-    if not by_name and lineno == 1 and genome.is_header_row(cols):
-      continue  # header (the rule of read_labelled_sequences)
-    if cols[0] in by_name:
-      raise InputError(f"{where}: duplicate label for {cols[0]!r}")
-    by_name[cols[0]] = _parse_label(cols[1], where, float_labels)
-  missing = [(name, line) for name, _, line in records if name not in by_name]
-  if missing:
-    raise InputError(f"{fasta_path}:{missing[0][1]}: record {missing[0][0]!r} has no label in "
-                     f"{labels_path} ({len(missing)} unlabelled)")
-  out = ([s for _, s, _ in records],
-         np.asarray([by_name[n] for n, _, _ in records],
-                    np.float32 if float_labels else np.int64))
-  return out + (np.asarray([line for _, _, line in records], np.int64),) if return_lines else out
 
 
 def encode_classification(seqs: list[str], labels: np.ndarray, max_length: int,

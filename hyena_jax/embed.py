@@ -35,10 +35,10 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from hyena_jax import inference
+from hyena_jax import inference, seqfiles
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError
-from hyena_jax.inference import Record
+from hyena_jax.seqfiles import Record
 
 EmbedPooling = Literal["mean", "mean_nonpad", "sum", "first", "last"]
 POOLINGS = ("mean", "mean_nonpad", "sum", "first", "last")
@@ -173,7 +173,7 @@ def embed_file(model: nnx.Module, input_path: str, output_path: str, *, fmt: str
   layers = normalize_layers(layers, cfg.n_layer)
   tokenizer = tokenizer or tok.CharacterTokenizer()
   encode = make_encoder(tokenizer, cfg.l_max, add_eos=add_eos, truncate=truncate, pad_to=pad_to)
-  read = lambda: inference.read_sequences(input_path, fmt=fmt, column=column,  # noqa: E731
+  read = lambda: seqfiles.read_sequences(input_path, fmt=fmt, column=column,  # noqa: E731
                                           name_column=name_column)
   names, lengths = [], []
   for record in read():  # validation pass: tokenize only
@@ -241,7 +241,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  model, _ = inference.load_model(FLAGS.model, step=FLAGS.step, shift=FLAGS.shift)
+  model = inference.model_from_flags()
   summary = embed_file(model, FLAGS.input, FLAGS.output,
                        column=inference.parse_column(FLAGS.column),
                        name_column=inference.parse_column(FLAGS.name_column),

@@ -1,6 +1,6 @@
 """Exports an orbax checkpoint of this project to the official PyTorch HyenaDNA formats.
 
-    python -m hyena_jax.export --workdir=RUN [--step=N] --out=DIR [--layout=hf|lightning|standalone]
+    python -m hyena_jax.export --model=RUN [--step=N] --output=DIR [--layout=hf|lightning|standalone]
 
 Layouts (SPEC section 2):
   * hf          `model.safetensors` (float32, `{"format": "pt"}`) + -hf `config.json`; loads with
@@ -356,7 +356,7 @@ def _publish(tmp_dir: str, out_dir: str, overwrite: bool) -> None:
     os.replace(tmp_dir, out_dir)
     return
   if not overwrite:
-    raise OutputExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+    raise OutputExistsError(f"{out_dir} exists; choose another --output or pass --overwrite")
   written = os.listdir(tmp_dir)
   for name in written:
     os.replace(os.path.join(tmp_dir, name), os.path.join(out_dir, name))
@@ -379,9 +379,9 @@ def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "h
   if layout not in LAYOUTS:
     raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if os.path.exists(out_dir) and not overwrite:
-    raise OutputExistsError(f"{out_dir} exists; choose another --out or pass --overwrite")
+    raise OutputExistsError(f"{out_dir} exists; choose another --output or pass --overwrite")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise OutputExistsError(f"{out_dir} is a file, not a folder; choose another --out")
+    raise OutputExistsError(f"{out_dir} is a file, not a folder; choose another --output")
   run_config, step = checkpoint.read_run_config(workdir, step)
   cfg, n_classes, pooling = _model_of(run_config, workdir, step)
   if not include_head:
@@ -420,10 +420,13 @@ def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "h
 if __name__ == "__main__":
   from absl import app, flags, logging
 
-  flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/<step>/.", required=True)
+  from hyena_jax import cli
+
+  flags.DEFINE_string("model", None, "Orbax run to export (a folder holding checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-  flags.DEFINE_string("out", None, "Output directory (must not exist unless --overwrite).",
-                      required=True)
+  flags.DEFINE_string("output", None, "Output directory (must not exist unless --overwrite).")
+  cli.define_deprecated_alias("workdir", "model")
+  cli.define_deprecated_alias("out", "output")
   flags.DEFINE_enum("layout", "hf", LAYOUTS, "hf: model.safetensors + -hf config.json; "
                     "lightning: weights.ckpt; standalone: weights.pt (standalone_hyenadna).")
   flags.DEFINE_bool("head", True, "Export a classifier's head (--nohead: the backbone only, as a "
@@ -432,18 +435,18 @@ if __name__ == "__main__":
                     "keys, as models trained with activation checkpointing.")
   flags.DEFINE_string("remote_code_repo", DEFAULT_REMOTE_CODE,
                       "hf only: hub repository whose modeling_hyena.py auto_map points to.")
-  flags.DEFINE_bool("overwrite", False, "Write into an existing --out folder, replacing only the "
+  flags.DEFINE_bool("overwrite", False, "Write into an existing --output folder, replacing only the "
                     "files export writes (weights, config.json); other files stay.")
   FLAGS = flags.FLAGS
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.layout, include_head=FLAGS.head,
+    out = export(cli.aliased("model", "workdir"), cli.aliased("output", "out"), FLAGS.step,
+                 FLAGS.layout, include_head=FLAGS.head,
                  checkpoint_mixer=FLAGS.checkpoint_mixer,
                  remote_code_repo=FLAGS.remote_code_repo, overwrite=FLAGS.overwrite)
     logging.info("wrote %s", out)
     print(out)
 
-  from hyena_jax import cli
   cli.run(main)

@@ -176,16 +176,17 @@ def read_split(path: str, labels_path: str = "", *, max_length: int, n_classes: 
   if not path:
     raise InputError("no data file given: set --config.data.train=PATH (TSV/CSV `seq<TAB>label`"
                      " or FASTA with --config.data.train_labels)")
+  from hyena_jax import seqfiles  # pylint: disable=g-import-not-at-top
   regression = n_classes == 1
   suffix = path[:-3] if path.endswith(".gz") else path
   if suffix.endswith((".fa", ".fasta", ".fna")):
     if not labels_path:
       raise InputError(f"{path} is FASTA: give its labels (`name<TAB>label` per record) with the "
                        "matching data.*_labels field")
-    seqs, labels, lines = data_lib.read_labelled_fasta(path, labels_path,
+    seqs, labels, lines = seqfiles.read_labelled_fasta(path, labels_path,
                                                        float_labels=regression, return_lines=True)
   else:
-    seqs, labels, lines = data_lib.read_labelled_sequences(path, float_labels=regression,
+    seqs, labels, lines = seqfiles.read_labelled_sequences(path, float_labels=regression,
                                                            return_lines=True)
   if not regression:
     bad = np.flatnonzero(labels >= n_classes)
@@ -251,9 +252,10 @@ def build_classifier(config: ml_collections.ConfigDict) -> tuple[SequenceClassif
     model = SequenceClassifier(cfg, n_classes, pooling=pooling, rngs=rngs)
     model.train()
     return model, "scratch"
-  from hyena_jax import inference  # the loader shared with embed/score/generate
-  source, source_cfg = inference.load_model(config.pretrained, step=config.pretrained_step,
-                                            shift=config.pretrained_shift)
+  from hyena_jax import loading  # the loader shared with embed/score/generate
+  loaded = loading.load(config.pretrained, step=config.pretrained_step,
+                        shift=config.pretrained_shift)
+  source, source_cfg = loaded.model, loaded.config
   cfg = dataclasses.replace(source_cfg, **execution_fields(config))
   model = SequenceClassifier(cfg, n_classes, pooling=pooling, rngs=rngs)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -42,7 +42,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from hyena_jax import hyena, inference
+from hyena_jax import hyena, inference, seqfiles
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
@@ -213,9 +213,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (FLAGS.prompt is None) == (FLAGS.prompt_fasta is None):
     raise app.UsageError("pass exactly one of --prompt or --prompt_fasta")
-  model, _ = inference.load_model(FLAGS.model, step=FLAGS.step, shift=FLAGS.shift)
+  model = inference.model_from_flags()
   prompts = ([("prompt", FLAGS.prompt)] if FLAGS.prompt is not None else
-             [(r.name, r.seq) for r in inference.read_fasta(FLAGS.prompt_fasta)])
+             [(r.name, r.seq) for r in seqfiles.read_fasta(FLAGS.prompt_fasta)])
   lines = []
   for name, prompt in prompts:
     try:

@@ -14,9 +14,8 @@ Windows follow the official HyenaDNA hg38 loader (SPEC section 3) with `max_leng
   5. tokenization keeps the first max_length - 1 bases, appends [SEP] and left-pads with [PAD]
      to max_length tokens; `inputs = ids[:-1]`, `targets = ids[1:]`.
 
-FASTA files: plain text (any line width, LF or CRLF) or bgzip (needs Biopython, which pyfaidx
-uses for BGZF). Plain gzip cannot be indexed for random access: `open_fasta` says how to fix it.
-The `.fai` index is built beside the FASTA on first use.
+FASTA files are opened with `seqfiles.open_fasta` (plain text or bgzip; the `.fai` index is built
+beside the FASTA on first use).
 """
 
 from __future__ import annotations
@@ -25,151 +24,13 @@ import dataclasses
 import gzip
 import os
 import pathlib
-import zlib
-from typing import Iterator
 
 import numpy as np
 
+from hyena_jax import seqfiles
 from hyena_jax.errors import InputError, MissingInputError
 
-_GZIP_MAGIC = b"\x1f\x8b"
 BED_SPLITS = ("train", "valid", "test")
-
-
-def _fasta_compression(path: str) -> str:
-  """'plain', 'bgzip' or 'gzip', from the first block header (BGZF = gzip with a 'BC' field)."""
-  with open(path, "rb") as f:
-    head = f.read(18)
-  if head[:2] != _GZIP_MAGIC:
-    return "plain"
-  has_extra = len(head) >= 4 and head[3] & 0x04
-  return "bgzip" if has_extra and head[12:14] == b"BC" else "gzip"
-
-
-def _header_line(path: str, name: str, nth: int = 1) -> int | None:
-  """1-based line number of the `nth` FASTA header `>name ...` (only used to word errors)."""
-  opener = gzip.open if _fasta_compression(path) != "plain" else open
-  with opener(path, "rt", errors="replace") as f:
-    for lineno, line in enumerate(f, 1):
-      if line.startswith(">") and line[1:].split(maxsplit=1)[:1] == [name]:
-        nth -= 1
-        if not nth:
-          return lineno
-  return None
-
-
-# ------------------------------------------------------------------------------------------------
-# Text files (FASTA, tables, label files, VCF): one reader that names the file and the line
-
-
-# The one header rule of every table reader: line 1 is a header exactly when one of its fields
-# is one of these column names (any case); otherwise it is data, never silently dropped.
-HEADER_NAMES = ("seq", "sequence", "name", "id", "label")
-
-
-def is_header_row(fields: list[str]) -> bool:
-  return any(f.strip().lower() in HEADER_NAMES for f in fields)
-
-
-def text_lines(path: str | os.PathLike, *, encoding: str = "utf-8"
-               ) -> Iterator[tuple[int, str]]:
-  """(1-based line number, line without its newline) of a plain or gzip (by content) file.
-
-  A binary file (NUL bytes, or bytes that are not `encoding`) and a damaged or truncated gzip
-  stream raise InputError naming the file and the line, instead of a bare UnicodeDecodeError
-  or EOFError from deep inside the reader.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"{path} not found")
-  gz = _fasta_compression(path) != "plain"
-  lineno = 0
-  try:
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-      for raw in f:
-        lineno += 1
-        if b"\0" in raw:
-          raise InputError(f"{path}:{lineno}: contains NUL bytes: a binary file, not text; is "
-                           "this the right file?")
-        yield lineno, raw.decode(encoding).rstrip("\r\n")
-  except UnicodeDecodeError as e:
-    raise InputError(f"{path}:{lineno}: byte 0x{e.object[e.start]:02x} at column {e.start + 1} "
-                     f"is not {encoding} text: a binary file? is this the right file?") from None
-  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise InputError(f"{path}:{lineno + 1}: the gzip data is damaged or truncated ({e}); "
-                     "re-download or re-compress the file") from None
-
-
-def _first_binary_line(path: str) -> int:
-  """Line number of the first line that is not UTF-8 text (for errors about binary files)."""
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      try:
-        raw.decode("utf-8")
-      except UnicodeDecodeError:
-        return lineno
-      if b"\0" in raw:
-        return lineno
-  return 1
-
-
-def open_fasta(path: str | os.PathLike):
-  """Opens an indexed FASTA with pyfaidx, building `<path>.fai` if needed, after checking it.
-
-  Raises FileNotFoundError / ValueError with the file, the line and the fix for: a missing
-  file, plain gzip, text before the first header, ragged line widths, no records, and empty
-  records. Returns a `pyfaidx.Fasta` reading raw case-preserving strings.
-  """
-  import pyfaidx  # pylint: disable=g-import-not-at-top  (only the genome path needs it)
-
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"FASTA file {path} not found; set data.fasta to an existing file "
-                            "(or '' for the bundled E. coli genome; launch/prepare_hg38.sh "
-                            "downloads hg38)")
-  kind = _fasta_compression(path)
-  if kind == "gzip":
-    raise InputError(
-        f"{path} is plain gzip, which cannot be indexed for random access. Either decompress "
-        f"it (`gunzip -k {path}`) or recompress it as BGZF (`gunzip -c {path} | bgzip > "
-        f"{path[:-3] if path.endswith('.gz') else path}.bgz.gz`, bgzip is in htslib/tabix; "
-        "reading BGZF also needs `pip install biopython`)")
-  fai = path + ".fai"
-  had_index = os.path.exists(fai)
-  try:
-    fasta = pyfaidx.Fasta(path, as_raw=True, sequence_always_upper=False,
-                          build_index=True)
-  except pyfaidx.FastaIndexingError as e:
-    raise InputError(f"{path}: not a valid indexable FASTA: {e}") from e
-  except UnicodeDecodeError:
-    raise InputError(f"{path}:{_first_binary_line(path)}: not a text FASTA file (bytes that are "
-                     "not text: a binary file?); set data.fasta to a FASTA file") from None
-  except ValueError as e:  # pyfaidx: 'Duplicate key "chr1"', after writing the .fai
-    if not str(e).startswith("Duplicate key"):
-      raise
-    if not had_index and os.path.exists(fai):
-      os.remove(fai)  # an index of a file we refuse would be reused silently next time
-    name = str(e).split('"')[1] if '"' in str(e) else str(e)
-    raise InputError(f"{path}:{_header_line(path, name, 2)}: FASTA record name {name!r} appears "
-                     "more than once; names must be unique (rename or remove one)") from None
-  except ImportError as e:
-    raise InputError(f"{path} is BGZF-compressed, and pyfaidx needs Biopython to read it: "
-                     f"`pip install biopython`, or decompress it with `bgzip -d`") from e
-  empty = [name for name, rec in fasta.faidx.index.items() if rec.rlen == 0]
-  if empty:
-    line = _header_line(path, empty[0])
-    fasta.close()
-    raise InputError(f"{path}:{line}: FASTA record {empty[0]!r} is empty ({len(empty)} empty "
-                     "record(s)); remove empty records from the file")
-  if not fasta.faidx.index:
-    fasta.close()
-    raise InputError(f"{path}: FASTA has no records")
-  return fasta
-
-
-def chrom_sizes(fasta) -> dict[str, int]:
-  """Record name -> length in bases, in file order."""
-  return {name: int(rec.rlen) for name, rec in fasta.faidx.index.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,40 +72,38 @@ def read_bed(path: str | os.PathLike, sizes: dict[str, int], split: str | None =
   names = list(sizes)
   index = {name: i for i, name in enumerate(names)}
   rows, seen_splits = [], {}
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt") as f:
-    for lineno, raw in enumerate(f, 1):
-      line = raw.rstrip("\r\n")
-      if not line.strip() or line.startswith(("#", "track", "browser")):
+  # Plain or gzip told by content; binary files and damaged gzip are named with the line.
+  for lineno, line in seqfiles.text_lines(path):
+    if not line.strip() or line.startswith(("#", "track", "browser")):
+      continue
+    where = f"{path}:{lineno}"
+    cols = line.split("\t") if "\t" in line else line.split()
+    if len(cols) < 3:
+      raise InputError(f"{where}: expected `chrom start end [split]`, got {len(cols)} "
+                       f"column(s): {line[:80]!r}")
+    chrom, start_s, end_s = cols[0], cols[1], cols[2]
+    try:
+      start, end = int(start_s), int(end_s)
+    except ValueError:
+      raise InputError(f"{where}: start/end must be integers, got {start_s!r} {end_s!r}"
+                       ) from None
+    if start < 0 or end <= start:
+      raise InputError(f"{where}: bad interval {chrom}:{start}-{end} (need 0 <= start < end; "
+                       "BED is 0-based, half-open)")
+    if chrom not in index:
+      sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+      raise InputError(f"{where}: chromosome {chrom!r} is not in the FASTA ({sample}); use "
+                       "the genome the BED was made for (hg38 for human-sequences.bed)")
+    if end > sizes[chrom]:
+      raise InputError(f"{where}: end {end} is past the end of {chrom} ({sizes[chrom]} bp); "
+                       "the BED and FASTA assemblies differ?")
+    if split is not None:
+      if len(cols) < 4:
+        raise InputError(f"{where}: no split column (4th) to select split={split!r}")
+      seen_splits[cols[3]] = seen_splits.get(cols[3], 0) + 1
+      if cols[3] != split:
         continue
-      where = f"{path}:{lineno}"
-      cols = line.split("\t") if "\t" in line else line.split()
-      if len(cols) < 3:
-        raise InputError(f"{where}: expected `chrom start end [split]`, got {len(cols)} "
-                         f"column(s): {line[:80]!r}")
-      chrom, start_s, end_s = cols[0], cols[1], cols[2]
-      try:
-        start, end = int(start_s), int(end_s)
-      except ValueError:
-        raise InputError(f"{where}: start/end must be integers, got {start_s!r} {end_s!r}"
-                         ) from None
-      if start < 0 or end <= start:
-        raise InputError(f"{where}: bad interval {chrom}:{start}-{end} (need 0 <= start < end; "
-                         "BED is 0-based, half-open)")
-      if chrom not in index:
-        sample = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise InputError(f"{where}: chromosome {chrom!r} is not in the FASTA ({sample}); use "
-                         "the genome the BED was made for (hg38 for human-sequences.bed)")
-      if end > sizes[chrom]:
-        raise InputError(f"{where}: end {end} is past the end of {chrom} ({sizes[chrom]} bp); "
-                         "the BED and FASTA assemblies differ?")
-      if split is not None:
-        if len(cols) < 4:
-          raise InputError(f"{where}: no split column (4th) to select split={split!r}")
-        seen_splits[cols[3]] = seen_splits.get(cols[3], 0) + 1
-        if cols[3] != split:
-          continue
-      rows.append((index[chrom], start, end, 0, sizes[chrom]))
+    rows.append((index[chrom], start, end, 0, sizes[chrom]))
   if not rows:
     found = f"; splits present: {dict(sorted(seen_splits.items()))}" if seen_splits else ""
     raise InputError(f"{path}: no intervals for split={split!r}{found}")
@@ -345,7 +204,7 @@ class GenomeWindows:
   def bases(self, i: int, offset_u: float | None = None) -> np.ndarray:
     """Base ids of window i before truncation, int32 [e - s] (<= seq_len + 1)."""
     if self._fasta is None:
-      self._fasta = open_fasta(self.fasta_path)
+      self._fasta = seqfiles.open_fasta(self.fasta_path)
     chrom, s, e = self.span(i, offset_u)
     where = f"{self.fasta_path} {chrom}:{s}-{e}"
     seq = self._fasta.get_seq(chrom, s + 1, e) if e > s else ""

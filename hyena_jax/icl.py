@@ -246,9 +246,10 @@ def load_lm(config: ml_collections.ConfigDict) -> tuple[HyenaLM, str]:
                  rngs=nnx.Rngs(params=config.train.seed))
     lm.train()
     return lm, "scratch"
-  from hyena_jax import inference
-  source, cfg = inference.load_model(config.pretrained, step=config.pretrained_step,
-                                     shift=config.pretrained_shift)
+  from hyena_jax import loading
+  loaded = loading.load(config.pretrained, step=config.pretrained_step,
+                        shift=config.pretrained_shift)
+  source, cfg = loaded.model, loaded.config
   lm = HyenaLM(dataclasses.replace(cfg, **fields), rngs=nnx.Rngs(0))
   state = nnx.state(lm, nnx.Param)
   params = nnx.to_pure_dict(state)

@@ -1,5 +1,5 @@
-"""What the inference tools (embed, score, generate) share: loading a model, reading sequences,
-batching them without letting padding leak, and writing ragged results incrementally.
+"""What the inference tools (embed, score, generate) share: their model flags, batching sequences
+without letting padding leak, and writing ragged results incrementally.
 
 Padding policy. HyenaDNA is causal: the output at position t depends on positions <= t only.
 Left padding (the tokenizer's default) therefore changes every real position's output, since the
@@ -9,33 +9,28 @@ length (a few fixed sizes, so few compilations) and passes the true lengths alon
 reads outputs (pooling, per-base scores) looks only at positions < length. Results of a batch are
 therefore those of each sequence run alone, up to FFT round-off (the FFT size follows the bucket).
 
-Sequence inputs: FASTA (plain or gzip) and TSV/CSV (one sequence column) are streamed record by
-record; every record carries `where` (file, line and name) for error messages.
+Sequence inputs are read by `hyena_jax.seqfiles` (FASTA, tables, VCF), record by record; every
+record carries `where` (file, line and name) for error messages.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import os
+import warnings
 import zipfile
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from flax import nnx
 
-from hyena_jax import genome
 from hyena_jax import tokenizer as tok
 from hyena_jax.config import HyenaConfig
 from hyena_jax.errors import InputError, MissingInputError
 from hyena_jax.model import HyenaLM, SequenceClassifier
+from hyena_jax.seqfiles import Record
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_WEIGHT_FILES = ("model.safetensors", "weights.safetensors", "weights.ckpt", "weights.pt",
-                 "pytorch_model.bin")
-FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fa.gz", ".fasta.gz", ".fna.gz")
-TABLE_SUFFIXES = (".tsv", ".csv", ".txt", ".tsv.gz", ".csv.gz", ".txt.gz")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,33 +39,12 @@ TABLE_SUFFIXES = (".tsv", ".csv", ".txt", ".tsv.gz", ".csv.gz", ".txt.gz")
 
 def load_model(path: str | os.PathLike, *, step: int | None = None, shift: float | None = None
                ) -> tuple[HyenaLM | SequenceClassifier, HyenaConfig]:
-  """Loads a model for inference (eval mode) from an orbax workdir or an official release.
-
-  `path` may be: a workdir written by our training/convert tools (holds `checkpoints/`, restored
-  at `step`, default latest); an official weights file (`.safetensors`, Lightning `.ckpt`,
-  standalone `.pt`/`.bin`); or a folder holding one of those next to its `config.json`.
-  `shift` overrides the modulation shift of official files (default 0.05, see SPEC 1.5).
-  Returns (model, config); the model is a HyenaLM, or a SequenceClassifier when the checkpoint
-  carries a classification head.
-  """
-  from hyena_jax import checkpoint, weights  # lazily: orbax/torch only when needed
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise MissingInputError(f"model path not found: {path} (expected an orbax workdir, an "
-                            "official .safetensors/.ckpt/.pt file or a folder holding one)")
-  if os.path.isdir(path):
-    if os.path.isdir(checkpoint.checkpoint_dir(path)):
-      model, run_config, _ = checkpoint.restore_model(path, step)
-      return model, checkpoint.model_config(run_config)
-    found = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
-    if not found:
-      raise MissingInputError(f"{path} is a folder with neither checkpoints/ (an orbax workdir) "
-                              f"nor any of {list(_WEIGHT_FILES)}")
-    path = os.path.join(path, found[0])
-  if step is not None:
-    raise InputError(f"step={step} only applies to orbax workdirs, not to {path}")
-  model, cfg, _ = weights.load_pretrained(path, shift=shift)
-  return model, cfg
+  """Deprecated: use `hyena_jax.load(path, step=..., shift=...)`. Returns (model, config)."""
+  warnings.warn("inference.load_model is deprecated; use hyena_jax.load(path) (returns a Loaded "
+                "with .model and .config)", DeprecationWarning, stacklevel=2)
+  from hyena_jax import loading  # pylint: disable=g-import-not-at-top
+  loaded = loading.load(path, step=step, shift=shift)
+  return loaded.model, loaded.config
 
 
 def require_lm(model: nnx.Module, tool: str) -> HyenaLM:
@@ -83,164 +57,13 @@ def require_lm(model: nnx.Module, tool: str) -> HyenaLM:
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading sequences
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-  name: str
-  seq: str
-  where: str       # "file:line (name)" for error messages
+# Records to token ids
 
 
 def as_records(sequences: Iterable[str | Record]) -> Iterator[Record]:
   """Plain strings become records named seq0, seq1, ...; Records pass through."""
   for i, s in enumerate(sequences):
     yield s if isinstance(s, Record) else Record(f"seq{i}", s, f"sequence {i}")
-
-
-def text_lines(path: str) -> Iterator[tuple[int, str]]:
-  """(line number, line) of a plain or gzip text file (see `genome.text_lines`). latin-1, so a
-  stray non-ASCII byte reaches the sequence checks, which name its position."""
-  return genome.text_lines(path, encoding="latin-1")
-
-
-def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
-  """Streams FASTA records (plain or gzip, any line width, CRLF ok). Name = header's first word.
-
-  Errors name the file and line: text before the first header, a header without a name, a
-  record without sequence, a name used twice, a binary file and a truncated gzip.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"FASTA file not found: {path}")
-  name, header_line, parts = None, 0, []
-  seen: dict[str, int] = {}
-
-  def finish() -> Record:
-    where = f"{path}:{header_line} (record {name!r})"
-    if not parts:
-      raise InputError(f"{where}: record has no sequence; remove it or add bases")
-    return Record(name, "".join(parts), where)
-
-  for lineno, line in text_lines(path):
-    if line.startswith(">"):
-      if name is not None:
-        yield finish()
-      words = line[1:].split()
-      if not words:
-        raise InputError(f"{path}:{lineno}: FASTA header without a name")
-      name, header_line, parts = words[0], lineno, []
-      if name in seen:  # results are keyed by name: a second record would shadow the first
-        raise InputError(f"{path}:{lineno}: FASTA record name {name!r} is used again (first at "
-                         f"line {seen[name]}); names must be unique")
-      seen[name] = lineno
-    elif line.strip():
-      if name is None:
-        raise InputError(f"{path}:{lineno}: text before the first '>' header; is this FASTA?")
-      parts.append(line.strip())
-  if name is not None:
-    yield finish()
-
-
-def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: int | str | None
-               = None, header: bool | None = None) -> Iterator[Record]:
-  """Streams sequences from one column of a TSV (or CSV, by suffix) file.
-
-  `column`/`name_column` are 0-based indices or header names (a name implies a header).
-  `header=None` applies the one header rule of every table reader (`genome.HEADER_NAMES`):
-  line 1 is a header exactly when one of its fields is seq, sequence, name, id or label (any
-  case); a first line that is neither DNA nor such a header is an error, never dropped.
-  Records are named by `name_column`, else `row<N>` (N = 1-based data row). Errors name the
-  file and line.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"table file not found: {path}")
-  delimiter = "," if path.endswith((".csv", ".csv.gz")) else "\t"
-  named = isinstance(column, str) or isinstance(name_column, str)
-  if header is False and named:
-    raise InputError("columns given by name need a header row; pass indices or header=True")
-  current = [0]  # line number of the row csv.reader last returned (one row per line)
-
-  def texts() -> Iterator[str]:
-    for lineno, line in text_lines(path):
-      current[0] = lineno
-      yield line
-
-  rows = iter(csv.reader(texts(), delimiter=delimiter))
-  first = next(rows, None)
-  if first is None:
-    return
-  if header is None:
-    header = named or genome.is_header_row(first)
-    field = _field(first, _index(column, None), path, 1).strip()
-    if not header and not _looks_like_dna(field):
-      raise InputError(f"{path}:1: {field[:40]!r} is neither DNA nor a column name; a header row "
-                       f"must name its columns (one of {', '.join(genome.HEADER_NAMES)}), or pass "
-                       "the sequence column by name (--column=NAME)")
-  names = first if header else None
-  col = _index(column, names, path)
-  name_col = None if name_column is None else _index(name_column, names, path)
-  data_row = 0
-  pending = [] if header else [first]
-  for row in _chain(pending, rows):
-    lineno = current[0]
-    if not row or (len(row) == 1 and not row[0].strip()):
-      continue  # blank line
-    data_row += 1
-    seq = _field(row, col, path, lineno).strip()
-    name = _field(row, name_col, path, lineno) if name_col is not None else f"row{data_row}"
-    where = f"{path}:{lineno} (record {name!r})"
-    if not seq:
-      raise InputError(f"{where}: empty sequence")
-    yield Record(name, seq, where)
-
-
-def _chain(first: list, rest: Iterable) -> Iterator:
-  yield from first
-  yield from rest
-
-
-def _index(column: int | str, names: list[str] | None, path: str = "") -> int:
-  if isinstance(column, int):
-    return column
-  if names is None:
-    return 0
-  if column not in names:
-    raise InputError(f"{path}: no column named {column!r}; header has {names}")
-  return names.index(column)
-
-
-def _field(row: list[str], col: int, path: str, lineno: int) -> str:
-  if col >= len(row):
-    raise InputError(f"{path}:{lineno}: row has {len(row)} column(s), column {col} requested")
-  return row[col]
-
-
-_DNA = set("ACGTNacgtn" + tok.IUPAC_AMBIGUITY + tok.IUPAC_AMBIGUITY.lower())
-
-
-def _looks_like_dna(text: str) -> bool:
-  return bool(text) and set(text.strip()) <= _DNA
-
-
-def read_sequences(path: str | os.PathLike, *, fmt: str = "auto", column: int | str = 0,
-                   name_column: int | str | None = None) -> Iterator[Record]:
-  """FASTA or table records, chosen by `fmt` ("fasta" | "table" | "auto": by file suffix)."""
-  path = os.fspath(path)
-  if fmt == "auto":
-    low = path.lower()
-    fmt = ("fasta" if low.endswith(FASTA_SUFFIXES) else
-           "table" if low.endswith(TABLE_SUFFIXES) else "")
-    if not fmt:
-      raise InputError(f"cannot tell the format of {path} from its suffix; pass fmt='fasta' or "
-                       f"'table' (FASTA: {FASTA_SUFFIXES}, tables: {TABLE_SUFFIXES})")
-  if fmt == "fasta":
-    return read_fasta(path)
-  if fmt == "table":
-    return read_table(path, column, name_column=name_column)
-  raise InputError(f"fmt must be 'auto', 'fasta' or 'table', got {fmt!r}")
 
 
 def encode_record(tokenizer: tok.CharacterTokenizer, record: Record, l_max: int, *,
@@ -422,12 +245,22 @@ class NpzStreamWriter:
 
 
 def define_common_flags() -> None:
-  """--model, --batch_size, --shift, --step (called by each CLI's define_flags)."""
+  """--model, --step, --revision, --batch_size, --shift (called by each CLI's define_flags)."""
   from absl import flags
-  flags.DEFINE_string("model", None, "orbax workdir, official weights file, or a folder with one")
-  flags.DEFINE_integer("step", None, "orbax workdir: checkpoint step (default: latest)")
+  flags.DEFINE_string("model", None, "orbax run, official weights file or folder, or Hub repo "
+                      "id ORG/NAME (see hyena_jax.load)")
+  flags.DEFINE_integer("step", None, "orbax run: checkpoint step to read (default: latest)")
+  flags.DEFINE_string("revision", None, "Hub repo id: branch, tag or commit (default: main)")
   flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
   flags.DEFINE_float("shift", None, "official weights: modulation shift (default 0.05)")
+
+
+def model_from_flags() -> HyenaLM | SequenceClassifier:
+  """`hyena_jax.load` of the common flags' model (--model, --step, --revision, --shift)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from hyena_jax import loading  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  return loading.load(f.model, step=f.step, revision=f.revision, shift=f.shift).model
 
 
 def parse_column(value: str | None) -> int | str | None:

@@ -34,7 +34,6 @@ window_start/window_end say what was used); an explicit `--window` is taken as g
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterable, Iterator, Sequence
 
 import jax
@@ -43,12 +42,11 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from hyena_jax import genome as genome_lib
-from hyena_jax import inference
+from hyena_jax import inference, seqfiles
 from hyena_jax import tokenizer as tok
-from hyena_jax.errors import InputError, MissingInputError
-from hyena_jax.inference import Record
+from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
+from hyena_jax.seqfiles import Genome, Record, Variant
 
 
 @nnx.jit
@@ -114,16 +112,6 @@ def log_likelihood(model: HyenaLM, sequences: Sequence[str], **kwargs) -> np.nda
 
 
 @dataclasses.dataclass(frozen=True)
-class Variant:
-  chrom: str
-  pos: int          # 1-based position of the first REF base (VCF POS)
-  ref: str
-  alt: str
-  id: str = "."
-  where: str = ""   # "file:line" for error messages
-
-
-@dataclasses.dataclass(frozen=True)
 class VariantScore:
   variant: Variant
   llr: float            # loglik(alt window) - loglik(ref window)
@@ -131,83 +119,6 @@ class VariantScore:
   alt_loglik: float
   start: int            # window on the chromosome, 0-based half-open [start, end)
   end: int
-
-
-_ALLELE = set("ACGTNacgtn")
-
-
-def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
-  """Streams VCF records (CHROM POS ID REF ALT ...; '#' lines skipped; gzip ok) as Variants.
-
-  Multi-allelic ALT ("A,T") gives one Variant per allele. Symbolic or missing alleles
-  (<DEL>, *, ., breakends) and non-ACGTN letters are refused with the file and line.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"VCF file not found: {path}")
-  for lineno, line in inference.text_lines(path):
-    if not line.strip() or line.startswith("#"):
-      continue
-    where = f"{path}:{lineno}"
-    cols = line.split("\t") if "\t" in line else line.split()
-    if len(cols) < 5:
-      raise InputError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
-                       f"{len(cols)}")
-    chrom, pos, vid, ref, alts = cols[:5]
-    try:
-      pos_int = int(pos)
-    except ValueError:
-      raise InputError(f"{where}: POS {pos!r} is not an integer") from None
-    if pos_int < 1:
-      raise InputError(f"{where}: POS must be 1-based (>= 1), got {pos_int}")
-    if not ref or not set(ref) <= _ALLELE:
-      raise InputError(f"{where}: REF {ref!r} must be bases A C G T N")
-    for alt in alts.split(","):
-      if not alt or not set(alt) <= _ALLELE:
-        raise InputError(f"{where}: ALT {alt!r} is not supported: only explicit alleles of "
-                         "A C G T N (SNVs and indels); symbolic (<DEL>), missing (., *) and "
-                         "breakend alleles cannot be scored")
-      yield Variant(chrom, pos_int, ref.upper(), alt.upper(), vid, where)
-
-
-class Genome:
-  """Random access to the sequences of a FASTA file (names = first word of each header).
-
-  Files under `in_memory_bytes` (default 256 MB) and gzip files are read into memory, which
-  accepts any line layout. Larger plain files go through pyfaidx, which writes `<path>.fai`
-  beside the file once and needs equal line widths within each record (standard for genome
-  FASTA such as hg38); bgzip or decompress a large gzip genome to use it.
-  """
-
-  def __init__(self, path: str | os.PathLike, *, in_memory_bytes: int = 256 << 20):
-    self.path = os.fspath(path)
-    if not os.path.isfile(self.path):
-      raise MissingInputError(f"FASTA file not found: {self.path}")
-    with open(self.path, "rb") as f:
-      gzipped = f.read(2) == inference._GZIP_MAGIC  # noqa: SLF001
-    self._faidx, self._seqs = None, None
-    if not gzipped and os.path.getsize(self.path) > in_memory_bytes:
-      self._faidx = genome_lib.open_fasta(self.path)  # checks names, empty records, binary
-    else:
-      self._seqs = {r.name: r.seq.upper() for r in inference.read_fasta(self.path)}
-
-  @property
-  def names(self) -> list[str]:
-    return list(self._faidx.keys()) if self._faidx is not None else list(self._seqs)
-
-  def length(self, chrom: str) -> int:
-    if self._faidx is not None:
-      return len(self._faidx[chrom])
-    return len(self._seqs[chrom])
-
-  def fetch(self, chrom: str, start: int, end: int) -> str:
-    """Upper-case bases [start, end) (0-based) of `chrom`."""
-    if self._faidx is not None:
-      return self._faidx[chrom][start:end].upper()
-    return self._seqs[chrom][start:end]
-
-  def __contains__(self, chrom: str) -> bool:
-    return chrom in self.names
 
 
 def variant_windows(genome: Genome, variant: Variant, window: int) -> tuple[str, str, int, int]:
@@ -312,7 +223,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
   """
   if not output_path.endswith((".npz", ".tsv")):
     raise InputError(f"output must end with .npz (per base) or .tsv (per sequence): {output_path}")
-  read = lambda: inference.read_sequences(input_path, fmt=fmt, column=column,  # noqa: E731
+  read = lambda: seqfiles.read_sequences(input_path, fmt=fmt, column=column,  # noqa: E731
                                           name_column=name_column)
   tokenizer = tok.CharacterTokenizer()
   prefix = () if context_token is None else (int(context_token),)
@@ -359,7 +270,7 @@ def score_vcf_file(model: HyenaLM, vcf_path: str, fasta_path: str, output_path: 
   a bad line fails with file and line before any compute.
   """
   genome = Genome(fasta_path)
-  variants = list(read_vcf(vcf_path))
+  variants = list(seqfiles.read_vcf(vcf_path))
   if not variants:
     raise InputError(f"{vcf_path}: no variants found (only header or blank lines)")
   room = model.config.l_max - (context_token is not None)
@@ -410,7 +321,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("pass exactly one of --input (sequences) or --vcf (with --fasta)")
   if FLAGS.vcf is not None and FLAGS.fasta is None:
     raise app.UsageError("--vcf needs --fasta, the reference the variants are called against")
-  model, _ = inference.load_model(FLAGS.model, step=FLAGS.step, shift=FLAGS.shift)
+  model = inference.model_from_flags()
   if FLAGS.vcf is not None:
     summary = score_vcf_file(model, FLAGS.vcf, FLAGS.fasta, FLAGS.output, window=FLAGS.window,
                              batch_size=FLAGS.batch_size, context_token=FLAGS.context_token)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import jax.numpy as jnp
@@ -279,30 +280,13 @@ def _unflatten(flat: Mapping[tuple, Any]) -> dict:
 
 def load_pretrained(path: str | os.PathLike, *, config_path: str | os.PathLike | None = None,
                     shift: float | None = None, **overrides):
-  """Builds and loads a HyenaLM or SequenceClassifier (in eval mode) from any official layout.
+  """Deprecated: use `hyena_jax.load(path)`, which also reads orbax runs and Hub ids.
 
-  The architecture comes from `config_path` (an official config.json; by default the one beside
-  the weights if present) or from tensor shapes. `shift` is not recorded in official configs:
-  it defaults to 0.05 (standalone/-hf inference) unless the config names it.
-  Returns (model, config, layout).
+  Returns (model, config, layout) of an official weights file or folder, as before.
   """
-  from hyena_jax.model import HyenaLM, SequenceClassifier
-  raw = read_state_dict(path)
-  canonical, layout, head_prefix = canonicalize(raw)
-  if config_path is None:
-    beside = os.path.join(os.path.dirname(os.fspath(path)), "config.json")
-    config_path = beside if os.path.isfile(beside) else None
-  if shift is not None:
-    overrides["shift"] = shift
-  if config_path is not None:
-    cfg = config_lib.load_official(config_path, **overrides)
-  else:
-    cfg = infer_config(canonical, **overrides)
-  head_key = f"{head_prefix}.output_transform.weight"
-  n_classes = canonical[head_key].shape[0] if head_key in canonical else 0
-  # Built abstractly: every parameter is replaced by the checkpoint's, so no random init is spent.
-  model = nnx.eval_shape(lambda: SequenceClassifier(cfg, n_classes, rngs=nnx.Rngs(0)) if n_classes
-                         else HyenaLM(cfg, rngs=nnx.Rngs(0)))
-  load_into(model, cfg, canonical, n_classes=n_classes, head_prefix=head_prefix, source=str(path))
-  model.eval()  # inference mode (no dropout); call model.train() to fine-tune
-  return model, cfg, layout
+  warnings.warn("weights.load_pretrained is deprecated; use hyena_jax.load(path) (returns a "
+                "Loaded with .model, .config, .kind)", DeprecationWarning, stacklevel=2)
+  from hyena_jax import loading  # pylint: disable=g-import-not-at-top  (loading imports us)
+  loaded = loading._load_official(loading.find_weights(path), config_path, shift,  # noqa: SLF001
+                                  overrides)
+  return loaded.model, loaded.config, loaded.kind

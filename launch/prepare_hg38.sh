@@ -44,11 +44,11 @@ fetch "$BASE_URL/sequences_human.bed" "$BED"
 # Build the .fai index and check that every BED row lies on the genome (errors name the line).
 "$PYTHON" - "$FASTA" "$BED" <<'EOF'
 import sys
-from hyena_jax import genome
+from hyena_jax import genome, seqfiles
 
 fasta_path, bed_path = sys.argv[1:3]
-fasta = genome.open_fasta(fasta_path)
-sizes = genome.chrom_sizes(fasta)
+fasta = seqfiles.open_fasta(fasta_path)
+sizes = seqfiles.chrom_sizes(fasta)
 print(f"{fasta_path}: {len(sizes)} records, {sum(sizes.values()):,} bp, index {fasta_path}.fai")
 for split in genome.BED_SPLITS:
   print(f"{bed_path}: {len(genome.read_bed(bed_path, sizes, split)):,} {split} intervals")

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hyena_jax import cli, config as config_lib, data, genome, inference, run_config, score
+import hyena_jax
+from hyena_jax import cli, config as config_lib, inference, run_config, seqfiles
 from hyena_jax import finetune, finetune_config, tokenizer, train, weights
 from hyena_jax.errors import InputError, MissingDependencyError
 from hyena_jax.model import HyenaLM
@@ -36,6 +37,10 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
   assert result.returncode == 2, result.stderr
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
   return lines[0]
+
+
+TOOLS = ("main", "finetune", "icl", "convert", "export", "embed", "score", "generate")
+MODEL_TOOLS = ("convert", "export", "embed", "score", "generate")  # the rest: --config.pretrained
 
 
 def _tiny_lm() -> HyenaLM:
@@ -125,98 +130,17 @@ def test_config_validation_happens_before_compile(tmp_path):
     config_lib.from_dict({"d_modle": 8})
 
 
-# ------------------------------------------------------------------------------------------------
-# Files: binary, truncated gzip, duplicate names, headers
-
-
-def _truncated_gz(path, text: str):
-  blob = gzip.compress(text.encode())
-  path.write_bytes(blob[:len(blob) // 2])
-  return str(path)
-
-
-def test_binary_fasta_names_the_file_and_leaves_no_index(tmp_path):
-  path = tmp_path / "data.fasta"
-  path.write_bytes(b">chr1\nACGT\n" + bytes(range(128, 256)) + b"\n")
-  with pytest.raises(InputError, match=r"data\.fasta:3: not a text FASTA file"):
-    genome.open_fasta(str(path))
-  assert not (tmp_path / "data.fasta.fai").exists()
-  tsv = tmp_path / "train.tsv"
-  tsv.write_bytes(b"ACGT\t1\n\x00\x01\x02\x03\t0\n")
-  with pytest.raises(InputError, match=r"train\.tsv:2: contains NUL bytes: a binary file"):
-    data.read_labelled_sequences(str(tsv))
-
-
-def test_truncated_gzip_names_the_file_in_every_reader(tmp_path):
-  fasta = "".join(f">r{i}\n{'ACGT' * 50}\n" for i in range(200))
-  fa_gz = _truncated_gz(tmp_path / "x.fa.gz", fasta)
-  pattern = r"x\.fa\.gz:\d+: the gzip data is damaged or truncated"
-  with pytest.raises(InputError, match=pattern):
-    list(inference.read_fasta(fa_gz))              # embed / score --input / generate
-  with pytest.raises(InputError, match=pattern):
-    data.read_fasta_records(fa_gz)                 # finetune FASTA + labels
-  with pytest.raises(InputError, match=pattern):
-    score.Genome(fa_gz)                            # score --fasta
-  tsv_gz = _truncated_gz(tmp_path / "t.tsv.gz", "".join(f"{'ACGT' * 50}\t1\n" for _ in range(300)))
-  with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
-    data.read_labelled_sequences(tsv_gz)           # finetune TSV
-  config = finetune_config.base_config()          # through the fine-tuning entry point
-  config.data.update(train=tsv_gz, test=tsv_gz)
-  config.mesh.data = 1
-  with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
-    finetune.finetune_and_evaluate(config, str(tmp_path / "ft"))
-  assert not (tmp_path / "ft").exists()
-
-
-def test_duplicate_fasta_names_are_refused_in_every_reader(tmp_path):
-  path = tmp_path / "ref.fa"
-  path.write_text(">chr1\nACGTACGT\n>chr2\nGGGG\n>chr1 again\nTTTTTTTT\n")
-  message = r"ref\.fa:5: FASTA record name 'chr1' is used again \(first at line 1\)"
-  with pytest.raises(InputError, match=message):
-    score.Genome(str(path))                        # score --fasta scored the last one before
-  with pytest.raises(InputError, match=message):
-    list(inference.read_fasta(str(path)))
-  with pytest.raises(InputError, match=message):
-    data.read_fasta_records(str(path))
-  with pytest.raises(InputError, match=r"ref\.fa:5: FASTA record name 'chr1' appears more than "
-                                       "once"):
-    genome.open_fasta(str(path))                   # pretraining (pyfaidx)
-  assert not (tmp_path / "ref.fa.fai").exists()
-
-
-def test_one_header_rule_no_silently_dropped_row(tmp_path):
-  tsv = tmp_path / "x.tsv"
-  tsv.write_text("ACGT\tyes\nGGCC\t1\n")  # header-less, first label not a number
-  with pytest.raises(InputError, match=r"x\.tsv:1: label 'yes' is not an integer class id; line "
-                                       r"1 was read as data because a header row must name"):
-    data.read_labelled_sequences(str(tsv))
-  tsv.write_text("ACGT\t1\nGGCC\t0\n")
-  seqs, labels = data.read_labelled_sequences(str(tsv))
-  assert seqs == ["ACGT", "GGCC"] and labels.tolist() == [1, 0]
-  tsv.write_text("label\tSequence\n1\tACGT\n0\tGGCC\n")  # a header: columns found by name
-  seqs, labels = data.read_labelled_sequences(str(tsv))
-  assert seqs == ["ACGT", "GGCC"] and labels.tolist() == [1, 0]
-  table = tmp_path / "s.tsv"
-  table.write_text("id\tseq\nr1\tACGT\n")
-  assert [(r.name, r.seq) for r in inference.read_table(str(table), 1, name_column=0)] == \
-      [("r1", "ACGT")]
-  table.write_text("gene\tdna_seq\nr1\tACGT\n")  # unknown column names: refused, not guessed
-  with pytest.raises(InputError, match=r"s\.tsv:1: 'dna_seq' is neither DNA nor a column name"):
-    list(inference.read_table(str(table), 1))
-  table.write_text("ACGT\nGG\n")
-  assert [r.seq for r in inference.read_table(str(table))] == ["ACGT", "GG"]
-
-
 def test_empty_model_input_is_a_clear_error():
   lm = _tiny_lm()
   with pytest.raises(InputError, match=r"input_ids \(1, 0\) hold no tokens \(length 0\)"):
     lm(jnp.zeros((1, 0), jnp.int32))
   with pytest.raises(InputError, match=r"sequence 0: empty sequence \(length 0\)"):
     inference.encode_record(tokenizer.CharacterTokenizer(),
-                            inference.Record("seq0", "", "sequence 0"), 64)
+                            seqfiles.Record("seq0", "", "sequence 0"), 64)
 
 
 # ------------------------------------------------------------------------------------------------
+# Files: binary, truncated gzip, duplicate names and the header rule are in test_seqfiles.py.
 # Weights files
 
 
@@ -224,8 +148,8 @@ def test_random_bytes_safetensors_is_one_line_naming_the_file(tmp_path):
   bad = tmp_path / "model.safetensors"
   bad.write_bytes(np.random.default_rng(0).bytes(4096))
   with pytest.raises(InputError, match=r"model\.safetensors: not a readable \.safetensors file"):
-    inference.load_model(str(bad))                 # score/embed/generate --model=
-  result = _run(["-m", "hyena_jax.convert", f"--from={bad}", "--out=out"], tmp_path)
+    hyena_jax.load(str(bad))                       # every --model=
+  result = _run(["-m", "hyena_jax.convert", f"--model={bad}", "--output=out"], tmp_path)
   line = _one_line_error(result)
   assert f"{bad}: not a readable .safetensors file" in line
   assert not (tmp_path / "out").exists()
@@ -236,6 +160,22 @@ def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "safetensors.numpy", None)  # import fails as if absent
   with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[torch\]"'):
     weights.read_state_dict(str(tmp_path / "w.safetensors"))
+
+
+def _truncated_gz(path, text: str):
+  blob = gzip.compress(text.encode())
+  path.write_bytes(blob[:len(blob) // 2])
+  return str(path)
+
+
+def test_finetune_refuses_damaged_data_before_creating_its_workdir(tmp_path):
+  tsv_gz = _truncated_gz(tmp_path / "t.tsv.gz", "".join(f"{'ACGT' * 50}\t1\n" for _ in range(300)))
+  config = finetune_config.base_config()
+  config.data.update(train=tsv_gz, test=tsv_gz)
+  config.mesh.data = 1
+  with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
+    finetune.finetune_and_evaluate(config, str(tmp_path / "ft"))
+  assert not (tmp_path / "ft").exists()
 
 
 def test_inference_help_lists_model_and_input_errors_leave_no_output(tmp_path):
@@ -250,3 +190,21 @@ def test_inference_help_lists_model_and_input_errors_leave_no_output(tmp_path):
                 tmp_path)
   assert "in.fa.gz:" in _one_line_error(result) and "damaged or truncated" in result.stderr
   assert sorted(os.listdir(tmp_path)) == ["in.fa.gz", "run"]
+
+
+def test_every_cli_help_runs_and_names_model_and_output(tmp_path):
+  """One convention: --help exits 0; --model is the model source, --output the output; the old
+  names are deprecated aliases, and passing both spellings is a usage error."""
+  env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  runs = {tool: subprocess.Popen([sys.executable, "-m", f"hyena_jax.{tool}", "--help"], cwd=tmp_path,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for tool in TOOLS}
+  both = _run(["-m", "hyena_jax.export", "--workdir=a", "--model=b", "--output=c"], tmp_path)
+  for tool, proc in runs.items():
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (tool, err[-2000:])
+    assert "flags:" in out, tool
+    if tool in MODEL_TOOLS:
+      assert "--model:" in out and "--output:" in out, (tool, out)
+      assert "--out:" not in out and "--from:" not in out and "--workdir:" not in out, tool
+  assert "--workdir is the deprecated name of --model: pass only --model" in _one_line_error(both)

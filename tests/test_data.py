@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from hyena_jax import data, genome
+from hyena_jax import data, genome, seqfiles
 from hyena_jax import tokenizer as tok
 
 # ---------------------------------------------------------------------------------------------
@@ -330,20 +330,8 @@ def test_to_global_batch_shards_rows():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fasta_problems(tmp_path, fragments):
-  missing = tmp_path / "nope.fa"
-  with pytest.raises(FileNotFoundError, match="nope.fa not found"):
-    genome.open_fasta(missing)
-  gz = tmp_path / "g.fa.gz"
-  gz.write_bytes(gzip.compress(b">a\nACGT\n"))
-  with pytest.raises(ValueError, match="plain gzip.*gunzip -k"):
-    genome.open_fasta(gz)
-  (tmp_path / "h.fa").write_text("ACGT\n>a\nACGT\n")
-  with pytest.raises(ValueError, match="line 1"):
-    genome.open_fasta(tmp_path / "h.fa")
-  (tmp_path / "e.fa").write_text(">a\nACGT\n>empty\n>b\nAC\n")
-  with pytest.raises(ValueError, match=r"e\.fa:3: FASTA record 'empty' is empty"):
-    genome.open_fasta(tmp_path / "e.fa")
+def test_pretraining_windows_crlf_and_bad_letters(tmp_path, fragments):
+  """FASTA edge cases of the readers are in test_seqfiles.py; these go through the windows."""
   # CRLF reads the same bases as LF.
   path, seqs = fragments
   crlf = tmp_path / "crlf.fa"
@@ -376,7 +364,7 @@ def test_bed_problems_name_file_and_line(fragments, tmp_path, row, message):
   bed = tmp_path / "bad.bed"
   bed.write_text(f"# comment\n{chrom}\t0\t100\ttrain\r\n\n" + row.format(c=chrom) + "\n")
   with pytest.raises(ValueError, match="bad.bed:4: .*" + re.escape(message)):
-    genome.read_bed(bed, genome.chrom_sizes(genome.open_fasta(path)), "train")
+    genome.read_bed(bed, seqfiles.chrom_sizes(seqfiles.open_fasta(path)), "train")
 
 
 def test_config_and_argument_errors(fragments):
@@ -422,7 +410,7 @@ def test_akita_bed_splits():
 
 def test_genomic_benchmarks_tsv_and_encoding():
   path = shared_path("data", "genomic_benchmarks", "human_nontata_promoters.test.tsv")
-  seqs, labels = data.read_labelled_sequences(path)
+  seqs, labels = seqfiles.read_labelled_sequences(path)
   lines = path.read_text().splitlines()
   assert len(seqs) == len(lines) - 1 and set(labels.tolist()) == {0, 1}
   assert seqs[5] == lines[6].split("\t")[0] and labels[5] == int(lines[6].split("\t")[1])
@@ -440,31 +428,3 @@ def test_genomic_benchmarks_tsv_and_encoding():
   assert np.array_equal(te, te2) and len(te) == round(0.2 * len(seqs))
   assert sorted(np.concatenate([tr, te]).tolist()) == list(range(len(seqs)))
   assert not np.array_equal(te, data.split_train_test(len(seqs), 0.2, seed=2)[1])
-
-
-def test_labelled_file_problems(tmp_path):
-  csv = tmp_path / "x.csv"
-  csv.write_text("ACGT,1\r\nggNN,0\r\n")
-  seqs, labels = data.read_labelled_sequences(csv)  # no header, CRLF
-  assert seqs == ["ACGT", "ggNN"] and labels.tolist() == [1, 0]
-  for body, message in [("seq\tlabel\nACGT\tx\n", r"x.tsv:2: label 'x'"),
-                        ("seq\tlabel\nACGT\t1\nAC-T\t0\n", r"x.tsv:3: invalid character"),
-                        ("ACGT\t1\nACGT\n", r"x.tsv:2: expected"),
-                        ("ACGT\t-1\n", r"x.tsv:1: label -1 is negative"),
-                        ("seq\tlabel\n", "no labelled sequences")]:
-    (tmp_path / "x.tsv").write_text(body)
-    with pytest.raises(ValueError, match=message):
-      data.read_labelled_sequences(tmp_path / "x.tsv")
-  with pytest.raises(FileNotFoundError):
-    data.read_labelled_sequences(tmp_path / "missing.tsv")
-  fa, lab = tmp_path / "s.fa", tmp_path / "s.labels"
-  fa.write_text(">r1 x\nACGT\nAC\n>r2\nTTTT\n")
-  lab.write_text("name\tlabel\nr2\t1\nr1\t0\n")
-  seqs, labels = data.read_labelled_fasta(fa, lab)
-  assert seqs == ["ACGTAC", "TTTT"] and labels.tolist() == [0, 1]
-  lab.write_text("r1\t0\n")
-  with pytest.raises(ValueError, match=r"s.fa:4: record 'r2' has no label"):
-    data.read_labelled_fasta(fa, lab)
-  fa.write_text(">r1\n>r2\nAC\n")
-  with pytest.raises(ValueError, match=r"s.fa:1: FASTA record 'r1' is empty"):
-    data.read_labelled_fasta(fa, lab)

@@ -164,6 +164,7 @@ def test_collapse_detector_warns_in_the_log_and_results(tmp_path, caplog):
   logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any("collapsed to a constant predictor on validation" in m for m in logged), logged
   saved = json.load(open(tmp_path / "run" / "results.json"))
+  assert saved["collapsed"] is results["collapsed"] is True
   assert saved["collapsed"] and saved["predictions"]["valid"]["constant"]
   assert saved["constant_valid_steps"] == [3, 6]  # one evaluation per epoch
   assert any("constant predictor" in w for w in saved["warnings"])

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from conftest import shared_path
-from hyena_jax import checkpoint, config as config_lib, convert, export, weights
+import hyena_jax
+from hyena_jax import checkpoint, config as config_lib, convert, export, loading, weights
 from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
@@ -175,7 +176,7 @@ def test_classifier_round_trip_and_refusals(trained_run, tmp_path):
 def test_torch_reference_reproduces_fixture(name):
   """The reference module, written from the spec, on the official files directly."""
   folder = shared_path("parity", name)
-  path = convert.find_weights(folder)
+  path = loading.find_weights(folder)
   config = json.load(open(folder / "config.json"))
   state = torch_reference.to_hf_keys(torch_reference._read(path))
   tokens = np.load(folder / "tokens.npy")
@@ -209,7 +210,7 @@ def test_torch_reference_reproduces_fixture(name):
 def test_fixture_convert_then_export_reproduces_state_dict(name, tmp_path):
   folder = shared_path("parity", name)
   layout, mixer_level = FIXTURES[name]
-  original = weights.read_state_dict(convert.find_weights(folder))
+  original = weights.read_state_dict(loading.find_weights(folder))
   convert.convert(folder, str(tmp_path / "run"))
   out = export.export(str(tmp_path / "run"), str(tmp_path / "out"), layout=layout,
                       checkpoint_mixer=mixer_level)
@@ -241,10 +242,13 @@ def test_convert_cli_on_an_hf_release_directory(trained_run, tmp_path):
   config = json.load(open(repo / "config.json"))
   config.update(transformers_version="4.39.0", _name_or_path="LongSafari/hyenadna-tiny-seqlen-hf")
   (repo / "config.json").write_text(json.dumps(config))
+  # --from/--out: the deprecated names of --model/--output still work, with a warning.
   result = subprocess.run(
       [sys.executable, "-m", "hyena_jax.convert", f"--from={repo}", f"--out={tmp_path / 'run'}"],
       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "warning: --from is deprecated; use --model" in result.stderr
+  assert "warning: --out is deprecated; use --output" in result.stderr
   restored, run_config, step = checkpoint.restore_model(str(tmp_path / "run"))
   assert step == 0 and checkpoint.model_config(run_config) == TINY
   _assert_trees_equal(_params(restored), _params(model))
@@ -266,9 +270,9 @@ def test_convert_original_release_directory(tmp_path):
                 "lr_pos_emb": 0.0}}))
   _, run_config = convert.convert(repo, str(tmp_path / "run"), shift=0.0)
   restored, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
-  expected, cfg, layout = weights.load_pretrained(shared_path("parity", "small_ckpt_shift0",
-                                                              "weights.ckpt"))
-  assert layout == "lightning" and checkpoint.model_config(run_config) == cfg
+  loaded = hyena_jax.load(shared_path("parity", "small_ckpt_shift0", "weights.ckpt"))
+  expected, cfg = loaded.model, loaded.config
+  assert loaded.kind == "lightning" and checkpoint.model_config(run_config) == cfg
   assert cfg.shift == 0.0 and "head" not in run_config
   _assert_trees_equal(_params(restored), _params(expected))
 
@@ -398,7 +402,7 @@ def test_convert_bad_inputs(tmp_path):
        ValueError, "shape"),
       (write("pickle.pt", {"state_dict": tensors(good), "hparams": _Opaque()}), ValueError,
        "weights_only"),
-      (tmp_path / "nothing_here", FileNotFoundError, "does not exist"),
+      (tmp_path / "nothing_here", FileNotFoundError, "nothing_here is neither an existing path"),
   ]
   for path, error, message in cases:
     with pytest.raises(error, match=message):

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
 from conftest import shared_path
+import hyena_jax
 from hyena_jax import config as config_lib
 from hyena_jax import fftconv, weights
 from hyena_jax.config import HyenaConfig
@@ -25,8 +26,9 @@ FIXTURES = [("tiny_1k", "weights.safetensors", "hf"),
 @pytest.mark.parametrize("name,filename,layout", FIXTURES)
 def test_parity_with_official_model(name, filename, layout):
   folder = shared_path("parity", name)
-  model, cfg, got_layout = weights.load_pretrained(folder / filename)
-  assert got_layout == layout
+  loaded = hyena_jax.load(folder / filename)
+  model, cfg = loaded.model, loaded.config
+  assert loaded.kind == layout
   tokens = jnp.asarray(np.load(folder / "tokens.npy"))
   out = model.backbone(tokens, return_layers=True)
   np.testing.assert_allclose(out.hidden, np.load(folder / "hidden.npy"), rtol=1e-4, atol=1e-4)

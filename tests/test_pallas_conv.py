@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 from conftest import shared_path
-from hyena_jax import fftconv, pallas_conv, weights
+import hyena_jax
+from hyena_jax import fftconv, pallas_conv
 
 F32_TOL = 2e-5
 BF16_TOL = 1e-2
@@ -149,7 +150,8 @@ def test_bad_inputs_raise():
 def test_model_with_pallas_conv_matches_parity_fixture():
   """tiny_1k (2 x 1024 tokens) through the Pallas path reproduces the official logits."""
   folder = shared_path("parity", "tiny_1k")
-  model, cfg, _ = weights.load_pretrained(folder / "weights.safetensors", conv_impl="pallas")
+  loaded = hyena_jax.load(folder, conv_impl="pallas")
+  model, cfg = loaded.model, loaded.config
   assert cfg.conv_impl == "pallas"
   tokens = jnp.asarray(np.load(folder / "tokens.npy"), jnp.int32)
   logits = nnx.jit(lambda m, x: m(x))(model, tokens)

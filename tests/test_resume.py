@@ -101,7 +101,7 @@ def test_a_nan_stop_says_how_to_resume_with_a_lower_learning_rate(tmp_path, monk
   assert isinstance(err.value, InputError) and isinstance(err.value, FloatingPointError)
   assert "non-finite training metrics" in message and "at step 2" in message
   advice = "--config.optim.learning_rate=0.0015 --allow_changed=optim.learning_rate"
-  assert f"The checkpoint of step 1 holds finite values" in message and advice in message
+  assert "The checkpoint of step 1 holds finite values" in message and advice in message
   assert _steps(tmp_path) == [1]                  # nothing non-finite was saved
   monkeypatch.undo()
 

@@ -1,0 +1,542 @@
+"""Every sequence file format, read in one place, with errors that name the file and the line.
+
+  * text files: `text_lines` reads plain or gzip (told apart by the magic bytes, never by the
+    suffix) and turns binary contents and damaged gzip into `file:line` errors;
+  * streamed FASTA: `read_fasta` (any line width, CRLF, ';' comment lines), one Record at a time;
+  * indexed FASTA: `open_fasta` (pyfaidx, `.fai` built beside the file) for genomes, and
+    `Genome`, random access that reads small or gzip files into memory instead;
+  * tables: `read_table` (one sequence column) and `read_labelled_sequences` (`seq<sep>label`),
+    both with the one header rule (`is_header_row`) and the one delimiter rule
+    (`table_delimiter`);
+  * FASTA + labels: `read_labelled_fasta`;
+  * VCF: `read_vcf`, one Variant per ALT allele.
+
+Record names must be unique in every reader (results and labels are matched by name).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import os
+import zlib
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError, MissingInputError
+
+GZIP_MAGIC = b"\x1f\x8b"
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fa.gz", ".fasta.gz", ".fna.gz")
+TABLE_SUFFIXES = (".tsv", ".csv", ".txt", ".tsv.gz", ".csv.gz", ".txt.gz")
+
+# The one header rule of every table reader: line 1 is a header exactly when one of its fields
+# is one of these column names (any case); otherwise it is data, never silently dropped.
+HEADER_NAMES = ("seq", "sequence", "name", "id", "label")
+
+_DNA = frozenset("ACGTN" + tok.IUPAC_AMBIGUITY + ("ACGTN" + tok.IUPAC_AMBIGUITY).lower())
+_ALLELE = set("ACGTNacgtn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  name: str
+  seq: str
+  where: str       # "file:line (record 'name')" for error messages
+  line: int = 0    # 1-based line of the FASTA header or table row (0: not from a file)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text
+
+
+def compression(path: str | os.PathLike) -> str:
+  """'plain', 'bgzip' or 'gzip', from the first block header (BGZF = gzip with a 'BC' field)."""
+  with open(path, "rb") as f:
+    head = f.read(18)
+  if head[:2] != GZIP_MAGIC:
+    return "plain"
+  has_extra = len(head) >= 4 and head[3] & 0x04
+  return "bgzip" if has_extra and head[12:14] == b"BC" else "gzip"
+
+
+def text_lines(path: str | os.PathLike, *, encoding: str = "utf-8"
+               ) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line without its newline) of a plain or gzip (by content) file.
+
+  A binary file (NUL bytes, or bytes that are not `encoding`) and a damaged or truncated gzip
+  stream raise InputError naming the file and the line, instead of a bare UnicodeDecodeError
+  or EOFError from deep inside the reader.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise MissingInputError(f"{path} not found")
+  gz = compression(path) != "plain"
+  lineno = 0
+  try:
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+      for raw in f:
+        lineno += 1
+        if b"\0" in raw:
+          raise InputError(f"{path}:{lineno}: contains NUL bytes: a binary file, not text; is "
+                           "this the right file?")
+        yield lineno, raw.decode(encoding).rstrip("\r\n")
+  except UnicodeDecodeError as e:
+    raise InputError(f"{path}:{lineno}: byte 0x{e.object[e.start]:02x} at column {e.start + 1} "
+                     f"is not {encoding} text: a binary file? is this the right file?") from None
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise InputError(f"{path}:{lineno + 1}: the gzip data is damaged or truncated ({e}); "
+                     "re-download or re-compress the file") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# FASTA, streamed
+
+
+def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
+  """Streams FASTA records (plain or gzip, any line width, CRLF ok). Name = header's first word.
+
+  Errors name the file and line: text before the first header, a header without a name, a
+  record without sequence, a name used twice, a binary file and a truncated gzip. Letters are
+  not checked here (the tokenizer names a bad one's position). latin-1, so a stray non-ASCII
+  byte reaches that check instead of failing as undecodable.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise MissingInputError(f"FASTA file not found: {path}")
+  name, header_line, parts = None, 0, []
+  seen: dict[str, int] = {}
+
+  def finish() -> Record:
+    where = f"{path}:{header_line} (record {name!r})"
+    if not parts:
+      raise InputError(f"{where}: record has no sequence; remove it or add bases")
+    return Record(name, "".join(parts), where, header_line)
+
+  for lineno, line in text_lines(path, encoding="latin-1"):
+    if line.startswith(">"):
+      if name is not None:
+        yield finish()
+      words = line[1:].split()
+      if not words:
+        raise InputError(f"{path}:{lineno}: FASTA header without a name")
+      name, header_line, parts = words[0], lineno, []
+      if name in seen:  # results are keyed by name: a second record would shadow the first
+        raise InputError(f"{path}:{lineno}: FASTA record name {name!r} is used again (first at "
+                         f"line {seen[name]}); names must be unique")
+      seen[name] = lineno
+    elif line.strip() and not line.startswith(";"):
+      if name is None:
+        raise InputError(f"{path}:{lineno}: text before the first '>' header; is this FASTA?")
+      parts.append(line.strip())
+  if name is not None:
+    yield finish()
+
+
+# ------------------------------------------------------------------------------------------------
+# FASTA, indexed
+
+
+def _header_line(path: str, name: str, nth: int = 1) -> int | None:
+  """1-based line number of the `nth` FASTA header `>name ...` (only used to word errors)."""
+  opener = gzip.open if compression(path) != "plain" else open
+  with opener(path, "rt", errors="replace") as f:
+    for lineno, line in enumerate(f, 1):
+      if line.startswith(">") and line[1:].split(maxsplit=1)[:1] == [name]:
+        nth -= 1
+        if not nth:
+          return lineno
+  return None
+
+
+def _first_binary_line(path: str) -> int:
+  """Line number of the first line that is not UTF-8 text (for errors about binary files)."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        raw.decode("utf-8")
+      except UnicodeDecodeError:
+        return lineno
+      if b"\0" in raw:
+        return lineno
+  return 1
+
+
+def open_fasta(path: str | os.PathLike):
+  """Opens an indexed FASTA with pyfaidx, building `<path>.fai` if needed, after checking it.
+
+  Raises MissingInputError / InputError with the file, the line and the fix for: a missing
+  file, plain gzip, text before the first header, ragged line widths, duplicate names, no
+  records, and empty records. Returns a `pyfaidx.Fasta` reading raw case-preserving strings.
+  """
+  import pyfaidx  # pylint: disable=g-import-not-at-top  (only genome access needs it)
+
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise MissingInputError(f"FASTA file {path} not found; set data.fasta to an existing file "
+                            "(or '' for the bundled E. coli genome; launch/prepare_hg38.sh "
+                            "downloads hg38)")
+  if compression(path) == "gzip":
+    raise InputError(
+        f"{path} is plain gzip, which cannot be indexed for random access. Either decompress "
+        f"it (`gunzip -k {path}`) or recompress it as BGZF (`gunzip -c {path} | bgzip > "
+        f"{path[:-3] if path.endswith('.gz') else path}.bgz.gz`, bgzip is in htslib/tabix; "
+        "reading BGZF also needs `pip install biopython`)")
+  fai = path + ".fai"
+  had_index = os.path.exists(fai)
+  try:
+    fasta = pyfaidx.Fasta(path, as_raw=True, sequence_always_upper=False, build_index=True)
+  except pyfaidx.FastaIndexingError as e:
+    raise InputError(f"{path}: not a valid indexable FASTA: {e}") from e
+  except UnicodeDecodeError:
+    raise InputError(f"{path}:{_first_binary_line(path)}: not a text FASTA file (bytes that are "
+                     "not text: a binary file?); set data.fasta to a FASTA file") from None
+  except ValueError as e:  # pyfaidx: 'Duplicate key "chr1"', after writing the .fai
+    if not str(e).startswith("Duplicate key"):
+      raise
+    if not had_index and os.path.exists(fai):
+      os.remove(fai)  # an index of a file we refuse would be reused silently next time
+    name = str(e).split('"')[1] if '"' in str(e) else str(e)
+    raise InputError(f"{path}:{_header_line(path, name, 2)}: FASTA record name {name!r} appears "
+                     "more than once; names must be unique (rename or remove one)") from None
+  except ImportError as e:
+    raise InputError(f"{path} is BGZF-compressed, and pyfaidx needs Biopython to read it: "
+                     f"`pip install biopython`, or decompress it with `bgzip -d`") from e
+  empty = [name for name, rec in fasta.faidx.index.items() if rec.rlen == 0]
+  if empty:
+    line = _header_line(path, empty[0])
+    fasta.close()
+    raise InputError(f"{path}:{line}: FASTA record {empty[0]!r} is empty ({len(empty)} empty "
+                     "record(s)); remove empty records from the file")
+  if not fasta.faidx.index:
+    fasta.close()
+    raise InputError(f"{path}: FASTA has no records")
+  return fasta
+
+
+def chrom_sizes(fasta) -> dict[str, int]:
+  """Record name -> length in bases of an `open_fasta` handle, in file order."""
+  return {name: int(rec.rlen) for name, rec in fasta.faidx.index.items()}
+
+
+class Genome:
+  """Random access to the sequences of a FASTA file, upper-cased (names = first header word).
+
+  Upper case because variant alleles are compared with it, and VCF REF is case-insensitive
+  while genome FASTA marks repeats in lower case. Files under `in_memory_bytes` (default 256 MB)
+  and gzip files are read into memory with `read_fasta`, which accepts any line layout. Larger
+  plain files go through `open_fasta` (pyfaidx), which writes `<path>.fai` beside the file once
+  and needs equal line widths within each record (standard for genome FASTA such as hg38).
+  """
+
+  def __init__(self, path: str | os.PathLike, *, in_memory_bytes: int = 256 << 20):
+    self.path = os.fspath(path)
+    if not os.path.isfile(self.path):
+      raise MissingInputError(f"FASTA file not found: {self.path}")
+    self._faidx, self._seqs = None, None
+    if compression(self.path) == "plain" and os.path.getsize(self.path) > in_memory_bytes:
+      self._faidx = open_fasta(self.path)  # checks names, empty records, binary
+    else:
+      self._seqs = {r.name: r.seq.upper() for r in read_fasta(self.path)}
+
+  @property
+  def names(self) -> list[str]:
+    return list(self._faidx.keys()) if self._faidx is not None else list(self._seqs)
+
+  def length(self, chrom: str) -> int:
+    if self._faidx is not None:
+      return len(self._faidx[chrom])
+    return len(self._seqs[chrom])
+
+  def fetch(self, chrom: str, start: int, end: int) -> str:
+    """Upper-case bases [start, end) (0-based) of `chrom`."""
+    if self._faidx is not None:
+      return self._faidx[chrom][start:end].upper()
+    return self._seqs[chrom][start:end]
+
+  def __contains__(self, chrom: str) -> bool:
+    return chrom in self.names
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+
+
+def is_header_row(fields: list[str]) -> bool:
+  """The one header rule (see HEADER_NAMES)."""
+  return any(f.strip().lower() in HEADER_NAMES for f in fields)
+
+
+def table_delimiter(path: str, first_line: str = "") -> str:
+  """',' for .csv, tab for .tsv/.txt (also gzipped); otherwise tab if line 1 has one, else ','."""
+  stem = path[:-3] if path.endswith(".gz") else path
+  if stem.endswith(".csv"):
+    return ","
+  if stem.endswith((".tsv", ".txt")):
+    return "\t"
+  return "\t" if "\t" in first_line else ","
+
+
+def _delimiter_of(path: str) -> str:
+  lines = text_lines(path, encoding="latin-1")
+  first = next(lines, (0, ""))[1]
+  lines.close()
+  return table_delimiter(path, first)
+
+
+def _table_rows(path: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+  """(line number, fields) of each non-blank row of a TSV/CSV (plain or gzip), streamed."""
+  current = [0]  # line number of the row csv.reader last returned (one row per line)
+
+  def texts() -> Iterator[str]:
+    for lineno, line in text_lines(path, encoding="latin-1"):
+      current[0] = lineno
+      yield line
+
+  for row in csv.reader(texts(), delimiter=delimiter):
+    if row and "".join(row).strip():
+      yield current[0], row
+
+
+def _chain(first: list, rest: Iterable) -> Iterator:
+  yield from first
+  yield from rest
+
+
+def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: int | str | None
+               = None, header: bool | None = None) -> Iterator[Record]:
+  """Streams sequences from one column of a TSV or CSV file (see `table_delimiter`).
+
+  `column`/`name_column` are 0-based indices or header names (a name implies a header).
+  `header=None` applies the one header rule (`is_header_row`); a first line that is neither
+  DNA nor such a header is an error, never dropped. Records are named by `name_column`, else
+  `row<N>` (N = 1-based data row). Errors name the file and line.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise MissingInputError(f"table file not found: {path}")
+  named = isinstance(column, str) or isinstance(name_column, str)
+  if header is False and named:
+    raise InputError("columns given by name need a header row; pass indices or header=True")
+  rows = _table_rows(path, _delimiter_of(path))
+  first = next(rows, None)
+  if first is None:
+    return
+  first_line, first_row = first
+  if header is None:
+    header = named or is_header_row(first_row)
+    field = _field(first_row, _index(column, None), path, first_line).strip()
+    if not header and not _looks_like_dna(field):
+      raise InputError(f"{path}:{first_line}: {field[:40]!r} is neither DNA nor a column name; "
+                       f"a header row must name its columns (one of {', '.join(HEADER_NAMES)}), "
+                       "or pass the sequence column by name (--column=NAME)")
+  names = first_row if header else None
+  col = _index(column, names, path)
+  name_col = None if name_column is None else _index(name_column, names, path)
+  data_row = 0
+  for lineno, row in _chain([] if header else [first], rows):
+    data_row += 1
+    seq = _field(row, col, path, lineno).strip()
+    name = _field(row, name_col, path, lineno) if name_col is not None else f"row{data_row}"
+    where = f"{path}:{lineno} (record {name!r})"
+    if not seq:
+      raise InputError(f"{where}: empty sequence")
+    yield Record(name, seq, where, lineno)
+
+
+def _index(column: int | str, names: list[str] | None, path: str = "") -> int:
+  if isinstance(column, int):
+    return column
+  if names is None:
+    return 0
+  if column not in names:
+    raise InputError(f"{path}: no column named {column!r}; header has {names}")
+  return names.index(column)
+
+
+def _field(row: list[str], col: int, path: str, lineno: int) -> str:
+  if col >= len(row):
+    raise InputError(f"{path}:{lineno}: row has {len(row)} column(s), column {col} requested")
+  return row[col]
+
+
+def _looks_like_dna(text: str) -> bool:
+  return bool(text) and set(text.strip()) <= _DNA
+
+
+def read_sequences(path: str | os.PathLike, *, fmt: str = "auto", column: int | str = 0,
+                   name_column: int | str | None = None) -> Iterator[Record]:
+  """FASTA or table records, chosen by `fmt` ("fasta" | "table" | "auto": by file suffix)."""
+  path = os.fspath(path)
+  if fmt == "auto":
+    low = path.lower()
+    fmt = ("fasta" if low.endswith(FASTA_SUFFIXES) else
+           "table" if low.endswith(TABLE_SUFFIXES) else "")
+    if not fmt:
+      raise InputError(f"cannot tell the format of {path} from its suffix; pass fmt='fasta' or "
+                       f"'table' (FASTA: {FASTA_SUFFIXES}, tables: {TABLE_SUFFIXES})")
+  if fmt == "fasta":
+    return read_fasta(path)
+  if fmt == "table":
+    return read_table(path, column, name_column=name_column)
+  raise InputError(f"fmt must be 'auto', 'fasta' or 'table', got {fmt!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Labelled sequences (fine-tuning)
+
+
+def _parse_label(text: str, where: str, float_labels: bool = False) -> int | float:
+  if float_labels:  # regression targets
+    try:
+      value = float(text.strip())
+    except ValueError:
+      raise InputError(f"{where}: label {text!r} is not a number (regression target)") from None
+    if not np.isfinite(value):
+      raise InputError(f"{where}: label {text!r} is not finite")
+    return value
+  try:
+    label = int(text.strip())
+  except ValueError:
+    raise InputError(f"{where}: label {text!r} is not an integer class id") from None
+  if label < 0:
+    raise InputError(f"{where}: label {label} is negative; class ids start at 0")
+  return label
+
+
+def _check_dna(seq: str, where: str) -> None:
+  if not seq:
+    raise InputError(f"{where}: empty sequence")
+  bad = set(seq) - _DNA
+  if bad:
+    raise InputError(f"{where}: invalid character(s) {sorted(bad)} in the sequence; allowed: "
+                     "ACGTN and IUPAC codes, any case")
+
+
+def read_labelled_sequences(path: str | os.PathLike, *, float_labels: bool = False,
+                            return_lines: bool = False) -> tuple[Any, ...]:
+  """Reads `seq<sep>label` rows of a TSV/CSV (`table_delimiter`; plain or gzip).
+
+  The one header rule (`is_header_row`) decides whether line 1 is a header; the columns named
+  `seq`/`sequence` and `label` are then used (else the first two). Any other first line is
+  data, so a header-less file whose first label is not a number is an error naming line 1,
+  never a dropped row. Returns (sequences, int64 labels [N]), labels float32 with
+  `float_labels` (regression), plus int64 line numbers [N] with `return_lines`.
+  """
+  path = os.fspath(path)
+  seqs, labels, numbers = [], [], []
+  seq_col, label_col, header_done = 0, 1, False
+  delim = _delimiter_of(path)
+  for lineno, row in _table_rows(path, delim):
+    where = f"{path}:{lineno}"
+    first_data = not header_done
+    if not header_done:
+      header_done = True
+      if is_header_row(row):
+        names = [c.strip().lower() for c in row]
+        seq_col = next((names.index(n) for n in ("seq", "sequence") if n in names), 0)
+        label_col = names.index("label") if "label" in names else 1
+        continue
+    if len(row) <= max(seq_col, label_col):
+      raise InputError(f"{where}: expected `seq{delim!r}label`, got {len(row)} column(s)")
+    try:
+      seq = row[seq_col].strip()
+      _check_dna(seq, where)
+      labels.append(_parse_label(row[label_col], where, float_labels))
+    except InputError as e:
+      if not first_data:
+        raise
+      raise InputError(f"{e}; line 1 was read as data because a header row must name its "
+                       f"columns (one of {', '.join(HEADER_NAMES)}, e.g. `seq{delim}label`)"
+                       ) from None
+    seqs.append(seq)
+    numbers.append(lineno)
+  if not seqs:
+    raise InputError(f"{path}: no labelled sequences")
+  out = (seqs, np.asarray(labels, np.float32 if float_labels else np.int64))
+  return out + (np.asarray(numbers, np.int64),) if return_lines else out
+
+
+def read_labelled_fasta(fasta_path: str | os.PathLike, labels_path: str | os.PathLike, *,
+                        float_labels: bool = False, return_lines: bool = False
+                        ) -> tuple[Any, ...]:
+  """FASTA sequences + a `name<TAB>label` file (header by the one rule); every record needs a
+  label. Returns (sequences, int64 labels [N]) in FASTA order; labels float32 with
+  `float_labels`, plus the int64 FASTA header line of each record [N] with `return_lines`.
+  """
+  fasta_path, labels_path = os.fspath(fasta_path), os.fspath(labels_path)
+  records = list(read_fasta(fasta_path))
+  if not records:
+    raise InputError(f"{fasta_path}: no FASTA records")
+  for r in records:
+    _check_dna(r.seq, r.where)
+  by_name: dict[str, int | float] = {}
+  for lineno, line in text_lines(labels_path):
+    cols = line.strip().split("\t") if "\t" in line else line.split()
+    if not cols:
+      continue
+    where = f"{labels_path}:{lineno}"
+    if len(cols) != 2:
+      raise InputError(f"{where}: expected `name<TAB>label`, got {len(cols)} column(s)")
+    if not by_name and lineno == 1 and is_header_row(cols):
+      continue
+    if cols[0] in by_name:
+      raise InputError(f"{where}: duplicate label for {cols[0]!r}")
+    by_name[cols[0]] = _parse_label(cols[1], where, float_labels)
+  missing = [r for r in records if r.name not in by_name]
+  if missing:
+    raise InputError(f"{fasta_path}:{missing[0].line}: record {missing[0].name!r} has no label "
+                     f"in {labels_path} ({len(missing)} unlabelled)")
+  out = ([r.seq for r in records],
+         np.asarray([by_name[r.name] for r in records], np.float32 if float_labels else np.int64))
+  return out + (np.asarray([r.line for r in records], np.int64),) if return_lines else out
+
+
+# ------------------------------------------------------------------------------------------------
+# VCF
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  chrom: str
+  pos: int          # 1-based position of the first REF base (VCF POS)
+  ref: str
+  alt: str
+  id: str = "."
+  where: str = ""   # "file:line" for error messages
+
+
+def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
+  """Streams VCF records (CHROM POS ID REF ALT ...; '#' lines skipped; gzip ok) as Variants.
+
+  Multi-allelic ALT ("A,T") gives one Variant per allele. Symbolic or missing alleles
+  (<DEL>, *, ., breakends) and non-ACGTN letters are refused with the file and line.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise MissingInputError(f"VCF file not found: {path}")
+  for lineno, line in text_lines(path, encoding="latin-1"):
+    if not line.strip() or line.startswith("#"):
+      continue
+    where = f"{path}:{lineno}"
+    cols = line.split("\t") if "\t" in line else line.split()
+    if len(cols) < 5:
+      raise InputError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
+                       f"{len(cols)}")
+    chrom, pos, vid, ref, alts = cols[:5]
+    try:
+      pos_int = int(pos)
+    except ValueError:
+      raise InputError(f"{where}: POS {pos!r} is not an integer") from None
+    if pos_int < 1:
+      raise InputError(f"{where}: POS must be 1-based (>= 1), got {pos_int}")
+    if not ref or not set(ref) <= _ALLELE:
+      raise InputError(f"{where}: REF {ref!r} must be bases A C G T N")
+    for alt in alts.split(","):
+      if not alt or not set(alt) <= _ALLELE:
+        raise InputError(f"{where}: ALT {alt!r} is not supported: only explicit alleles of "
+                         "A C G T N (SNVs and indels); symbolic (<DEL>), missing (., *) and "
+                         "breakend alleles cannot be scored")
+      yield Variant(chrom, pos_int, ref.upper(), alt.upper(), vid, where)
