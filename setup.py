@@ -1,6 +1,18 @@
 """hyena_jax: HyenaDNA in JAX/Flax NNX."""
 
+from importlib import metadata
+
 from setuptools import find_packages, setup
+
+
+def _jax_version() -> str:
+  """The installed jax, so that libtpu / the CUDA plugin match it (they are built per jax
+  release); 0.10.2 (the tested one) when jax is not installed yet."""
+  try:
+    return metadata.version("jax")
+  except metadata.PackageNotFoundError:
+    return "0.10.2"
+
 
 setup(
     name="hyena_jax",
@@ -10,7 +22,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hyena_jax", "hyena_jax.*"]),
-    package_data={"hyena_jax": ["data_files/*"]},
+    # gpu_targets/: GpuTargetConfig protos for deviceless GPU compiles (see their headers).
+    package_data={"hyena_jax": ["data_files/*", "gpu_targets/*.txtpb"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12.8",
@@ -27,5 +40,9 @@ setup(
     extras_require={
         "torch": ["torch>=2.1,<3", "safetensors>=0.4"],
         "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4"],
+        # Accelerator wheels pinned to the installed jax: to run on TPUs / NVIDIA GPUs, and to
+        # compile for them deviceless on any host (launch/aot_compile.py, tests/test_aot_tpu.py).
+        "tpu": [f"jax[tpu]=={_jax_version()}"],
+        "cuda12": [f"jax[cuda12]=={_jax_version()}"],
     },
 )

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Literal
 
 import jax
@@ -704,17 +705,18 @@ def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, precision):
 
 
 def _batch_shard_map(fn, u, k_eff, gate, batch_axes):
-  """Runs `fn` under a shard_map over the context mesh's non-manual axes, batch split over
+  """Runs `fn` under a shard_map over all the context mesh's non-manual axes, batch split over
   `batch_axes` (those whose sizes divide the batch), everything else replicated.
 
   Mosaic kernels cannot be partitioned by XLA, and Triton ones would be all-gathered (every
   device computing the whole batch), so a mesh in context always gets an explicit shard_map.
   """
   mesh = jax.sharding.get_abstract_mesh()
+  # Every non-manual axis becomes manual, size-1 ones included: Mosaic refuses a region with
+  # any axis left to the partitioner.
   free = () if mesh.empty else tuple(
-      a for a, t in zip(mesh.axis_names, mesh.axis_types)
-      if t != jax.sharding.AxisType.Manual and mesh.shape[a] > 1)
-  if not free:
+      a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != jax.sharding.AxisType.Manual)
+  if math.prod(mesh.shape[a] for a in free) == 1:
     return fn(u, k_eff, gate)
   split, size = [], 1
   for a in batch_axes:
