@@ -187,10 +187,8 @@ def _tile_consts(p: int, q: int) -> list[np.ndarray]:
 # In-kernel tile maths on values (float32, complex as pairs).
 
 def _round_tf32(x):
-  """float32 -> nearest TF32 (10 explicit mantissa bits), as the tensor cores read it."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  bits = (bits + jnp.uint32(0xFFF) + ((bits >> 13) & 1)) & jnp.uint32(0xFFFFE000)
-  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+  """float32 -> nearest TF32 (8 exponent, 10 mantissa bits), as the tensor cores read it."""
+  return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +306,7 @@ def _single_fwd_kernel(*refs, has_gate, dot):
   y_ref[...] = y.astype(y_ref.dtype)
 
 
-def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, scale, dot):
+def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, dot):
   """du = corr(dy g, k), dg = dy conv(u, k), dkb = corr(dy g, u) for one (batch, channel) row."""
   consts, (du_ref, dg_ref, dkb_ref) = refs[:-3], refs[-3:]
   tile = _Tile(consts, dot)
@@ -320,7 +318,9 @@ def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, scale, dot):
   s = tile.inverse_real_half(*_cmul(ur, ui, kr, ki))
   dg_ref[...] = (dy * s).astype(dg_ref.dtype)
   du_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, kr, ki)).astype(du_ref.dtype)
-  dkb_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, ur, ui)) * scale
+  # Unscaled (x n): the 1/n is applied after the batch sum, outside (a scalar literal inside a
+  # kernel breaks the interpreter under shard_map's check_vma).
+  dkb_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, ur, ui))
 
 
 def _col_fwd_kernel(*refs, has_pre, dot):
@@ -344,15 +344,15 @@ def _row_fwd_kernel(ar_ref, ai_ref, kr_ref, ki_ref, *refs, dot):
   cr_ref[...], ci_ref[...] = tile.inverse(*_cmul(xr, xi, kr_ref[...], ki_ref[...]))
 
 
-def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, scale, dot):
-  """Row-pass of the backward: U K (for dgate), Z conj(K) (for du), Z conj(U) / n (for dk)."""
+def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, dot):
+  """Row-pass of the backward: U K (for dgate), Z conj(K) (for du), Z conj(U) (for dk, times n)."""
   consts, outs = refs[:-6], refs[-6:]
   tile = _Tile(consts, dot)
   ur, ui = tile.forward(aur_ref[...], aui_ref[...])
   zr, zi = tile.forward(azr_ref[...], azi_ref[...])
   kr, ki = kr_ref[...], ki_ref[...]
   wr, wi = _cmul_conj(zr, zi, ur, ui)
-  products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr * scale, wi * scale))
+  products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr, wi))  # x n, see _single_bwd_kernel
   for i, spec in enumerate(products):
     outs[2 * i][...], outs[2 * i + 1][...] = tile.inverse(*spec)
 
@@ -406,10 +406,26 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, ex):
     in_specs = [_reverse_grid(s) for s in in_specs]
     out_specs = (_reverse_grid(out_specs) if isinstance(out_specs, pl.BlockSpec)
                  else [_reverse_grid(s) for s in out_specs])
-  return pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=interpret, compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
-  )
+  if not (interpret and ex.vma):
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
+    )
+  # The interpreter starts outputs from fresh (unvarying) buffers, which check_vma refuses to
+  # update with varying blocks inside a shard_map: hand it varying buffers to write into
+  # (aliased inputs that the kernel never sees).
+  multi = isinstance(out_shape, (list, tuple))
+  outs, ospecs = (list(out_shape), list(out_specs)) if multi else ([out_shape], [out_specs])
+  n_in = len(in_specs)
+
+  def buffered_kernel(*refs):
+    return kernel(*refs[:n_in], *refs[n_in + len(outs):])
+
+  call = pl.pallas_call(
+      buffered_kernel, grid=grid, in_specs=[*in_specs, *ospecs], out_specs=out_specs,
+      out_shape=out_shape, interpret=True,
+      input_output_aliases={n_in + i: i for i in range(len(outs))})
+  return lambda *args: call(*args, *ex.consts([np.zeros(o.shape, o.dtype) for o in outs]))
 
 
 def _halves(x: jax.Array, plan: Plan, rows: int) -> jax.Array:
@@ -428,7 +444,7 @@ def _single_forward(u, spec, gate, ex):
   plan = ex.plan
   b, c, _ = u.shape
   ph, q = plan.p // 2, plan.q
-  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  consts = ex.consts(_tile_consts(plan.p, plan.q))
   row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
   kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
   ins = [_halves(u, plan, ph), *spec] + ([_halves(gate, plan, ph)] if gate is not None else [])
@@ -443,17 +459,17 @@ def _single_backward(u, gate, dy, spec, ex):
   plan = ex.plan
   b, c, _ = u.shape
   ph, q = plan.p // 2, plan.q
-  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  consts = ex.consts(_tile_consts(plan.p, plan.q))
   row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
   kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
   shape = (b, c, ph, q)
-  kernel = functools.partial(_single_bwd_kernel, scale=1.0 / plan.n, dot=ex.dot)
+  kernel = functools.partial(_single_bwd_kernel, dot=ex.dot)
   du, dg, dkb = _call(
       kernel, (c, b), [row, row, row, kspec, kspec] + _const_specs(consts), [row] * 3,
       [ex.sds(shape, u.dtype), ex.sds(shape, gate.dtype),
        ex.sds(shape, jnp.float32)], ex,
   )(*(_halves(x, plan, ph) for x in (u, gate, dy)), *spec, *consts)
-  return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0)
+  return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0) / plan.n
 
 
 def _col_forward(x, pre, ex):
@@ -464,7 +480,7 @@ def _col_forward(x, pre, ex):
   bm, bk = plan.col_block, plan.row_block
   fr, fi = _dft(n1)
   twr, twi = _twiddle(n1, m)
-  consts = [jnp.asarray(fr[:, :n1h]), jnp.asarray(fi[:, :n1h]), jnp.asarray(twr), jnp.asarray(twi)]
+  consts = ex.consts([fr[:, :n1h], fi[:, :n1h], twr, twi])
   grid = (c, b, m // bm, n1 // bk)
   xspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
   gspec = pl.BlockSpec((bk, n1h), lambda ci, bi, j, i: (i, 0))
@@ -485,7 +501,7 @@ def _col_inverse(cr, ci, post, out_dtype, ex):
   bm, bk = plan.col_block, plan.row_block
   fr, fi = _dft(n1)
   twr, twi = _twiddle(n1, m)
-  consts = [jnp.asarray(fr[:n1h]), jnp.asarray(fi[:n1h]), jnp.asarray(twr), jnp.asarray(twi)]
+  consts = ex.consts([fr[:n1h], fi[:n1h], twr, twi])
   grid = (c, b, m // bm, n1h // bk)
   cspec = pl.BlockSpec((None, None, n1, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
   ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
@@ -514,7 +530,7 @@ def _two_pass_forward(u, spec, gate, ex):
   plan = ex.plan
   b, c, _ = u.shape
   ar, ai = _col_forward(u, None, ex)
-  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  consts = ex.consts(_tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
   out = ex.sds((b, c, plan.n1, plan.p, plan.q), jnp.float32)
   cr, ci = _call(
@@ -530,10 +546,10 @@ def _two_pass_backward(u, gate, dy, spec, ex):
   b, c, _ = u.shape
   aur, aui = _col_forward(u, None, ex)
   azr, azi = _col_forward(dy, gate, ex)
-  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  consts = ex.consts(_tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
   out = ex.sds((b, c, plan.n1, plan.p, plan.q), jnp.float32)
-  kernel = functools.partial(_row_bwd_kernel, scale=1.0 / plan.n, dot=ex.dot)
+  kernel = functools.partial(_row_bwd_kernel, dot=ex.dot)
   outs = _call(
       kernel, (c, plan.n1, b), [row] * 4 + [kspec, kspec] + _const_specs(consts), [row] * 6,
       [out] * 6, ex,
@@ -542,7 +558,7 @@ def _two_pass_backward(u, gate, dy, spec, ex):
   dg = _col_inverse(flat[0], flat[1], dy, gate.dtype, ex)
   du = _col_inverse(flat[2], flat[3], None, u.dtype, ex)
   dkb = _col_inverse(flat[4], flat[5], None, jnp.float32, ex)
-  return du, dg, dkb.sum(0)
+  return du, dg, dkb.sum(0) / plan.n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,6 +640,11 @@ class _Exec:
   def sds(self, shape, dtype) -> jax.ShapeDtypeStruct:
     mat = jax.sharding.ManualAxisType(varying=self.vma) if self.vma else None
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+  def consts(self, arrays) -> list[jax.Array]:
+    """numpy constants as operands that vary like the others (the interpreter adds them to
+    varying blocks, which check_vma refuses for unvarying ones)."""
+    return [_varying(jnp.asarray(a), self.vma) for a in arrays]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
