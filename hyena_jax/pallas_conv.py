@@ -41,12 +41,22 @@ Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
     dD = dk_eff[:, 0].
 In the single-pass scheme one kernel computes all three from u, gate and dy.
 
-Lowerings: Triton-flavoured Pallas on GPU, Mosaic on TPU, chosen from `jax.default_backend()`;
-`interpret=True` (the default on CPU) runs the same kernels through the Pallas interpreter.
-Block shapes follow each backend's rules: Triton needs power-of-two blocks and matmul dims >= 16;
-Mosaic needs the last two block dims to be multiples of (8, 128) or the full array dims.
-STATUS: only interpret mode has been run (CPU tests); the GPU and TPU lowerings have not been
-compiled or timed on hardware yet.
+Lowerings: Triton-flavoured Pallas on GPU, Mosaic on TPU, chosen from the devices the program
+is compiled for (the mesh in context; without one, `lax.platform_dependent` lets lowering pick),
+never from `jax.default_backend()`, so ahead-of-time compiles for an absent TPU or GPU get their
+real kernels. On a CPU target the same kernels run through the Pallas interpreter
+(`interpret=True` forces it anywhere, for tests). Block shapes follow each backend's rules:
+Triton needs power-of-two blocks and matmul dims >= 16; Mosaic needs the last two block dims to
+be multiples of (8, 128) or the full array dims. The DFT matmuls run on the matrix units at
+float32-level accuracy: multi-pass bf16 (Precision.HIGHEST) on the MXU, three TF32 passes
+(DotAlgorithmPreset.TF32_TF32_F32_X3) on tensor cores; see `long_conv(precision=...)`.
+Under a multi-device mesh the op wraps itself in a shard_map over the batch axes (XLA cannot
+partition Mosaic kernels and would replicate Triton ones); inside a shard_map the outputs carry
+the operands' varying mesh axes.
+STATUS: compiled deviceless by the real compilers (libtpu for TPU v5e/v5p, XLA:GPU + Triton +
+ptxas for H100; see launch/aot_compile.py); never run on TPU or GPU hardware, so speed and
+on-device numerics are unmeasured. Interpret mode (CPU tests) checks the maths, with the TF32
+operand rounding of the GPU path emulated.
 """
 
 from __future__ import annotations

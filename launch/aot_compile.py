@@ -8,7 +8,7 @@ targets, `.[cuda12]` for GPU targets). Examples:
   python launch/aot_compile.py --config=configs/1m.py --target=v5e-1 --kernel_only --json \
       --config.model.conv_impl=pallas --seq_len=131072
   # on this host's own devices (CPU: fake devices, CPU-planned memory):
-  python launch/aot_compile.py --config=configs/1m.py --devices=8
+  python launch/aot_compile.py --config=configs/1m.py --devices=8 --platform=cpu
 Targets: TPU slices (v4-8, v5e-4, v5p-8, v6e-8, ... or a topology such as v5p:2x2x2) and GPUs
 (h100, h200, h100x8, h200x8); an unknown name lists the known ones. By default the last
 (longest) stage is compiled; --stage picks another, --seq_len overrides its length (l_max is
@@ -19,14 +19,17 @@ import json
 import os
 import sys
 
-# Deviceless: the accelerator compilers are used as libraries and jax itself runs on the CPU.
-# Set before anything imports jax (config files import hyena_jax while flags are parsed).
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-for _arg in sys.argv:  # --devices=N fake CPU devices must exist before jax starts
-  if _arg.startswith("--devices=") and _arg != "--devices=0":
+# Deviceless (--target): the accelerator compilers are used as libraries and jax itself runs on
+# the CPU. Set before anything imports jax (config files import hyena_jax while flags are parsed).
+for _arg in sys.argv:  # flags that must act before jax starts
+  if _arg.startswith("--devices=") and _arg != "--devices=0":  # fake CPU devices
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_arg.split('=')[1]}")
+  if _arg.startswith("--platform=") and _arg != "--platform=":
+    os.environ["JAX_PLATFORMS"] = _arg.split("=")[1]
+if any(a.startswith("--target=") for a in sys.argv):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
@@ -35,6 +38,7 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _TARGET = flags.DEFINE_list("target", [], "Comma-separated compile targets (see docstring).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Fake CPU devices to create (no --target); 0 = real.")
+_PLATFORM = flags.DEFINE_string("platform", "", "Force a JAX platform for --devices (cpu, ...).")
 _STAGE = flags.DEFINE_integer("stage", -1, "Which train.stages entry to compile.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Override the stage's sequence length (0 = keep).")
 _KERNEL_ONLY = flags.DEFINE_bool("kernel_only", False, "Compile one long convolution only.")
