@@ -30,6 +30,8 @@ for _arg in sys.argv:  # flags that must act before jax starts
 if any(a.startswith("--target=") for a in sys.argv):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# Compile-only libtpu touches no chip, so several such processes may share the host.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
