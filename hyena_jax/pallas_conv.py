@@ -657,11 +657,51 @@ class _Exec:
     return [_varying(jnp.asarray(a), self.vma) for a in arrays]
 
 
+# Two-pass intermediates are float32 complex signals of the FFT size (16 MiB per channel and
+# sequence at 1M tokens; the backward holds ten of them): channels are processed in groups
+# holding at most this many bytes per such signal, so that the kernel needs no more memory than
+# XLA's FFT path.
+_GROUP_BYTES = 2 ** 29
+
+
+def _channel_groups(plan: Plan, batch: int, channels: int) -> int:
+  if plan.n1 == 1:
+    return 1
+  per_group = max(1, _GROUP_BYTES // (batch * plan.n * 8))
+  while channels % per_group:
+    per_group -= 1
+  return channels // per_group
+
+
+def _by_channel_groups(fn, groups, args, axes, out_axes):
+  """fn over `groups` slices of the channel axis (`axes[i]` of args[i]), one after another
+  (lax.map), outputs concatenated back along `out_axes`."""
+  if groups == 1:
+    return fn(*args)
+
+  def split(x, a):
+    if x is None:
+      return None
+    x = x.reshape(x.shape[:a] + (groups, x.shape[a] // groups) + x.shape[a + 1:])
+    return jnp.moveaxis(x, a, 0)
+
+  def merge(y, a):
+    y = jnp.moveaxis(y, 0, a)
+    return y.reshape(y.shape[:a] + (-1,) + y.shape[a + 2:])
+
+  outs = jax.lax.map(lambda xs: fn(*xs), tuple(split(x, a) for x, a in zip(args, axes)))
+  if isinstance(outs, tuple):
+    return tuple(merge(y, a) for y, a in zip(outs, out_axes))
+  return merge(outs, out_axes[0])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _conv(u, k_eff, gate, ex):
-  spec = filter_spectrum(k_eff, ex.plan)
-  fwd = _single_forward if ex.plan.n1 == 1 else _two_pass_forward
-  return fwd(u, spec, gate, ex)
+  def one(u, k_eff, gate):
+    fwd = _single_forward if ex.plan.n1 == 1 else _two_pass_forward
+    return fwd(u, filter_spectrum(k_eff, ex.plan), gate, ex)
+  groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
+  return _by_channel_groups(one, groups, (u, k_eff, gate), (1, 0, 1), (1,))
 
 
 def _conv_fwd(u, k_eff, gate, ex):
@@ -670,10 +710,13 @@ def _conv_fwd(u, k_eff, gate, ex):
 
 def _conv_bwd(ex, residuals, dy):
   u, k_eff, gate = residuals
-  spec = filter_spectrum(k_eff, ex.plan)
   g = jnp.ones_like(u) if gate is None else gate
-  bwd = _single_backward if ex.plan.n1 == 1 else _two_pass_backward
-  du, dg, dk = bwd(u, g, dy, spec, ex)
+
+  def one(u, k_eff, g, dy):
+    bwd = _single_backward if ex.plan.n1 == 1 else _two_pass_backward
+    return bwd(u, g, dy, filter_spectrum(k_eff, ex.plan), ex)
+  groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
+  du, dg, dk = _by_channel_groups(one, groups, (u, k_eff, g, dy), (1, 0, 1, 1), (1, 1, 0))
   return du, dk.astype(k_eff.dtype), None if gate is None else dg
 
 

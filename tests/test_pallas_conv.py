@@ -201,3 +201,17 @@ def test_sharded_over_batch_axes_under_a_mesh_and_inside_shard_map():
   _assert_close(out, ref_out, F32_TOL, "output inside shard_map")
   for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
     _assert_close(g, r, F32_TOL, f"{name} inside shard_map")
+
+
+def test_two_pass_in_channel_groups(monkeypatch):
+  """Long two-pass convolutions run channels in groups (memory); forced here at a small size."""
+  plan = pallas_conv.make_plan(1000, "gpu", 512)
+  monkeypatch.setattr(pallas_conv, "_GROUP_BYTES", 2 * plan.n * 8)   # 2 of the 6 channels a group
+  assert pallas_conv._channel_groups(plan, 1, 6) == 3
+  args = _inputs(1, 6, 1000, jnp.float32, seed=4)
+  out, grads = _value_and_grads(
+      lambda *a: pallas_conv.long_conv(*a, interpret=True, max_onchip=512), *args)
+  ref_out, ref_grads = _value_and_grads(fftconv.fft_long_conv, *args)
+  _assert_close(out, ref_out, F32_TOL, "grouped output")
+  for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
+    _assert_close(g, r, F32_TOL, f"grouped {name}")
