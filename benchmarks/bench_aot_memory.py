@@ -62,6 +62,24 @@ def summary(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def markdown(results: list[dict]) -> str:
+  """The README table: one row per compile, sorted by target, length, remat, conv."""
+  rows = ["| target (HBM/device) | tokens | remat | conv | peak GiB | fits | compile s | kernels |",
+          "|---|---:|---|---|---:|---|---:|---|"]
+  order = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in results))}
+  for r in sorted(results, key=lambda r: (order[r["target"]], r["seq_len"], r["remat"],
+                                          r["conv_impl"])):
+    head = f"| {r['target']} ({r['hbm_gib']:g} GiB) | {r['seq_len']:,} | {r['remat']} | " \
+           f"{r['conv_impl']} |"
+    if not r.get("ok"):
+      rows.append(f"{head} error | | {r.get('compile_s', '')} | {r.get('error', '')[:80]} |")
+      continue
+    kernels = ", ".join(f"{r[k]} {k}" for k in ("mosaic", "triton") if r.get(k)) or "none"
+    rows.append(f"{head} {r['peak_gib']:.1f} | {'yes' if r['fits'] else '**no**'} | "
+                f"{r['compile_s']:.0f} | {kernels} |")
+  return "\n".join(rows)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--targets", default="v5e-1,v5p-2,h100,h200")
@@ -70,6 +88,7 @@ def main():
   parser.add_argument("--conv", default="fft,pallas")
   parser.add_argument("--out", default=DEFAULT_OUT)
   parser.add_argument("--table_only", action="store_true", help="print the table of --out")
+  parser.add_argument("--markdown", action="store_true", help="also print README's table")
   args = parser.parse_args()
   results = json.load(open(args.out)) if os.path.exists(args.out) else []
   if not args.table_only:
@@ -88,6 +107,8 @@ def main():
             with open(args.out, "w") as f:
               json.dump(results, f, indent=1)
   print(summary(results))
+  if args.markdown:
+    print(markdown(results))
 
 
 if __name__ == "__main__":
