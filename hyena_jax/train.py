@@ -191,7 +191,8 @@ def evaluate(run: Run, eval_step: Callable, params: Any) -> dict[str, float]:
   for i, batch in enumerate(ds):
     if i >= run.config.eval.num_batches:
       break
-    terms = jax.device_get(eval_step(params, data_lib.to_global_batch(batch, batch_sharding)))
+    with jax.set_mesh(run.mesh):  # custom kernels (pallas_conv) shard_map over this mesh
+      terms = jax.device_get(eval_step(params, data_lib.to_global_batch(batch, batch_sharding)))
     for k in totals:
       totals[k] += float(terms[k])
   if totals["count"] == 0:
@@ -337,7 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               data=grain.checkpoint.CheckpointRestore(data_iter)))
         data_stage = stage
       batch = data_lib.to_global_batch(next(data_iter), batch_sharding)
-      state, metrics = train_step(state, batch)
+      with jax.set_mesh(run.mesh):  # custom kernels (pallas_conv) shard_map over this mesh
+        state, metrics = train_step(state, batch)
       step += 1
       steps_this_call += 1
       tokens_since += int(np.prod(batch["inputs"].shape))
