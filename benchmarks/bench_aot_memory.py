@@ -71,6 +71,10 @@ def markdown(results: list[dict]) -> str:
                                           r["conv_impl"])):
     head = f"| {r['target']} ({r['hbm_gib']:g} GiB) | {r['seq_len']:,} | {r['remat']} | " \
            f"{r['conv_impl']} |"
+    if not r.get("ok") and "peak_gib_at_least" in r:   # the TPU compiler's out-of-HBM verdict
+      rows.append(f"{head} >= {r['peak_gib_at_least']:.1f} | **no** (refused) | "
+                  f"{r['compile_s']:.0f} | |")
+      continue
     if not r.get("ok"):
       rows.append(f"{head} error | | {r.get('compile_s', '')} | {r.get('error', '')[:80]} |")
       continue

@@ -234,6 +234,13 @@ def compile_for_target(config: ml_collections.ConfigDict, target: Target | str, 
   except Exception as e:  # the compiler's verdict is the result, e.g. a Mosaic/ptxas rejection
     report.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
                   compile_s=round(time.perf_counter() - start, 1))
+    # The TPU compiler refuses programs over HBM, naming what the temporaries need: a lower
+    # bound on the peak, so the report can still say by how much it does not fit.
+    oom = re.search(r"temporaries \(([\d.]+)([KMG])\) exceeds available HBM", str(e))
+    if oom:
+      need = float(oom.group(1)) / {"K": 2 ** 20, "M": 2 ** 10, "G": 1}[oom.group(2)]
+      report.update(temp_size_gib=need, peak_gib_at_least=need, fits=False,
+                    advice=fit_advice(need, target.hbm_gib, config))
     return report
   report.update(ok=True, compile_s=round(time.perf_counter() - start, 1))
   report.update(memory_report(compiled))
@@ -254,6 +261,8 @@ def format_table(reports: list[dict[str, Any]]) -> str:
     if not r.get("ok"):
       lines.append(f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
                    f"{r['remat']:>5} {'no':>3}  {r.get('error', '')}")
+      if r.get("advice"):
+        lines.append(f"{'':>9} {r['advice']}")
       continue
     lines.append(
         f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
