@@ -55,7 +55,8 @@ def _known_targets() -> dict[str, Target]:
       "v4-8": ("v4", "2x2x1"), "v4-16": ("v4", "2x2x2"), "v4-32": ("v4", "2x2x4"),
       "v5e-1": ("v5e", "1x1"), "v5e-4": ("v5e", "2x2"), "v5e-8": ("v5e", "2x4"),
       "v5e-16": ("v5e", "4x4"),
-      "v5p-2": ("v5p", "1x1x1"), "v5p-8": ("v5p", "2x2x1"), "v5p-16": ("v5p", "2x2x2"), "v5p-32": ("v5p", "2x2x4"),
+      "v5p-2": ("v5p", "1x1x1"), "v5p-8": ("v5p", "2x2x1"), "v5p-16": ("v5p", "2x2x2"),
+      "v5p-32": ("v5p", "2x2x4"),
       "v6e-1": ("v6e", "1x1"), "v6e-4": ("v6e", "2x2"), "v6e-8": ("v6e", "2x4"),
   }
   targets = {name: Target(name, "tpu", f"{gen}:{topo}", TPU_HBM_GIB[gen])

@@ -362,7 +362,8 @@ def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, d
   zr, zi = tile.forward(azr_ref[...], azi_ref[...])
   kr, ki = kr_ref[...], ki_ref[...]
   wr, wi = _cmul_conj(zr, zi, ur, ui)
-  products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr, wi))  # x n, see _single_bwd_kernel
+  # The dk product is left unscaled (x n), as in _single_bwd_kernel.
+  products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr, wi))
   for i, spec in enumerate(products):
     outs[2 * i][...], outs[2 * i + 1][...] = tile.inverse(*spec)
 
