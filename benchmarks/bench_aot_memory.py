@@ -76,7 +76,10 @@ def markdown(results: list[dict]) -> str:
                   f"{r['compile_s']:.0f} | |")
       continue
     if not r.get("ok"):
-      rows.append(f"{head} error | | {r.get('compile_s', '')} | {r.get('error', '')[:80]} |")
+      error = r.get("error", "")
+      if "two-pass limit" in error:
+        error = "refused: beyond the kernel's two-pass FFT size (use conv_impl='fft')"
+      rows.append(f"{head} | no | {r.get('compile_s', '')} | {error[:80]} |")
       continue
     kernels = ", ".join(f"{r[k]} {k}" for k in ("mosaic", "triton") if r.get(k)) or "none"
     rows.append(f"{head} {r['peak_gib']:.1f} | {'yes' if r['fits'] else '**no**'} | "
