@@ -1,6 +1,19 @@
 """hyena_jax: HyenaDNA in JAX/Flax NNX."""
 
+from importlib import metadata
+
 from setuptools import find_packages, setup
+
+
+def _jax_version() -> str:
+  """The jax that the build sees (the installed one under `pip install --no-build-isolation`),
+  so that libtpu / the CUDA plugin match it (they are built per jax release); else 0.10.2, the
+  tested release (pip's isolated build environment has no jax)."""
+  try:
+    return metadata.version("jax")
+  except metadata.PackageNotFoundError:
+    return "0.10.2"
+
 
 setup(
     name="hyena_jax",
@@ -10,7 +23,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hyena_jax", "hyena_jax.*"]),
-    package_data={"hyena_jax": ["data_files/*"]},
+    # gpu_targets/: GpuTargetConfig protos for deviceless GPU compiles (see their headers).
+    package_data={"hyena_jax": ["data_files/*", "gpu_targets/*.txtpb"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12.8",
@@ -31,5 +45,9 @@ setup(
         "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4", "huggingface_hub>=0.23"],
         # benchmarks/bench_finetune.py's k-mer logistic-regression baseline.
         "bench": ["scikit-learn>=1.3"],
+        # Accelerator wheels pinned to the installed jax: to run on TPUs / NVIDIA GPUs, and to
+        # compile for them deviceless on any host (launch/aot_compile.py, tests/test_aot_tpu.py).
+        "tpu": [f"jax[tpu]=={_jax_version()}"],
+        "cuda12": [f"jax[cuda12]=={_jax_version()}"],
     },
 )

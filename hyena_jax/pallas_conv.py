@@ -41,24 +41,36 @@ Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
     dD = dk_eff[:, 0].
 In the single-pass scheme one kernel computes all three from u, gate and dy.
 
-Lowerings: Triton-flavoured Pallas on GPU, Mosaic on TPU, chosen from `jax.default_backend()`;
-`interpret=True` (the default on CPU) runs the same kernels through the Pallas interpreter.
-Block shapes follow each backend's rules: Triton needs power-of-two blocks and matmul dims >= 16;
-Mosaic needs the last two block dims to be multiples of (8, 128) or the full array dims.
-STATUS: only interpret mode has been run (CPU tests); the GPU and TPU lowerings have not been
-compiled or timed on hardware yet.
+Lowerings: Triton-flavoured Pallas on GPU, Mosaic on TPU, chosen from the devices the program
+is compiled for (the mesh in context; without one, `lax.platform_dependent` lets lowering pick),
+never from `jax.default_backend()`, so ahead-of-time compiles for an absent TPU or GPU get their
+real kernels. On a CPU target the same kernels run through the Pallas interpreter
+(`interpret=True` forces it anywhere, for tests). Block shapes follow each backend's rules:
+Triton needs power-of-two blocks and matmul dims >= 16; Mosaic needs the last two block dims to
+be multiples of (8, 128) or the full array dims. The DFT matmuls run on the matrix units at
+float32-level accuracy: multi-pass bf16 (Precision.HIGHEST) on the MXU, three TF32 passes
+(DotAlgorithmPreset.TF32_TF32_F32_X3) on tensor cores; see `long_conv(precision=...)`.
+Under a multi-device mesh the op wraps itself in a shard_map over the batch axes (XLA cannot
+partition Mosaic kernels and would replicate Triton ones); inside a shard_map the outputs carry
+the operands' varying mesh axes.
+STATUS: compiled deviceless by the real compilers (libtpu for TPU v5e/v5p, XLA:GPU + Triton +
+ptxas for H100; see launch/aot_compile.py); never run on TPU or GPU hardware, so speed and
+on-device numerics are unmeasured. Interpret mode (CPU tests) checks the maths, with the TF32
+operand rounding of the GPU path emulated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 Platform = Literal["gpu", "tpu"]
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -184,8 +196,41 @@ def _tile_consts(p: int, q: int) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # In-kernel tile maths on values (float32, complex as pairs).
 
-def _mm(a, b, precision):
-  return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+def _round_tf32(x):
+  """float32 -> nearest TF32 (8 exponent, 10 mantissa bits), as the tensor cores read it."""
+  return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dot:
+  """How the kernels' float32 matmuls run.
+
+  precision: what jnp.dot is given (a Precision or a DotAlgorithmPreset). emulate: in interpret
+  mode, round the operands as the target's matrix units would ('tf32': one TF32 pass, 'tf32x3':
+  hi/lo TF32 split, three passes, 'bf16': one bfloat16 pass), so that errors measured on CPU are
+  the target's (accumulation order is not emulated).
+  """
+  precision: object
+  emulate: str | None = None
+
+  def __call__(self, a, b):
+    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+    if self.emulate is None:
+      return dot(a, b, precision=self.precision)
+    exact = functools.partial(dot, precision=_HIGHEST)
+    if self.emulate == "bf16":
+      return exact(a.astype(jnp.bfloat16).astype(jnp.float32),
+                   b.astype(jnp.bfloat16).astype(jnp.float32))
+    a_hi, b_hi = _round_tf32(a), _round_tf32(b)
+    if self.emulate == "tf32":
+      return exact(a_hi, b_hi)
+    # tf32x3 (Triton's TF32x3): a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi.
+    a_lo, b_lo = _round_tf32(a - a_hi), _round_tf32(b - b_hi)
+    return exact(a_hi, b_hi) + (exact(a_hi, b_lo) + exact(a_lo, b_hi))
+
+
+def _mm(a, b, dot: _Dot):
+  return dot(a, b)
 
 
 def _cmul(ar, ai, br, bi):
@@ -203,10 +248,10 @@ class _Tile:
 
   _NAMES = ("fpr", "fpi", "fphr", "fphi", "fhpr", "fhpi", "fqr", "fqi", "twr", "twi")
 
-  def __init__(self, refs, precision):
+  def __init__(self, refs, dot):
     self._refs = dict(zip(self._NAMES, refs, strict=True))
     self._values = {}
-    self.precision = precision
+    self.dot = dot
 
   def __getattr__(self, name):
     if name not in self._NAMES:
@@ -216,7 +261,7 @@ class _Tile:
     return self._values[name]
 
   def _mm(self, a, b):
-    return _mm(a, b, self.precision)
+    return _mm(a, b, self.dot)
 
   def _row_dft(self, ar, ai):
     """(a * T) @ F_q."""
@@ -257,13 +302,13 @@ class _Tile:
 # ----------------------------------------------------------------------------------------------
 # Kernels. Refs arrive as (inputs..., outputs...); tile constants are the last inputs.
 
-def _single_fwd_kernel(*refs, has_gate, precision):
+def _single_fwd_kernel(*refs, has_gate, dot):
   """y = IDFT(DFT(u) K)[:n/2] * gate on one [p/2, q] half tile."""
   u_ref, kr_ref, ki_ref = refs[:3]
   gate_ref = refs[3] if has_gate else None
   consts = refs[3 + has_gate:-1]
   (y_ref,) = refs[-1:]
-  tile = _Tile(consts, precision)
+  tile = _Tile(consts, dot)
   ur, ui = tile.forward_real_half(u_ref[...].astype(jnp.float32))
   y = tile.inverse_real_half(*_cmul(ur, ui, kr_ref[...], ki_ref[...]))
   if has_gate:
@@ -271,10 +316,10 @@ def _single_fwd_kernel(*refs, has_gate, precision):
   y_ref[...] = y.astype(y_ref.dtype)
 
 
-def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, scale, precision):
+def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, dot):
   """du = corr(dy g, k), dg = dy conv(u, k), dkb = corr(dy g, u) for one (batch, channel) row."""
   consts, (du_ref, dg_ref, dkb_ref) = refs[:-3], refs[-3:]
-  tile = _Tile(consts, precision)
+  tile = _Tile(consts, dot)
   u = u_ref[...].astype(jnp.float32)
   dy = dy_ref[...].astype(jnp.float32)
   ur, ui = tile.forward_real_half(u)
@@ -283,10 +328,12 @@ def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, scale, preci
   s = tile.inverse_real_half(*_cmul(ur, ui, kr, ki))
   dg_ref[...] = (dy * s).astype(dg_ref.dtype)
   du_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, kr, ki)).astype(du_ref.dtype)
-  dkb_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, ur, ui)) * scale
+  # Unscaled (x n): the 1/n is applied after the batch sum, outside (a scalar literal inside a
+  # kernel breaks the interpreter under shard_map's check_vma).
+  dkb_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, ur, ui))
 
 
-def _col_fwd_kernel(*refs, has_pre, precision):
+def _col_fwd_kernel(*refs, has_pre, dot):
   """A[rows, cols] = T * (F_n1[rows, :n1/2] @ x[:n1/2, cols]) for x = u (or u * pre)."""
   x_ref = refs[0]
   pre_ref = refs[1] if has_pre else None
@@ -294,39 +341,40 @@ def _col_fwd_kernel(*refs, has_pre, precision):
   x = x_ref[...].astype(jnp.float32)
   if has_pre:
     x = x * pre_ref[...].astype(jnp.float32)
-  ar = _mm(gr_ref[...], x, precision)
-  ai = _mm(gi_ref[...], x, precision)
+  ar = _mm(gr_ref[...], x, dot)
+  ai = _mm(gi_ref[...], x, dot)
   ar_ref[...], ai_ref[...] = _cmul(ar, ai, twr_ref[...], twi_ref[...])
 
 
-def _row_fwd_kernel(ar_ref, ai_ref, kr_ref, ki_ref, *refs, precision):
+def _row_fwd_kernel(ar_ref, ai_ref, kr_ref, ki_ref, *refs, dot):
   """One row of the column-transformed signal: row IDFT(row DFT(a) * K), complex [p, q]."""
   consts, (cr_ref, ci_ref) = refs[:-2], refs[-2:]
-  tile = _Tile(consts, precision)
+  tile = _Tile(consts, dot)
   xr, xi = tile.forward(ar_ref[...], ai_ref[...])
   cr_ref[...], ci_ref[...] = tile.inverse(*_cmul(xr, xi, kr_ref[...], ki_ref[...]))
 
 
-def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, scale, precision):
-  """Row-pass of the backward: U K (for dgate), Z conj(K) (for du), Z conj(U) / n (for dk)."""
+def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, dot):
+  """Row-pass of the backward: U K (for dgate), Z conj(K) (for du), Z conj(U) (for dk, times n)."""
   consts, outs = refs[:-6], refs[-6:]
-  tile = _Tile(consts, precision)
+  tile = _Tile(consts, dot)
   ur, ui = tile.forward(aur_ref[...], aui_ref[...])
   zr, zi = tile.forward(azr_ref[...], azi_ref[...])
   kr, ki = kr_ref[...], ki_ref[...]
   wr, wi = _cmul_conj(zr, zi, ur, ui)
-  products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr * scale, wi * scale))
+  # The dk product is left unscaled (x n), as in _single_bwd_kernel.
+  products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr, wi))
   for i, spec in enumerate(products):
     outs[2 * i][...], outs[2 * i + 1][...] = tile.inverse(*spec)
 
 
-def _col_inv_kernel(*refs, has_post, precision):
+def _col_inv_kernel(*refs, has_post, dot):
   """y[rows, cols] = Re(conj(F_n1)[rows, :] @ (conj(T) * C[:, cols])) (* post)."""
   cr_ref, ci_ref = refs[:2]
   post_ref = refs[2] if has_post else None
   hr_ref, hi_ref, twr_ref, twi_ref, y_ref = refs[2 + has_post:]
   cr, ci = _cmul_conj(cr_ref[...], ci_ref[...], twr_ref[...], twi_ref[...])
-  y = _mm(hr_ref[...], cr, precision) + _mm(hi_ref[...], ci, precision)
+  y = _mm(hr_ref[...], cr, dot) + _mm(hi_ref[...], ci, dot)
   if has_post:
     y = y * post_ref[...].astype(jnp.float32)
   y_ref[...] = y.astype(y_ref.dtype)
@@ -355,7 +403,7 @@ def _reverse_grid(spec: pl.BlockSpec) -> pl.BlockSpec:
   return pl.BlockSpec(spec.block_shape, lambda *ids, f=spec.index_map: f(*ids[::-1]))
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, plan, interpret):
+def _call(kernel, grid, in_specs, out_specs, out_shape, ex):
   """pallas_call with grids written outermost-first, as TPU runs them.
 
   TPU iterates the last grid axis innermost, so a block that only changes with outer axes (a
@@ -363,15 +411,32 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, plan, interpret):
   axis to the fastest-varying CUDA block index, so on GPU the grid is reversed to keep programs
   that share such blocks adjacent (L2 reuse).
   """
+  plan, interpret = ex.plan, ex.interpret
   if plan.platform == "gpu":
     grid = grid[::-1]
     in_specs = [_reverse_grid(s) for s in in_specs]
     out_specs = (_reverse_grid(out_specs) if isinstance(out_specs, pl.BlockSpec)
                  else [_reverse_grid(s) for s in out_specs])
-  return pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=interpret, compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
-  )
+  if not (interpret and ex.vma):
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
+    )
+  # The interpreter starts outputs from fresh (unvarying) buffers, which check_vma refuses to
+  # update with varying blocks inside a shard_map: hand it varying buffers to write into
+  # (aliased inputs that the kernel never sees).
+  multi = isinstance(out_shape, (list, tuple))
+  outs, ospecs = (list(out_shape), list(out_specs)) if multi else ([out_shape], [out_specs])
+  n_in = len(in_specs)
+
+  def buffered_kernel(*refs):
+    return kernel(*refs[:n_in], *refs[n_in + len(outs):])
+
+  call = pl.pallas_call(
+      buffered_kernel, grid=grid, in_specs=[*in_specs, *ospecs], out_specs=out_specs,
+      out_shape=out_shape, interpret=True,
+      input_output_aliases={n_in + i: i for i in range(len(outs))})
+  return lambda *args: call(*args, *ex.consts([np.zeros(o.shape, o.dtype) for o in outs]))
 
 
 def _halves(x: jax.Array, plan: Plan, rows: int) -> jax.Array:
@@ -386,64 +451,68 @@ def _unhalves(y: jax.Array, plan: Plan) -> jax.Array:
   return y.reshape(*y.shape[:-2], plan.n // 2)[..., :plan.length]
 
 
-def _single_forward(u, spec, gate, plan, interpret, precision):
+def _single_forward(u, spec, gate, ex):
+  plan = ex.plan
   b, c, _ = u.shape
   ph, q = plan.p // 2, plan.q
-  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  consts = ex.consts(_tile_consts(plan.p, plan.q))
   row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
   kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
   ins = [_halves(u, plan, ph), *spec] + ([_halves(gate, plan, ph)] if gate is not None else [])
   in_specs = [row, kspec, kspec] + ([row] if gate is not None else []) + _const_specs(consts)
-  kernel = functools.partial(_single_fwd_kernel, has_gate=gate is not None, precision=precision)
-  y = _call(kernel, (c, b), in_specs, row, jax.ShapeDtypeStruct((b, c, ph, q), u.dtype),
-            plan, interpret)(*ins, *consts)
+  kernel = functools.partial(_single_fwd_kernel, has_gate=gate is not None, dot=ex.dot)
+  y = _call(kernel, (c, b), in_specs, row, ex.sds((b, c, ph, q), u.dtype),
+            ex)(*ins, *consts)
   return _unhalves(y, plan)
 
 
-def _single_backward(u, gate, dy, spec, plan, interpret, precision):
+def _single_backward(u, gate, dy, spec, ex):
+  plan = ex.plan
   b, c, _ = u.shape
   ph, q = plan.p // 2, plan.q
-  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  consts = ex.consts(_tile_consts(plan.p, plan.q))
   row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
   kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
   shape = (b, c, ph, q)
-  kernel = functools.partial(_single_bwd_kernel, scale=1.0 / plan.n, precision=precision)
+  kernel = functools.partial(_single_bwd_kernel, dot=ex.dot)
   du, dg, dkb = _call(
       kernel, (c, b), [row, row, row, kspec, kspec] + _const_specs(consts), [row] * 3,
-      [jax.ShapeDtypeStruct(shape, u.dtype), jax.ShapeDtypeStruct(shape, gate.dtype),
-       jax.ShapeDtypeStruct(shape, jnp.float32)], plan, interpret,
+      [ex.sds(shape, u.dtype), ex.sds(shape, gate.dtype),
+       ex.sds(shape, jnp.float32)], ex,
   )(*(_halves(x, plan, ph) for x in (u, gate, dy)), *spec, *consts)
-  return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0)
+  return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0) / plan.n
 
 
-def _col_forward(x, pre, plan, interpret, precision):
+def _col_forward(x, pre, ex):
   """x (and pre): [B, C, L] real -> column-transformed (re, im) [B, C, n1, m] float32."""
+  plan = ex.plan
   b, c, _ = x.shape
   n1, n1h, m = plan.n1, plan.n1 // 2, plan.m
   bm, bk = plan.col_block, plan.row_block
   fr, fi = _dft(n1)
   twr, twi = _twiddle(n1, m)
-  consts = [jnp.asarray(fr[:, :n1h]), jnp.asarray(fi[:, :n1h]), jnp.asarray(twr), jnp.asarray(twi)]
+  consts = ex.consts([fr[:, :n1h], fi[:, :n1h], twr, twi])
   grid = (c, b, m // bm, n1 // bk)
   xspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
   gspec = pl.BlockSpec((bk, n1h), lambda ci, bi, j, i: (i, 0))
   tspec = pl.BlockSpec((bk, bm), lambda ci, bi, j, i: (i, j))
   ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
   ins = [_halves(x, plan, n1h)] + ([_halves(pre, plan, n1h)] if pre is not None else [])
-  kernel = functools.partial(_col_fwd_kernel, has_pre=pre is not None, precision=precision)
-  out = jax.ShapeDtypeStruct((b, c, n1, m), jnp.float32)
+  kernel = functools.partial(_col_fwd_kernel, has_pre=pre is not None, dot=ex.dot)
+  out = ex.sds((b, c, n1, m), jnp.float32)
   return _call(kernel, grid, [xspec] * len(ins) + [gspec, gspec, tspec, tspec], [ospec, ospec],
-               [out, out], plan, interpret)(*ins, *consts)
+               [out, out], ex)(*ins, *consts)
 
 
-def _col_inverse(cr, ci, post, out_dtype, plan, interpret, precision):
+def _col_inverse(cr, ci, post, out_dtype, ex):
   """(re, im) [B, C, n1, m] -> Re(inverse column DFT)[:, :, :n1/2] (* post) -> [B, C, L]."""
+  plan = ex.plan
   b, c = cr.shape[:2]
   n1, n1h, m = plan.n1, plan.n1 // 2, plan.m
   bm, bk = plan.col_block, plan.row_block
   fr, fi = _dft(n1)
   twr, twi = _twiddle(n1, m)
-  consts = [jnp.asarray(fr[:n1h]), jnp.asarray(fi[:n1h]), jnp.asarray(twr), jnp.asarray(twi)]
+  consts = ex.consts([fr[:n1h], fi[:n1h], twr, twi])
   grid = (c, b, m // bm, n1h // bk)
   cspec = pl.BlockSpec((None, None, n1, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
   ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
@@ -451,9 +520,9 @@ def _col_inverse(cr, ci, post, out_dtype, plan, interpret, precision):
   tspec = pl.BlockSpec((n1, bm), lambda ci, bi, j, i: (0, j))
   ins = [cr, ci] + ([_halves(post, plan, n1h)] if post is not None else [])
   in_specs = [cspec, cspec] + ([ospec] if post is not None else []) + [hspec, hspec, tspec, tspec]
-  kernel = functools.partial(_col_inv_kernel, has_post=post is not None, precision=precision)
-  y = _call(kernel, grid, in_specs, ospec, jax.ShapeDtypeStruct((b, c, n1h, m), out_dtype),
-            plan, interpret)(*ins, *consts)
+  kernel = functools.partial(_col_inv_kernel, has_post=post is not None, dot=ex.dot)
+  y = _call(kernel, grid, in_specs, ospec, ex.sds((b, c, n1h, m), out_dtype),
+            ex)(*ins, *consts)
   return _unhalves(y, plan)
 
 
@@ -468,37 +537,39 @@ def _rows(x, plan):
   return x.reshape(*x.shape[:-1], plan.p, plan.q)
 
 
-def _two_pass_forward(u, spec, gate, plan, interpret, precision):
+def _two_pass_forward(u, spec, gate, ex):
+  plan = ex.plan
   b, c, _ = u.shape
-  ar, ai = _col_forward(u, None, plan, interpret, precision)
-  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  ar, ai = _col_forward(u, None, ex)
+  consts = ex.consts(_tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
-  out = jax.ShapeDtypeStruct((b, c, plan.n1, plan.p, plan.q), jnp.float32)
+  out = ex.sds((b, c, plan.n1, plan.p, plan.q), jnp.float32)
   cr, ci = _call(
-      functools.partial(_row_fwd_kernel, precision=precision), (c, plan.n1, b),
-      [row, row, kspec, kspec] + _const_specs(consts), [row, row], [out, out], plan, interpret,
+      functools.partial(_row_fwd_kernel, dot=ex.dot), (c, plan.n1, b),
+      [row, row, kspec, kspec] + _const_specs(consts), [row, row], [out, out], ex,
   )(_rows(ar, plan), _rows(ai, plan), *spec, *consts)
   flat = lambda x: x.reshape(b, c, plan.n1, plan.m)  # noqa: E731
-  return _col_inverse(flat(cr), flat(ci), gate, u.dtype, plan, interpret, precision)
+  return _col_inverse(flat(cr), flat(ci), gate, u.dtype, ex)
 
 
-def _two_pass_backward(u, gate, dy, spec, plan, interpret, precision):
+def _two_pass_backward(u, gate, dy, spec, ex):
+  plan = ex.plan
   b, c, _ = u.shape
-  aur, aui = _col_forward(u, None, plan, interpret, precision)
-  azr, azi = _col_forward(dy, gate, plan, interpret, precision)
-  consts = [jnp.asarray(a) for a in _tile_consts(plan.p, plan.q)]
+  aur, aui = _col_forward(u, None, ex)
+  azr, azi = _col_forward(dy, gate, ex)
+  consts = ex.consts(_tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
-  out = jax.ShapeDtypeStruct((b, c, plan.n1, plan.p, plan.q), jnp.float32)
-  kernel = functools.partial(_row_bwd_kernel, scale=1.0 / plan.n, precision=precision)
+  out = ex.sds((b, c, plan.n1, plan.p, plan.q), jnp.float32)
+  kernel = functools.partial(_row_bwd_kernel, dot=ex.dot)
   outs = _call(
       kernel, (c, plan.n1, b), [row] * 4 + [kspec, kspec] + _const_specs(consts), [row] * 6,
-      [out] * 6, plan, interpret,
+      [out] * 6, ex,
   )(*(_rows(x, plan) for x in (aur, aui, azr, azi)), *spec, *consts)
   flat = [x.reshape(b, c, plan.n1, plan.m) for x in outs]
-  dg = _col_inverse(flat[0], flat[1], dy, gate.dtype, plan, interpret, precision)
-  du = _col_inverse(flat[2], flat[3], None, u.dtype, plan, interpret, precision)
-  dkb = _col_inverse(flat[4], flat[5], None, jnp.float32, plan, interpret, precision)
-  return du, dg, dkb.sum(0)
+  dg = _col_inverse(flat[0], flat[1], dy, gate.dtype, ex)
+  du = _col_inverse(flat[2], flat[3], None, u.dtype, ex)
+  dkb = _col_inverse(flat[4], flat[5], None, jnp.float32, ex)
+  return du, dg, dkb.sum(0) / plan.n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,55 +614,232 @@ def filter_spectrum(k_eff: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array]
 # ----------------------------------------------------------------------------------------------
 # Public op.
 
-def _default_platform() -> Platform:
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+PrecisionName = Literal["highest", "default", "float32"]
+
+# What the kernels' matmuls run as, compiled, per (block rules, precision).
+_COMPILED_DOTS = {
+    # MXU: HIGHEST is the multi-pass bf16 product (float32 accuracy), DEFAULT one bf16 pass.
+    ("tpu", "highest"): _Dot(_HIGHEST),
+    ("tpu", "default"): _Dot(jax.lax.Precision.DEFAULT),
+    ("tpu", "float32"): _Dot(_HIGHEST),
+    # Tensor cores: three TF32 passes (hi*hi + hi*lo + lo*hi) keep ~22 mantissa bits; one TF32
+    # pass keeps 10. IEEE float32 ("float32") uses no tensor cores: Triton unrolls it into FMA
+    # code that ptxas does not finish compiling at L = 131k (issue 17), so it is for tests only.
+    ("gpu", "highest"): _Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
+    ("gpu", "default"): _Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32),
+    ("gpu", "float32"): _Dot(_HIGHEST),
+}
+# The operand rounding interpret mode emulates for the same requests (see _Dot).
+_EMULATED = {("gpu", "highest"): "tf32x3", ("gpu", "default"): "tf32", ("tpu", "default"): "bf16"}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv(u, k_eff, gate, plan, interpret, precision):
-  spec = filter_spectrum(k_eff, plan)
-  fwd = _single_forward if plan.n1 == 1 else _two_pass_forward
-  return fwd(u, spec, gate, plan, interpret, precision)
+def _dot_for(platform: Platform, precision: str, interpret: bool) -> _Dot:
+  if interpret:
+    return _Dot(_HIGHEST, _EMULATED.get((platform, precision)))
+  return _COMPILED_DOTS[platform, precision]
 
 
-def _conv_fwd(u, k_eff, gate, plan, interpret, precision):
-  return _conv(u, k_eff, gate, plan, interpret, precision), (u, k_eff, gate)
+@dataclasses.dataclass(frozen=True)
+class _Exec:
+  """Everything static about one call: plan, interpret or compile, matmul numerics, and the
+  mesh axes the operands vary over inside a shard_map (the outputs vary over the same)."""
+  plan: Plan
+  interpret: bool
+  dot: _Dot
+  vma: frozenset = frozenset()
+
+  def sds(self, shape, dtype) -> jax.ShapeDtypeStruct:
+    mat = jax.sharding.ManualAxisType(varying=self.vma) if self.vma else None
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+  def consts(self, arrays) -> list[jax.Array]:
+    """numpy constants as operands that vary like the others (the interpreter adds them to
+    varying blocks, which check_vma refuses for unvarying ones)."""
+    return [_varying(jnp.asarray(a), self.vma) for a in arrays]
 
 
-def _conv_bwd(plan, interpret, precision, residuals, dy):
+# Two-pass intermediates are float32 complex signals of the FFT size (16 MiB per channel and
+# sequence at 1M tokens; the backward holds ten of them): channels are processed in groups
+# holding at most this many bytes per such signal, so that the kernel needs no more memory than
+# XLA's FFT path.
+_GROUP_BYTES = 2 ** 29
+
+
+def _channel_groups(plan: Plan, batch: int, channels: int) -> int:
+  if plan.n1 == 1:
+    return 1
+  per_group = max(1, _GROUP_BYTES // (batch * plan.n * 8))
+  while channels % per_group:
+    per_group -= 1
+  return channels // per_group
+
+
+def _by_channel_groups(fn, groups, args, axes, out_axes):
+  """fn over `groups` slices of the channel axis (`axes[i]` of args[i]), one after another
+  (lax.map), outputs concatenated back along `out_axes`."""
+  if groups == 1:
+    return fn(*args)
+
+  def split(x, a):
+    if x is None:
+      return None
+    x = x.reshape(x.shape[:a] + (groups, x.shape[a] // groups) + x.shape[a + 1:])
+    return jnp.moveaxis(x, a, 0)
+
+  def merge(y, a):
+    y = jnp.moveaxis(y, 0, a)
+    return y.reshape(y.shape[:a] + (-1,) + y.shape[a + 2:])
+
+  outs = jax.lax.map(lambda xs: fn(*xs), tuple(split(x, a) for x, a in zip(args, axes)))
+  if isinstance(outs, tuple):
+    return tuple(merge(y, a) for y, a in zip(outs, out_axes))
+  return merge(outs, out_axes[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv(u, k_eff, gate, ex):
+  def one(u, k_eff, gate):
+    fwd = _single_forward if ex.plan.n1 == 1 else _two_pass_forward
+    return fwd(u, filter_spectrum(k_eff, ex.plan), gate, ex)
+  groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
+  return _by_channel_groups(one, groups, (u, k_eff, gate), (1, 0, 1), (1,))
+
+
+def _conv_fwd(u, k_eff, gate, ex):
+  return _conv(u, k_eff, gate, ex), (u, k_eff, gate)
+
+
+def _conv_bwd(ex, residuals, dy):
   u, k_eff, gate = residuals
-  spec = filter_spectrum(k_eff, plan)
   g = jnp.ones_like(u) if gate is None else gate
-  bwd = _single_backward if plan.n1 == 1 else _two_pass_backward
-  du, dg, dk = bwd(u, g, dy, spec, plan, interpret, precision)
+
+  def one(u, k_eff, g, dy):
+    bwd = _single_backward if ex.plan.n1 == 1 else _two_pass_backward
+    return bwd(u, g, dy, filter_spectrum(k_eff, ex.plan), ex)
+  groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
+  du, dg, dk = _by_channel_groups(one, groups, (u, k_eff, g, dy), (1, 0, 1, 1), (1, 1, 0))
   return du, dk.astype(k_eff.dtype), None if gate is None else dg
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+# Device platform names -> block rules ('cpu': the interpreter).
+_TARGETS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}
+
+
+def target_platform() -> str | None:
+  """'tpu', 'gpu' or 'cpu': the devices of the mesh in context (`jax.set_mesh`, or the mesh of an
+  enclosing `jax.shard_map`); None when there is none. Never `jax.default_backend()`: a program
+  compiled ahead of time for a TPU or GPU topology is traced on a CPU host."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return None if device is None else _TARGETS.get(device.platform)
+
+
+def _varying(x, vma: frozenset):
+  missing = tuple(sorted(vma - jax.typeof(x).mat.varying))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, precision):
+  """The convolution on each device's own operands (inside a shard_map, or unsharded)."""
+  operands = [x for x in (u, k_eff, gate) if x is not None]
+  vma = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
+  # Inside a shard_map the kernel's outputs vary over every axis an operand varies over; the
+  # filter is made varying too, so its cotangent is summed over those axes by the transpose.
+  u, k_eff = _varying(u, vma), _varying(k_eff, vma)
+  gate = None if gate is None else _varying(gate, vma)
+  length = u.shape[-1]
+
+  def rules(target):
+    return platform or ("tpu" if target == "tpu" else "gpu")
+
+  def run(target, u, k_eff, gate):
+    interp = target == "cpu" if interpret is None else interpret
+    plan = make_plan(length, rules(target), max_onchip)
+    return _conv(u, k_eff, gate, _Exec(plan, interp, _dot_for(plan.platform, precision, interp),
+                                       vma))
+
+  target = "cpu" if interpret else target_platform()
+  if target is not None:
+    return run(target, u, k_eff, gate)
+  # No mesh says where this runs: trace a branch per platform, and let lowering (which knows
+  # the target) keep one. Platforms whose block rules cannot take this length get no branch.
+  branches, errors = {}, []
+  for name in ("cpu", "tpu", "cuda", "rocm"):
+    try:
+      make_plan(length, rules(_TARGETS[name]), max_onchip)
+    except ValueError as e:
+      errors.append(e)
+      continue
+    branches[name] = functools.partial(run, _TARGETS[name])
+  if not branches:
+    raise errors[0]
+  return jax.lax.platform_dependent(u, k_eff, gate, **branches)
+
+
+def _batch_shard_map(fn, u, k_eff, gate, batch_axes):
+  """Runs `fn` under a shard_map over all the context mesh's non-manual axes, batch split over
+  `batch_axes` (those whose sizes divide the batch), everything else replicated.
+
+  Mosaic kernels cannot be partitioned by XLA, and Triton ones would be all-gathered (every
+  device computing the whole batch), so a mesh in context always gets an explicit shard_map.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  # Every non-manual axis becomes manual, size-1 ones included: Mosaic refuses a region with
+  # any axis left to the partitioner.
+  free = () if mesh.empty else tuple(
+      a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != jax.sharding.AxisType.Manual)
+  if math.prod(mesh.shape[a] for a in free) == 1:
+    return fn(u, k_eff, gate)
+  split, size = [], 1
+  for a in batch_axes:
+    if a in free and u.shape[0] % (size * mesh.shape[a]) == 0:
+      split.append(a)
+      size *= mesh.shape[a]
+  spec = P(tuple(split)) if split else P()
+  if gate is None:
+    return jax.shard_map(lambda u, k: fn(u, k, None), mesh=mesh, in_specs=(spec, P()),
+                         out_specs=spec, axis_names=set(free))(u, k_eff)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, P(), spec), out_specs=spec,
+                       axis_names=set(free))(u, k_eff, gate)
+
+
 def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | None = None, *,
               interpret: bool | None = None, platform: Platform | None = None,
-              max_onchip: int | None = None,
-              precision: jax.lax.Precision | str = "highest") -> jax.Array:
+              max_onchip: int | None = None, precision: PrecisionName = "highest",
+              batch_axes: tuple[str, ...] = ("data", "fsdp")) -> jax.Array:
   """Gated causal long convolution, `(causal_conv(u, k) + d_bias[:, None] * u) * gate`.
 
   Same semantics as `fftconv.fft_long_conv`; differentiable in u, k, d_bias and gate; works
-  under jit and vmap.
+  under jit, vmap and inside `jax.shard_map` (context parallelism calls it per device).
+
+  Where it runs comes from the devices the program is compiled for, never from
+  `jax.default_backend()`: the mesh in context (`jax.set_mesh(mesh)`, or an enclosing
+  shard_map) names them; without one, a branch per platform is traced and lowering keeps the
+  target's (Mosaic on TPU, Triton on CUDA/ROCm, the Pallas interpreter on CPU, where there is
+  no Pallas compiler). Under a mesh with non-manual axes of size > 1 the op wraps itself in a
+  shard_map that splits the batch over `batch_axes` (Mosaic kernels cannot be partitioned by
+  XLA); callers that jit over a multi-device mesh must trace under `jax.set_mesh(mesh)`.
 
   Args:
     u: [batch, channels, length] float32 or bfloat16.
     k: [channels, length] filter (computed in float32).
     d_bias: [channels] skip term D.
     gate: optional [batch, channels, length] multiplier.
-    interpret: run the Pallas interpreter; None means True when the default backend is CPU.
-    platform: block rules to follow, 'gpu' (Triton) or 'tpu' (Mosaic); None follows the default
-      backend ('gpu' on CPU). Tests use it to check both plans in interpret mode.
+    interpret: True runs the Pallas interpreter (tests), False always compiles; None interprets
+      only when the target is the CPU.
+    platform: block rules (and lowering) to use, 'gpu' (Triton) or 'tpu' (Mosaic); None takes
+      them from the target ('gpu' rules on the CPU). Tests use it to run both in interpret mode.
     max_onchip: largest FFT done in one kernel (default: the platform's); smaller values force
       the two-pass scheme (tests use it at small lengths).
-    precision: matmul precision of the DFTs. 'highest' keeps float32 accuracy (IEEE fp32 on
-      Triton, multi-pass on the MXU); 'default' allows TF32 / single-pass bf16, faster and about
-      1e-3 relative error.
+    precision: numerics of the DFT matmuls. 'highest' (default) keeps float32-level accuracy on
+      the matrix units: multi-pass bf16 on the TPU MXU, three TF32 passes on tensor cores.
+      'default': one bf16 / TF32 pass (about 1e-3 relative error). 'float32': IEEE float32
+      (on GPU without tensor cores; Triton/ptxas compile times explode at long lengths). In
+      interpret mode the TF32 / bf16 operand rounding of the target is emulated.
+    batch_axes: mesh axes the batch is split over when the op shards itself.
 
   Returns:
     [batch, channels, length] in u's dtype; all DFT arithmetic is float32.
@@ -604,13 +852,13 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
     raise ValueError(f"gate must have u's shape {u.shape}, got {gate.shape}")
   if not jnp.issubdtype(u.dtype, jnp.floating):
     raise TypeError(f"u must be a float array (float32 or bfloat16), got {u.dtype}")
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  plan = make_plan(u.shape[-1], platform or _default_platform(), max_onchip)
-  if isinstance(precision, str):
-    if precision.upper() not in ("DEFAULT", "HIGH", "HIGHEST"):
-      raise ValueError(f"precision must be 'default', 'high' or 'highest', got {precision!r}")
-    precision = jax.lax.Precision[precision.upper()]
+  if precision not in ("highest", "default", "float32"):
+    raise ValueError(f"precision must be 'highest', 'default' or 'float32', got {precision!r}")
+  if platform is not None and platform not in _RULES:
+    raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
+  make_plan(u.shape[-1], platform or "tpu", max_onchip)  # a length no platform takes fails here
   # conv(u, k) + D u == conv(u, k + D delta): D joins the filter's first tap.
   k_eff = k.astype(jnp.float32).at[:, 0].add(d_bias.astype(jnp.float32))
-  return _conv(u, k_eff, gate, plan, bool(interpret), precision)
+  fn = functools.partial(_device_conv, interpret=interpret, platform=platform,
+                         max_onchip=max_onchip, precision=precision)
+  return _batch_shard_map(fn, u, k_eff, gate, batch_axes)

@@ -199,7 +199,8 @@ def evaluate(run: Run, eval_step: Callable, params: Any) -> dict[str, float]:
   for i, batch in enumerate(ds):
     if i >= run.config.eval.num_batches:
       break
-    terms = jax.device_get(eval_step(params, data_lib.to_global_batch(batch, batch_sharding)))
+    with jax.set_mesh(run.mesh):  # custom kernels (pallas_conv) shard_map over this mesh
+      terms = jax.device_get(eval_step(params, data_lib.to_global_batch(batch, batch_sharding)))
     for k in totals:
       totals[k] += float(terms[k])
   if totals["count"] == 0:
@@ -560,7 +561,8 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
         data_iter = iter(train_dataset(run, stage))
         data_stage = stage
       batch = data_lib.to_global_batch(next(data_iter), batch_sharding)
-      state, metrics = train_step(state, batch)
+      with jax.set_mesh(run.mesh):  # custom kernels (pallas_conv) shard_map over this mesh
+        state, metrics = train_step(state, batch)
       step += 1
       steps_this_call += 1
       tokens_since += int(np.prod(batch["inputs"].shape))

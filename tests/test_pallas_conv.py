@@ -157,3 +157,63 @@ def test_model_with_pallas_conv_matches_parity_fixture():
   logits = nnx.jit(lambda m, x: m(x))(model, tokens)
   np.testing.assert_allclose(np.asarray(logits), np.load(folder / "logits.npy"),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_tf32_emulation_is_what_highest_avoids():
+  """On GPU 'highest' runs three TF32 passes, 'default' one. Interpret mode emulates the TF32
+  operand rounding, so CPU measures what tensor cores would do: one pass is ~3e-4 off the fft
+  path (beyond F32_TOL), three passes are float32-close (the CASES above run them)."""
+  args = _inputs(1, 2, 300, jnp.float32)
+  ref = fftconv.fft_long_conv(*args[:4])
+  errs = {}
+  for precision in ("highest", "default"):
+    out = jax.jit(functools.partial(pallas_conv.long_conv, interpret=True, platform="gpu",
+                                    precision=precision))(*args[:4])
+    errs[precision] = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
+  assert errs["highest"] <= F32_TOL, errs
+  assert 1e-5 < errs["default"] < 2e-3, errs
+
+
+def _mesh_2x2():
+  from hyena_jax import sharding
+  return sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4])
+
+
+def test_sharded_over_batch_axes_under_a_mesh_and_inside_shard_map():
+  """Under `jax.set_mesh` the op shard_maps itself over data x fsdp (Mosaic cannot be
+  partitioned by XLA); inside a user's shard_map it runs on the local block. Both give the fft
+  path's values and gradients: dk and dD, summed over batch shards, test the vma handling."""
+  from jax.sharding import PartitionSpec as P
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (conftest makes 8 fake CPU devices)")
+  mesh = _mesh_2x2()
+  args = _inputs(4, 3, 300, jnp.float32, seed=3)
+  conv = functools.partial(pallas_conv.long_conv, interpret=True)
+  ref_out, ref_grads = _value_and_grads(fftconv.fft_long_conv, *args)
+
+  with jax.set_mesh(mesh):
+    out, grads = _value_and_grads(conv, *args)
+  _assert_close(out, ref_out, F32_TOL, "output under set_mesh")
+  for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
+    _assert_close(g, r, F32_TOL, f"{name} under set_mesh")
+
+  batch = P(("data", "fsdp"))
+  inner = jax.shard_map(conv, mesh=mesh, in_specs=(batch, P(), P(), batch), out_specs=batch)
+  out, grads = _value_and_grads(inner, *args)
+  _assert_close(out, ref_out, F32_TOL, "output inside shard_map")
+  for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
+    _assert_close(g, r, F32_TOL, f"{name} inside shard_map")
+
+
+def test_two_pass_in_channel_groups(monkeypatch):
+  """Long two-pass convolutions run channels in groups (memory); forced here at a small size."""
+  plan = pallas_conv.make_plan(1000, "gpu", 512)
+  monkeypatch.setattr(pallas_conv, "_GROUP_BYTES", 2 * plan.n * 8)   # 2 of the 6 channels a group
+  assert pallas_conv._channel_groups(plan, 1, 6) == 3
+  args = _inputs(1, 6, 1000, jnp.float32, seed=4)
+  out, grads = _value_and_grads(
+      lambda *a: pallas_conv.long_conv(*a, interpret=True, max_onchip=512), *args)
+  ref_out, ref_grads = _value_and_grads(fftconv.fft_long_conv, *args)
+  _assert_close(out, ref_out, F32_TOL, "grouped output")
+  for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
+    _assert_close(g, r, F32_TOL, f"grouped {name}")

@@ -1,0 +1,122 @@
+"""Does large-1m fit? Per-device memory of its train step from the real TPU / GPU compilers.
+
+Compiles (deviceless, nothing runs) large-1m's train step at batch 1 for each target x length x
+remat x conv_impl and records what the compiler's memory analysis says, with compile time and
+the custom kernels in the program. Results are appended to the JSON file one compile at a time
+(a long sweep can be stopped and resumed: done entries are skipped), then a table is printed
+with the longest context that fits per target. Needs `pip install -e .[tpu]` / `.[cuda12]`.
+
+  JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 nice -n 5 python benchmarks/bench_aot_memory.py \
+      --targets=v5e-1,v5p-2,h100,h200 --lengths=131072,524288,1048576,2097152
+GPU compiles run ptxas per kernel (minutes at 1M); TPU compiles of large configs take minutes
+on a small host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# Compile-only libtpu touches no chip, so several such processes may share the host.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hyena_jax import aot, run_config  # noqa: E402
+
+DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "aot_memory.json")
+
+
+def large_1m_config(seq_len: int, remat: str, conv_impl: str):
+  """configs/1m.py's model and precision (bf16, scan_layers) at batch 1, one stage at seq_len."""
+  config = run_config.release_config("large-1m")
+  config.model.dtype = "bfloat16"
+  config.model.scan_layers = True
+  config.model.remat = remat
+  config.model.conv_impl = conv_impl
+  config.model.l_max = max(config.model.l_max, seq_len + 2)
+  config.train.global_batch_size = 1
+  config.train.stages = ((1, seq_len, 1),)
+  config.eval.batch_size = 1
+  return config
+
+
+def _key(r):
+  return (r["target"], r["seq_len"], r["remat"], r["conv_impl"])
+
+
+def summary(results: list[dict]) -> str:
+  lines = [aot.format_table(results), "", "longest context that fits (batch 1):"]
+  for target in dict.fromkeys(r["target"] for r in results):
+    for conv in ("fft", "pallas"):
+      fits = [r["seq_len"] for r in results
+              if r["target"] == target and r["conv_impl"] == conv and r.get("fits")]
+      tried = [r for r in results if r["target"] == target and r["conv_impl"] == conv]
+      if tried:
+        lines.append(f"  {target:>8} {conv:>6}: "
+                     + (f"{max(fits):,} tokens" if fits else "none of the lengths tried")
+                     + f" (tried {sorted({r['seq_len'] for r in tried})})")
+  return "\n".join(lines)
+
+
+def markdown(results: list[dict]) -> str:
+  """The README table: one row per compile, sorted by target, length, remat, conv."""
+  rows = ["| target (HBM/device) | tokens | remat | conv | peak GiB | fits | compile s | kernels |",
+          "|---|---:|---|---|---:|---|---:|---|"]
+  order = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in results))}
+  for r in sorted(results, key=lambda r: (order[r["target"]], r["seq_len"], r["remat"],
+                                          r["conv_impl"])):
+    head = f"| {r['target']} ({r['hbm_gib']:g} GiB) | {r['seq_len']:,} | {r['remat']} | " \
+           f"{r['conv_impl']} |"
+    if not r.get("ok") and "peak_gib_at_least" in r:   # the TPU compiler's out-of-HBM verdict
+      rows.append(f"{head} >= {r['peak_gib_at_least']:.1f} | **no** (refused) | "
+                  f"{r['compile_s']:.0f} | |")
+      continue
+    if not r.get("ok"):
+      error = r.get("error", "")
+      if "two-pass limit" in error:
+        error = "refused: beyond the kernel's two-pass FFT size (use conv_impl='fft')"
+      rows.append(f"{head} | no | {r.get('compile_s', '')} | {error[:80]} |")
+      continue
+    kernels = ", ".join(f"{r[k]} {k}" for k in ("mosaic", "triton") if r.get(k)) or "none"
+    rows.append(f"{head} {r['peak_gib']:.1f} | {'yes' if r['fits'] else '**no**'} | "
+                f"{r['compile_s']:.0f} | {kernels} |")
+  return "\n".join(rows)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--targets", default="v5e-1,v5p-2,h100,h200")
+  parser.add_argument("--lengths", default="131072,524288,1048576,2097152")
+  parser.add_argument("--remat", default="none,block")
+  parser.add_argument("--conv", default="fft,pallas")
+  parser.add_argument("--out", default=DEFAULT_OUT)
+  parser.add_argument("--table_only", action="store_true", help="print the table of --out")
+  parser.add_argument("--markdown", action="store_true", help="also print README's table")
+  args = parser.parse_args()
+  results = json.load(open(args.out)) if os.path.exists(args.out) else []
+  if not args.table_only:
+    done = {_key(r) for r in results}
+    targets = [aot.get_target(t) for t in args.targets.split(",")]
+    for target in targets:
+      for seq_len in (int(x) for x in args.lengths.split(",")):
+        for remat in args.remat.split(","):
+          for conv in args.conv.split(","):
+            if (target.name, seq_len, remat, conv) in done:
+              continue
+            report = aot.compile_for_target(large_1m_config(seq_len, remat, conv), target)
+            print(json.dumps(report), flush=True)
+            results.append(report)
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+            with open(args.out, "w") as f:
+              json.dump(results, f, indent=1)
+  print(summary(results))
+  if args.markdown:
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+  main()

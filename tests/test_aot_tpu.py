@@ -1,0 +1,86 @@
+"""The train step compiled by the real TPU compiler (libtpu), deviceless, for a 4-chip v5e.
+
+Runs when libtpu is importable (`pip install -e .[tpu]`), otherwise skips saying so. Nothing
+executes: the programs are only compiled, with JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1 (set
+here before libtpu loads; jax's own platform stays the CPU, as the other tests expect).
+Each compile takes about a minute on two CPU cores.
+"""
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+if importlib.util.find_spec("libtpu") is None:
+  pytest.skip("libtpu is not installed (pip install -e .[tpu]); TPU AOT compiles skipped",
+              allow_module_level=True)
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip is locked
+
+import jax  # noqa: E402
+
+from hyena_jax import aot, run_config  # noqa: E402
+
+N_LAYER, SEQ_LEN, BATCH = 2, 256, 4
+
+
+def _tiny_config(conv_impl):
+  config = run_config.release_config("tiny-1k")
+  config.model.n_layer = N_LAYER
+  config.model.conv_impl = conv_impl
+  config.train.global_batch_size = BATCH
+  config.train.stages = ((10, SEQ_LEN, 1),)
+  config.mesh.data, config.mesh.fsdp = 2, 2
+  config.eval.batch_size = BATCH
+  return config
+
+
+@pytest.fixture(scope="module")
+def v5e_4():
+  if jax.default_backend() != "cpu":
+    pytest.skip("deviceless TPU compiles need JAX_PLATFORMS=cpu")
+  return aot.target_devices(aot.get_target("v5e-4"))
+
+
+@pytest.fixture(scope="module", params=["fft", "pallas"])
+def compiled(request, v5e_4):
+  config = _tiny_config(request.param)
+  lowered = aot.lower_train_step(config, devices=v5e_4)
+  return request.param, lowered.compile()
+
+
+def test_train_step_compiles_for_v5e_with_mosaic_kernels_per_device(compiled):
+  conv_impl, executable = compiled
+  hlo = executable.as_text()
+  kernels = aot.custom_kernels(hlo)
+  assert kernels["triton"] == 0
+  if conv_impl == "fft":
+    assert kernels["mosaic"] == 0
+    return
+  # remat none: one forward and one backward Mosaic kernel per layer (L=256 is single pass).
+  assert kernels["mosaic"] == 2 * N_LAYER, kernels
+  # The batch is split over data x fsdp = 4 chips, so each kernel sees 1 sequence, not 4:
+  # the forward kernel's output is bf16[1, 128, p/2, q] (tiny-1k: d_model 128).
+  shapes = re.findall(r"= (\w+)\[(\d+),128,\d+,\d+\][^\n]*custom_call_target=\"tpu_custom_call\"",
+                      hlo)
+  assert shapes and {int(b) for _, b in shapes} == {BATCH // 4}, shapes
+  memory = aot.memory_report(executable)
+  assert 0 < memory["peak_gib"] < aot.TPU_HBM_GIB["v5e"]
+
+
+def test_filter_mlp_matmuls_run_at_highest_precision_on_tpu(compiled):
+  """On TPU a default float32 matmul is one bfloat16 pass; the implicit filter's sin(10 W z)
+  needs float32 (issue 17). The MLP's hidden activations are the only f32[L, filter_order = 64]
+  matmul results in tiny-1k (d_model 128; projections are bfloat16)."""
+  conv_impl, executable = compiled
+  if conv_impl == "pallas":
+    pytest.skip("one conv_impl is enough: the filter MLP does not depend on it")
+  hlo = executable.as_text()
+  filter_dots = [line for line in hlo.splitlines()
+                 if re.search(rf"= f32\[{SEQ_LEN},64\]\{{[^}}]*\}} (dot|convolution)\(", line)]
+  assert filter_dots, "the filter MLP's first matmul was not found in the compiled HLO"
+  for line in filter_dots:
+    if "operand_precision={highest,highest}" not in line:
+      pytest.xfail("filter MLP matmul at default precision: fixed on helper i12's branch "
+                   "(Precision.HIGHEST in hyena.py), not yet merged")
