@@ -81,6 +81,4 @@ def test_filter_mlp_matmuls_run_at_highest_precision_on_tpu(compiled):
                  if re.search(rf"= f32\[{SEQ_LEN},64\]\{{[^}}]*\}} (dot|convolution)\(", line)]
   assert filter_dots, "the filter MLP's first matmul was not found in the compiled HLO"
   for line in filter_dots:
-    if "operand_precision={highest,highest}" not in line:
-      pytest.xfail("filter MLP matmul at default precision: fixed on helper i12's branch "
-                   "(Precision.HIGHEST in hyena.py), not yet merged")
+    assert "operand_precision={highest,highest}" in line, line

@@ -63,7 +63,7 @@ def _forward_pair(impl):
     m = nnx.merge(graphdef, s)
     return cp.forward(m, t, mesh), cp.hidden_states(m.backbone, t, mesh)
 
-  got = jax.jit(sharded)(state, ids)   # first: with pallas, this is what may fail (xfail below)
+  got = jax.jit(sharded)(state, ids)
   return graphdef, state, ids, jax.jit(ref)(state, ids), got
 
 
@@ -155,10 +155,6 @@ def test_train_step_matches_unsharded_on_data_x_sequence_mesh(train_case):
   _assert_train_equal(want, got, w)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "pallas_conv.long_conv inside jax.shard_map: its pallas_call out_shapes carry no "
-    "varying-manual-axes annotation, so check_vma=True refuses it (`manual_axis_type ... must "
-    "not be None`). The fix belongs to pallas_conv.py (issue 17); remove this mark with it."))
 def test_pallas_conv_impl_matches_unsharded_forward_and_train_step():
   """conv_impl='pallas' (interpret mode on CPU) through context parallelism: the kernel runs on
   each device's full-length channels after the all-to-all; same equalities as with fft."""
