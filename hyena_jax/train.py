@@ -130,6 +130,7 @@ class Run:
 def build_run(config: ml_collections.ConfigDict, devices: list | None = None) -> Run:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.sequence,
                             devices=devices)
+  sharding.check_process_rows(mesh)
   model_cfg = run_config.validate(config, mesh.shape["data"] * mesh.shape["fsdp"])
   total = run_config.total_steps(config)
   tx, schedule = make_optimizer(config.optim, total)
@@ -375,10 +376,12 @@ def _resume(mngr: ocp.CheckpointManager, run: Run, allow_changed: tuple[str, ...
       logging.warning("skipping %s", e)
       damaged.append(step)
       continue
-    for bad in damaged:
-      logging.warning("moved damaged checkpoint step %d to %s", bad,
-                      ckpt_lib.move_aside(run.config_workdir, bad))
-    if damaged:
+    if damaged:  # every process found the same steps damaged; one moves them
+      if jax.process_index() == 0:
+        for bad in damaged:
+          logging.warning("moved damaged checkpoint step %d to %s", bad,
+                          ckpt_lib.move_aside(run.config_workdir, bad))
+      _sync_processes("hyena_jax_moved_damaged_checkpoints")
       mngr.reload()
     return resumed
   if damaged:
@@ -426,6 +429,28 @@ class _Preemption:
       signal.signal(sig, previous)
     self._previous = {}
 
+  def agreed(self) -> bool:
+    """Whether any process has been asked to stop: the same answer on every process.
+
+    A signal reaches the processes of a multi-host run at slightly different moments, and a
+    checkpoint needs all of them at the same step; so after every step each process contributes
+    its flag to one all-gather and all stop after the step at which the first one was asked.
+    (One host round trip per step; a single process only reads its flag.)
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    if self.signum is None and flags.any():  # stop with the signal another process received
+      self.signum = int(flags[flags > 0][0])
+    return bool(flags.any())
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
 
 # ------------------------------------------------------------------------------------------------
 # The loop
@@ -461,8 +486,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       resumed = _resume(mngr, run, allow_changed, skip_damaged_checkpoints)
       if resumed is not None and resumed.step >= run.total_steps:
         return _finished(run, final_path)
-      if os.path.exists(final_path):  # left by an older version when interrupted: not final
-        os.remove(final_path)
+      if os.path.exists(final_path) and jax.process_index() == 0:
+        os.remove(final_path)  # left by an older version when interrupted: not final
       return _train(run, mngr, resumed, preemption, stop_after_steps, final_path)
     finally:
       mngr.wait_until_finished()  # a save in flight completes even when a step raised
@@ -543,8 +568,9 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
   tokens_since, time_since = 0, time.perf_counter()
   steps_this_call = 0
   last_finite = start
+  stop_requested = False
   try:
-    while step < run.total_steps and not preemption.requested:
+    while step < run.total_steps and not stop_requested:
       stage = stage_of(run, step)
       if stage != compiled_stage:  # one compilation per stage, none inside it
         _, seq_len, accum = config.train.stages[stage]
@@ -566,8 +592,9 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
       tokens_since += int(np.prod(batch["inputs"].shape))
 
       last = step == run.total_steps
-      stopping = preemption.requested or (stop_after_steps is not None
-                                          and steps_this_call >= stop_after_steps)
+      stop_requested = preemption.agreed()
+      stopping = stop_requested or (stop_after_steps is not None
+                                    and steps_this_call >= stop_after_steps)
       if step % config.train.log_every_steps == 0 or last or stopping:
         metrics = jax.device_get(metrics)
         if not all(np.isfinite(v) for v in metrics.values()):
@@ -626,11 +653,16 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
   return final_metrics
 
 
+# One jitted reduction, not one eager op per array: in a multi-process run every computation on
+# global arrays is a collective program all processes must launch alike, and dozens of small
+# eager ones per checkpoint deadlocked gloo on CPU (jax 0.10.2).
+_all_finite = jax.jit(lambda tree: jnp.stack(
+    [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all())
+
+
 def _params_finite(state: State) -> bool:
   """Never write a checkpoint holding NaN/Inf parameters."""
-  finite = jax.tree.reduce(jnp.logical_and,
-                           jax.tree.map(lambda x: jnp.isfinite(x).all(), state["params"]))
-  return bool(finite)
+  return bool(jax.device_get(_all_finite(state["params"])))
 
 
 def _params_from(workdir: str, run: Run):
