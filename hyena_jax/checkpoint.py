@@ -217,6 +217,11 @@ def restore_model(workdir: str, step: int | None = None, *, shardings: Any = Non
   cfg = model_config(run_config)
   n_classes, pooling = head_of(run_config)
   abstract_model = nnx.eval_shape(lambda: build_model(cfg, n_classes, pooling))
+  if shardings is None:
+    # Explicitly, not orbax's default (the saved sharding): that names the devices of the
+    # training run and fails for a checkpoint of a multi-process run (devices of other hosts).
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one_device, abstract_params(abstract_model))
   target = abstract_params(abstract_model, shardings)
   with ocp.CheckpointManager(checkpoint_dir(workdir),
                              options=ocp.CheckpointManagerOptions(create=False)) as mngr:

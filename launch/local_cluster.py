@@ -91,8 +91,8 @@ class Cluster:
       thread = threading.Thread(target=_pump, args=(i, proc.stdout, self.lock), daemon=True)
       thread.start()
       self.threads.append(thread)
-    self.say(f"started {num_processes} process(es) x {devices} device(s), coordinator "
-             f"localhost:{port}: {' '.join(command)}")
+    self.say(f"started {num_processes} process(es) x {devices} device(s), pids "
+             f"{[p.pid for p in self.procs]}, coordinator localhost:{port}: {' '.join(command)}")
 
   def say(self, message: str) -> None:
     with self.lock:
