@@ -12,8 +12,9 @@ Every process gets the environment a cluster launcher would give a host (read by
   --xla_force_host_platform_device_count=K (K fake CPU devices per process).
 Output lines are prefixed [p0], [p1], ... SIGTERM or Ctrl-C to the launcher is forwarded to every
 process (a training run then saves one checkpoint and exits 143 or 130). If a process fails
-(a non-zero exit, or killed), the others are sent SIGTERM and, --grace_s seconds later, SIGKILL:
-they would otherwise wait forever in a collective with the missing process. Exit status: 0 when
+(a non-zero exit, or killed; after a forwarded signal, any other exit than that signal's), the
+others are sent SIGTERM and, --grace_s seconds later, SIGKILL: they would otherwise wait forever
+in a collective with the missing process. Exit status: 0 when
 all processes succeed, else the first failure's (128 + signal for a killed process), or, after a
 forwarded signal, the status of the processes.
 """
@@ -99,12 +100,14 @@ class Cluster:
       sys.stdout.write(f"[launcher] {message}\n")
       sys.stdout.flush()
 
-  def signal_all(self, signum: int) -> None:
+  def signal_all(self, signum: int, group: bool = False) -> None:
+    """Signals every running process; with `group`, its whole process group (each process is
+    the leader of its own), so that its helpers (e.g. Grain workers) go too."""
     for proc in self.procs:
-      if proc.poll() is None:
+      if proc.poll() is None or group:
         try:
-          proc.send_signal(signum)
-        except ProcessLookupError:
+          os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+        except (ProcessLookupError, PermissionError):
           pass
 
   def forward(self, signum: int, frame=None) -> None:
@@ -118,6 +121,8 @@ class Cluster:
       for i, code in enumerate(codes):
         if code not in (None, 0) and self.first_failure is None:
           self.first_failure = i
+          if self.forwarded is not None and _status(code) == 128 + self.forwarded:
+            continue  # stopped by the forwarded signal, as asked: the others are saving too
           if self.forwarded is None:
             self.say(f"process {i} exited with status {_status(code)}; stopping the others "
                      f"(SIGTERM, then SIGKILL after {self.grace_s:g} s)")
@@ -127,7 +132,7 @@ class Cluster:
         break
       if self.kill_at is not None and time.monotonic() > self.kill_at:
         self.say("processes still running after the grace period: SIGKILL")
-        self.signal_all(signal.SIGKILL)
+        self.signal_all(signal.SIGKILL, group=True)
         self.kill_at = None
       time.sleep(0.05)
     for thread in self.threads:
