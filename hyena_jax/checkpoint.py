@@ -139,10 +139,16 @@ def step_dir(workdir: str, step: int) -> str:
 
 
 def missing_files(workdir: str, step: int, items: tuple[str, ...]) -> list[str]:
-  """Files of `items` that a complete training step directory has and this one lacks."""
+  """Files of `items` that a complete training step directory has and this one lacks.
+
+  The data iterator states of every process are checked, not only this one's: all processes
+  of a multi-host run (one shared workdir) must reach the same verdict on a step, else they
+  would restore different steps and wait for each other forever.
+  """
+  count = jax.process_count()
   expected = {"config": ("metadata",), "progress": ("metadata",),
               "params": ("_METADATA", "manifest.ocdbt"), "opt_state": ("_METADATA", "manifest.ocdbt"),
-              "data": (f"process_{jax.process_index()}-of-{jax.process_count()}.json",)}
+              "data": tuple(f"process_{i}-of-{count}.json" for i in range(count))}
   root = step_dir(workdir, step)
   return [os.path.join(root, item, name) for item in items for name in expected[item]
           if not os.path.exists(os.path.join(root, item, name))]

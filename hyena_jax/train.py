@@ -312,13 +312,18 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, run: Run, step: int,
                           run.abstract_state, run.state_shardings)
   restored = {}
   for item in ("params", "opt_state"):
+    error = None
     try:  # orbax/tensorstore raise many types for damaged files
       restored[item] = mngr.restore(step, args=ocp.args.Composite(
           **{item: ocp.args.StandardRestore(abstract[item])}))[item]
     except Exception as e:
+      error = e
+    if _any_process(error is not None):  # each process reads its own shards
+      reason = (f"{type(error).__name__}: {str(error)[:300]}" if error is not None else
+                "another process could not read its part")
       raise ckpt_lib.DamagedCheckpointError(
           f"checkpoint step {step} is damaged: {where}/{item} cannot be restored "
-          f"({type(e).__name__}: {str(e)[:300]})") from e
+          f"({reason})") from error
     expected = progress.get("fingerprints", {}).get(item)
     if expected is not None:  # checkpoints written before checksums existed have none
       ckpt_lib.verify_fingerprints(restored[item], expected,
@@ -326,13 +331,20 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, run: Run, step: int,
   data_iter = None
   if data_stage >= 0:
     data_iter = iter(train_dataset(run, data_stage))
+    error = None
     try:
       mngr.restore(step, args=ocp.args.Composite(
           data=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:
+      error = e
+    # Each process reads its own iterator state: a damaged one must fail every process's
+    # restore of this step (see ckpt_lib.missing_files).
+    if _any_process(error is not None):
+      reason = (f"{type(error).__name__}: {str(error)[:300]}" if error is not None else
+                "another process's state failed")
       raise ckpt_lib.DamagedCheckpointError(
           f"checkpoint step {step} is damaged: its data iterator in {where}/data cannot be "
-          f"restored ({type(e).__name__}: {str(e)[:300]})") from e
+          f"restored ({reason})") from error
   state = {"step": jax.device_put(jnp.asarray(step, jnp.int32), run.state_shardings["step"]),
            "params": restored["params"], "opt_state": restored["opt_state"]}
   return Resumed(step, state, progress, data_iter, history)
@@ -444,6 +456,14 @@ class _Preemption:
     if self.signum is None and flags.any():  # stop with the signal another process received
       self.signum = int(flags[flags > 0][0])
     return bool(flags.any())
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (the same answer everywhere)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
 def _sync_processes(name: str) -> None:

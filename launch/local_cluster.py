@@ -81,6 +81,11 @@ class Cluster:
     self.forwarded: int | None = None   # signal forwarded from the launcher
     self.first_failure: int | None = None
     self.kill_at: float | None = None
+    self.spec = (command, num_processes, devices, port, platform)
+    self.starting = True
+
+  def start(self) -> None:
+    command, num_processes, devices, port, platform = self.spec
     port = port or free_port()
     for i in range(num_processes):
       # A session of its own: a terminal's Ctrl-C reaches the launcher only, which forwards it
@@ -113,7 +118,8 @@ class Cluster:
   def forward(self, signum: int, frame=None) -> None:
     self.say(f"{signal.Signals(signum).name}: forwarding to every process")
     self.forwarded = signum
-    self.signal_all(signum)
+    if not self.starting:  # else sent once all have started (see main)
+      self.signal_all(signum)
 
   def wait(self) -> int:
     while True:
@@ -165,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.error("--num_processes and --devices_per_process must be >= 1")
   cluster = Cluster(command, args.num_processes, args.devices_per_process, args.port,
                     args.platform, args.grace_s)
+  # Handlers first: a signal while the processes start must reach them, not orphan them.
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, cluster.forward)
+  cluster.start()
+  cluster.starting = False
+  if cluster.forwarded is not None:  # arrived while starting
+    cluster.signal_all(cluster.forwarded)
   return cluster.wait()
 
 
