@@ -139,10 +139,16 @@ def step_dir(workdir: str, step: int) -> str:
 
 
 def missing_files(workdir: str, step: int, items: tuple[str, ...]) -> list[str]:
-  """Files of `items` that a complete training step directory has and this one lacks."""
+  """Files of `items` that a complete training step directory has and this one lacks.
+
+  The data iterator states of every process are checked, not only this one's: all processes
+  of a multi-host run (one shared workdir) must reach the same verdict on a step, else they
+  would restore different steps and wait for each other forever.
+  """
+  count = jax.process_count()
   expected = {"config": ("metadata",), "progress": ("metadata",),
               "params": ("_METADATA", "manifest.ocdbt"), "opt_state": ("_METADATA", "manifest.ocdbt"),
-              "data": (f"process_{jax.process_index()}-of-{jax.process_count()}.json",)}
+              "data": tuple(f"process_{i}-of-{count}.json" for i in range(count))}
   root = step_dir(workdir, step)
   return [os.path.join(root, item, name) for item in items for name in expected[item]
           if not os.path.exists(os.path.join(root, item, name))]
@@ -217,6 +223,11 @@ def restore_model(workdir: str, step: int | None = None, *, shardings: Any = Non
   cfg = model_config(run_config)
   n_classes, pooling = head_of(run_config)
   abstract_model = nnx.eval_shape(lambda: build_model(cfg, n_classes, pooling))
+  if shardings is None:
+    # Explicitly, not orbax's default (the saved sharding): that names the devices of the
+    # training run and fails for a checkpoint of a multi-process run (devices of other hosts).
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one_device, abstract_params(abstract_model))
   target = abstract_params(abstract_model, shardings)
   with ocp.CheckpointManager(checkpoint_dir(workdir),
                              options=ocp.CheckpointManagerOptions(create=False)) as mngr:

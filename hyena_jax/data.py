@@ -5,13 +5,15 @@ Pretraining (`make_pretrain_dataset`), in data-flow order:
     range(n_windows) -> seed -> shuffle (train; reseeded every epoch) -> repeat(num_epochs)
       -> [finite passes: pad with filler indices to a multiple of the global batch]
       -> batch(global_batch_size) of window indices
-      -> random_map(this host's rows p::P: fetch, offset, reverse complement, tokenize)
+      -> random_map(this host's rows p*b:(p+1)*b: fetch, offset, reverse complement, tokenize)
       -> to_iter_dataset(reader threads) -> mp_prefetch(num_workers)
 
 Each Grain element is one global batch. Its random_map RNG (seeded by the pipeline seed and the
 batch position, so a restored iterator replays it) draws the augmentations of all its rows in a
-fixed order, and host p keeps rows p, p + P, ...: the global batch at step t holds the same
-windows, augmented the same way, whatever the number of hosts. Filler rows (finite passes only) are all [PAD] with loss_mask 0, so a
+fixed order, and host p keeps the contiguous block of rows p*b .. (p+1)*b - 1 (b = B / P): the
+global batch at step t holds the same windows in the same order, augmented the same way,
+whatever the number of hosts. Contiguous blocks are what `to_global_batch` assembles: on a mesh
+built from `jax.devices()` (ordered by process), process p's devices hold exactly those rows. Filler rows (finite passes only) are all [PAD] with loss_mask 0, so a
 validation pass sees every window exactly once and every host yields the same number of batches.
 
 Augmentation (`rc_aug`, `random_offset`) applies to the "train" split only. Window construction
@@ -136,7 +138,7 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
 
 
 class _GlobalBatch(grain.transforms.RandomMap):
-  """Window indices of one global batch [B] -> this host's rows p::P, tokenized.
+  """Window indices of one global batch [B] -> this host's rows p*b:(p+1)*b, tokenized.
 
   The augmentation draws for all B rows come from Grain's random_map RNG of the global batch
   (seeded by the pipeline seed and the batch position, hence resumable), in a fixed order, so a
@@ -148,14 +150,16 @@ class _GlobalBatch(grain.transforms.RandomMap):
                process_count: int):
     self.windows = windows
     self.augment = augment
-    self.rows = slice(process_index, None, process_count)
+    self.process_index, self.process_count = process_index, process_count
 
   def random_map(self, element: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     offsets_u = rng.random(element.shape[0])
     flips = rng.random(element.shape[0]) < 0.5
+    b = element.shape[0] // self.process_count
+    rows = slice(self.process_index * b, (self.process_index + 1) * b)
     if not self.augment:
-      return self.windows.batch(element[self.rows])
-    return self.windows.batch(element[self.rows], offsets_u[self.rows], flips[self.rows])
+      return self.windows.batch(element[rows])
+    return self.windows.batch(element[rows], offsets_u[rows], flips[rows])
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -247,9 +251,12 @@ def make_pretrain_dataset(data_cfg: Mapping[str, Any], *, split: str, seq_len: i
 
 def to_global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
                     ) -> dict[str, jax.Array]:
-  """Host-local batch [b, ...] -> global jax.Array [b * process_count, ...] laid out by
-  `sharding` (the mesh's batch sharding, e.g. NamedSharding(mesh, P("data")))."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+  """Host-local batch [b, ...] (rows p*b:(p+1)*b of the global batch) -> global jax.Array
+  [b * process_count, ...] laid out by `sharding` (the mesh's batch sharding, e.g.
+  NamedSharding(mesh, P("data"))). Each process passes only its own rows; no data crosses hosts.
+  """
+  return {k: jax.make_array_from_process_local_data(
+      sharding, np.asarray(v), (v.shape[0] * jax.process_count(),) + tuple(v.shape[1:]))
           for k, v in batch.items()}
 
 

@@ -19,7 +19,7 @@ if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from hyena_jax import cli, train  # noqa: E402
+from hyena_jax import cli, distributed, train  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "default.py")
@@ -36,14 +36,17 @@ _SKIP_DAMAGED = flags.DEFINE_bool(
     "Resume from the newest checkpoint that restores and passes its checksums; damaged newer "
     "steps are moved to WORKDIR/damaged_checkpoints/.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods / clusters).")
+    "distributed", False,
+    "Join a multi-process run with jax.distributed.initialize(): the cluster comes from "
+    "HYENA_JAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID when set (launch/local_cluster.py), else "
+    "JAX detects it (TPU VMs, SLURM, Open MPI).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   try:

@@ -76,3 +76,30 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_FSDP_SIZE) -> Any:
   fsdp_size = mesh.shape["fsdp"]
   return jax.tree.map(
       lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)), tree)
+
+
+def check_process_rows(mesh: Mesh) -> None:
+  """Multi-process runs: process p must hold rows p*b:(p+1)*b of every global batch.
+
+  Each process reads only that contiguous block of the batch (data.py) and
+  `jax.make_array_from_process_local_data` places it on the process's devices, so the batch
+  axes (data x fsdp) must be split evenly between the processes, in process order, as a mesh
+  built from `jax.devices()` is. Not so when, e.g., the sequence axis spans processes (every
+  process would then need every row).
+  """
+  count = jax.process_count()
+  if count == 1:
+    return
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = shards * count  # a global batch size every shard count divides
+  index_map = batch_sharding(mesh).devices_indices_map((rows,))
+  for device, (index,) in index_map.items():
+    start = index.start or 0
+    block = rows // count
+    if not device.process_index * block <= start < (device.process_index + 1) * block:
+      raise InputError(
+          f"mesh {dict(mesh.shape)} over {count} processes: device {device} of process "
+          f"{device.process_index} holds batch rows {start}:{index.stop}, outside that "
+          f"process's block of rows; the batch axes data x fsdp = {shards} must be split evenly "
+          f"between the {count} processes (a multiple of {count}), with sequence parallelism "
+          "inside a process")

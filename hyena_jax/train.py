@@ -130,6 +130,7 @@ class Run:
 def build_run(config: ml_collections.ConfigDict, devices: list | None = None) -> Run:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.sequence,
                             devices=devices)
+  sharding.check_process_rows(mesh)
   model_cfg = run_config.validate(config, mesh.shape["data"] * mesh.shape["fsdp"])
   total = run_config.total_steps(config)
   tx, schedule = make_optimizer(config.optim, total)
@@ -312,13 +313,18 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, run: Run, step: int,
                           run.abstract_state, run.state_shardings)
   restored = {}
   for item in ("params", "opt_state"):
+    error = None
     try:  # orbax/tensorstore raise many types for damaged files
       restored[item] = mngr.restore(step, args=ocp.args.Composite(
           **{item: ocp.args.StandardRestore(abstract[item])}))[item]
     except Exception as e:
+      error = e
+    if _any_process(error is not None):  # each process reads its own shards
+      reason = (f"{type(error).__name__}: {str(error)[:300]}" if error is not None else
+                "another process could not read its part")
       raise ckpt_lib.DamagedCheckpointError(
           f"checkpoint step {step} is damaged: {where}/{item} cannot be restored "
-          f"({type(e).__name__}: {str(e)[:300]})") from e
+          f"({reason})") from error
     expected = progress.get("fingerprints", {}).get(item)
     if expected is not None:  # checkpoints written before checksums existed have none
       ckpt_lib.verify_fingerprints(restored[item], expected,
@@ -326,13 +332,20 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, run: Run, step: int,
   data_iter = None
   if data_stage >= 0:
     data_iter = iter(train_dataset(run, data_stage))
+    error = None
     try:
       mngr.restore(step, args=ocp.args.Composite(
           data=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:
+      error = e
+    # Each process reads its own iterator state: a damaged one must fail every process's
+    # restore of this step (see ckpt_lib.missing_files).
+    if _any_process(error is not None):
+      reason = (f"{type(error).__name__}: {str(error)[:300]}" if error is not None else
+                "another process's state failed")
       raise ckpt_lib.DamagedCheckpointError(
           f"checkpoint step {step} is damaged: its data iterator in {where}/data cannot be "
-          f"restored ({type(e).__name__}: {str(e)[:300]})") from e
+          f"restored ({reason})") from error
   state = {"step": jax.device_put(jnp.asarray(step, jnp.int32), run.state_shardings["step"]),
            "params": restored["params"], "opt_state": restored["opt_state"]}
   return Resumed(step, state, progress, data_iter, history)
@@ -376,10 +389,12 @@ def _resume(mngr: ocp.CheckpointManager, run: Run, allow_changed: tuple[str, ...
       logging.warning("skipping %s", e)
       damaged.append(step)
       continue
-    for bad in damaged:
-      logging.warning("moved damaged checkpoint step %d to %s", bad,
-                      ckpt_lib.move_aside(run.config_workdir, bad))
-    if damaged:
+    if damaged:  # every process found the same steps damaged; one moves them
+      if jax.process_index() == 0:
+        for bad in damaged:
+          logging.warning("moved damaged checkpoint step %d to %s", bad,
+                          ckpt_lib.move_aside(run.config_workdir, bad))
+      _sync_processes("hyena_jax_moved_damaged_checkpoints")
       mngr.reload()
     return resumed
   if damaged:
@@ -427,6 +442,36 @@ class _Preemption:
       signal.signal(sig, previous)
     self._previous = {}
 
+  def agreed(self) -> bool:
+    """Whether any process has been asked to stop: the same answer on every process.
+
+    A signal reaches the processes of a multi-host run at slightly different moments, and a
+    checkpoint needs all of them at the same step; so after every step each process contributes
+    its flag to one all-gather and all stop after the step at which the first one was asked.
+    (One host round trip per step; a single process only reads its flag.)
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    if self.signum is None and flags.any():  # stop with the signal another process received
+      self.signum = int(flags[flags > 0][0])
+    return bool(flags.any())
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (the same answer everywhere)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
 
 # ------------------------------------------------------------------------------------------------
 # The loop
@@ -462,8 +507,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       resumed = _resume(mngr, run, allow_changed, skip_damaged_checkpoints)
       if resumed is not None and resumed.step >= run.total_steps:
         return _finished(run, final_path)
-      if os.path.exists(final_path):  # left by an older version when interrupted: not final
-        os.remove(final_path)
+      if os.path.exists(final_path) and jax.process_index() == 0:
+        os.remove(final_path)  # left by an older version when interrupted: not final
       return _train(run, mngr, resumed, preemption, stop_after_steps, final_path)
     finally:
       mngr.wait_until_finished()  # a save in flight completes even when a step raised
@@ -544,8 +589,9 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
   tokens_since, time_since = 0, time.perf_counter()
   steps_this_call = 0
   last_finite = start
+  stop_requested = False
   try:
-    while step < run.total_steps and not preemption.requested:
+    while step < run.total_steps and not stop_requested:
       stage = stage_of(run, step)
       if stage != compiled_stage:  # one compilation per stage, none inside it
         _, seq_len, accum = config.train.stages[stage]
@@ -568,8 +614,9 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
       tokens_since += int(np.prod(batch["inputs"].shape))
 
       last = step == run.total_steps
-      stopping = preemption.requested or (stop_after_steps is not None
-                                          and steps_this_call >= stop_after_steps)
+      stop_requested = preemption.agreed()
+      stopping = stop_requested or (stop_after_steps is not None
+                                    and steps_this_call >= stop_after_steps)
       if step % config.train.log_every_steps == 0 or last or stopping:
         metrics = jax.device_get(metrics)
         if not all(np.isfinite(v) for v in metrics.values()):
@@ -628,11 +675,16 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
   return final_metrics
 
 
+# One jitted reduction, not one eager op per array: in a multi-process run every computation on
+# global arrays is a collective program all processes must launch alike, and dozens of small
+# eager ones per checkpoint deadlocked gloo on CPU (jax 0.10.2).
+_all_finite = jax.jit(lambda tree: jnp.stack(
+    [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all())
+
+
 def _params_finite(state: State) -> bool:
   """Never write a checkpoint holding NaN/Inf parameters."""
-  finite = jax.tree.reduce(jnp.logical_and,
-                           jax.tree.map(lambda x: jnp.isfinite(x).all(), state["params"]))
-  return bool(finite)
+  return bool(jax.device_get(_all_finite(state["params"])))
 
 
 def _params_from(workdir: str, run: Run):
