@@ -463,14 +463,23 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     host = {"inputs": splits["train"].inputs[rows], "labels": splits["train"].labels[rows]}
     state, metrics = train_step(state, jax.device_put(host, batch_sharding))
     step += 1
-    if step % config.train.log_every_steps == 0 or step == total:
+    # Step 1 is logged too, so that progress shows as soon as the step has compiled; the ETA
+    # uses the steps after it (compile time excluded).
+    if step == 1 or step % config.train.log_every_steps == 0 or step == total:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite loss at step {step}: lower optim.learning_rate")
-      writer.write(step, {**metrics, "epoch": step / steps_per_epoch})
-      logging.info("step %d/%d (epoch %.2f)  loss %.4f  lr %.2e  %.1f s", step, total,
+      now = time.perf_counter()
+      if step == 1:
+        first_step_done = now
+        progress = "(the first step includes compiling it)"
+      else:
+        progress = f"ETA {(now - first_step_done) / (step - 1) * (total - step):.0f} s"
+      if step % config.train.log_every_steps == 0 or step == total:
+        writer.write(step, {**metrics, "epoch": step / steps_per_epoch})
+      logging.info("step %d/%d (epoch %.2f)  loss %.4f  lr %.2e  %.1f s  %s", step, total,
                    step / steps_per_epoch, metrics["loss"], metrics["learning_rate"],
-                   time.perf_counter() - start)
+                   now - start, progress)
     if step % eval_every == 0 or step == total:
       valid, valid_outputs = run_eval(state["params"], "valid")
       summary = prediction_summary(valid_outputs, n_classes)

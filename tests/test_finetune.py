@@ -159,8 +159,12 @@ def test_collapse_detector_warns_in_the_log_and_results(tmp_path, caplog):
   config.data.update(max_length=32, valid_fraction=0.25)  # 24 train / 8 valid / 8 test rows
   config.train.batch_size = 8
   config.train.log_every_steps = 10
-  with caplog.at_level("WARNING"):
+  with caplog.at_level("INFO"):
     results = finetune.finetune_and_evaluate(config, str(tmp_path / "run"))
+  progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  # Progress shows from the first step on (log_every_steps=10 > 6 steps), then with an ETA.
+  assert "the first step includes compiling it" in progress[0] and "step 1/6" in progress[0]
+  assert any("step 6/6" in m and "ETA 0 s" in m for m in progress), progress
   logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any("collapsed to a constant predictor on validation" in m for m in logged), logged
   saved = json.load(open(tmp_path / "run" / "results.json"))
