@@ -37,6 +37,7 @@ setup(
         "ml-collections>=1.1",
         "tensorboardX",
         "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "torch": ["torch>=2.1,<3", "safetensors>=0.4"],

@@ -192,6 +192,7 @@ def embed_file(model: nnx.Module, input_path: str, output_path: str, *, fmt: str
   stream = embed_sequences(model, read(), layers=layers, pooling=pooling,
                            per_position=per_position, batch_size=batch_size, add_eos=add_eos,
                            truncate=truncate, pad_to=pad_to, tokenizer=tokenizer)
+  stream = inference.with_progress(stream, len(names), "embed")
   rows = (emb if per_position else emb[None] for _, emb in stream)
   if output_path.endswith(".npz"):
     with inference.NpzStreamWriter(output_path) as writer:

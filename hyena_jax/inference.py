@@ -158,6 +158,14 @@ def run_chunked(items: Iterable, encode: Callable[[object], np.ndarray],
 # Writing results incrementally
 
 
+def with_progress(results: Iterable, total: int, desc: str) -> Iterable:
+  """`results` (one item per record) behind a tqdm bar with rate and ETA when stderr is a
+  terminal; unchanged in logs and pipes (tqdm's `disable=None`)."""
+  from tqdm import tqdm
+  return tqdm(results, total=total, desc=desc, unit="seq", disable=None, leave=False,
+              dynamic_ncols=True)
+
+
 @contextlib.contextmanager
 def atomic_text(path: str) -> Iterator:
   """A text file written beside `path` and renamed onto it on success; on any error it is removed,

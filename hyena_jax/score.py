@@ -237,6 +237,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
     raise InputError(f"{input_path}: no sequences found")
   stream = score_sequences(model, read(), context_token=context_token, truncate=truncate,
                            batch_size=batch_size, tokenizer=tokenizer)
+  stream = inference.with_progress(stream, len(names), "score")
   totals = []
   if output_path.endswith(".npz"):
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

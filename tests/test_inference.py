@@ -1,6 +1,7 @@
 """Embeddings, likelihood scoring and generation (hyena_jax.embed / score / generate)."""
 
 import gzip
+import io
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from conftest import shared_path
 from flax import nnx
 
 import hyena_jax
-from hyena_jax import embed, generate, score
+from hyena_jax import embed, generate, inference, score
 from hyena_jax import tokenizer as tok
 from hyena_jax.config import HyenaConfig
 from hyena_jax.model import HyenaLM
@@ -360,3 +361,17 @@ def test_cli_generate_reproduces_the_function(model, tmp_path):
                   f"--output={out_fa}"], check=True, capture_output=True, text=True)
   samples = out_fa.read_text().splitlines()[1::2]
   assert samples == generate.generate(model, "ACGTTGCAAC", 20, num_samples=3, seed=11).sequences
+
+
+def test_progress_bar_on_a_terminal_and_silent_in_logs(monkeypatch):
+  """embed/score wrap their per-record results in a bar with a rate on a terminal; in a log
+  file or pipe nothing is written, and the results pass through unchanged either way."""
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  for stream, shows in ((Terminal(), True), (io.StringIO(), False)):
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert list(inference.with_progress(iter(range(3)), 3, "embed")) == [0, 1, 2]
+    text = stream.getvalue()
+    assert (("embed:" in text and "/3 [" in text and "seq/s" in text) if shows else text == ""), text
