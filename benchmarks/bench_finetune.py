@@ -51,11 +51,11 @@ BACKBONE = ("parity", "tiny1k_classifier", "weights.pt")
 
 
 def task_config(task: str, recipe: str):
-  path = ROOT / "configs" / "finetune" / f"{task}.py"
-  spec = importlib.util.spec_from_file_location(task, path)
+  path = ROOT / "configs" / "finetune.py"
+  spec = importlib.util.spec_from_file_location("finetune_tasks", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(recipe)
+  return module.get_config(f"{task}:{recipe}")
 
 
 def subset_file(task: str, shared: pathlib.Path, root: pathlib.Path, rows: int) -> str:

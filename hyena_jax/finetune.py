@@ -1,7 +1,7 @@
 """Sequence classification (and regression) fine-tuning, SPEC section 6.1.
 
-    python -m hyena_jax.finetune --config=configs/finetune/human_enhancers_cohn.py \
-        --workdir=runs/cohn --config.data.train=PATH.tsv [--config.pretrained=WORKDIR_OR_FILE]
+    python -m hyena_jax.finetune --config=configs/finetune.py:human_enhancers_cohn \
+        --workdir=runs/cohn --config.data.train=PATH.tsv [--model=WORKDIR_OR_FILE]
 
 Read top to bottom in data-flow order: metrics -> labelled data -> model (scratch, orbax workdir
 or official PyTorch release) -> steps -> the loop (evaluate, early stopping, best checkpoint)
@@ -145,7 +145,7 @@ def collapse_message(summary: dict[str, Any], split: str, step: int) -> str:
     what = f"prediction spread {summary['prediction_spread']:.2g}"
   return (f"collapsed to a constant predictor on {split} at step {step}: {what}. On small data "
           "start from a pretrained backbone (--config.pretrained), use the small_data recipe "
-          "(--config=configs/finetune/TASK.py:small_data) or train longer")
+          "(--config=configs/finetune.py:TASK:small_data) or train longer")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,7 +571,7 @@ if __name__ == "__main__":
   from absl import flags
   from hyena_jax import cli
   cli.define_config_file("config", None, "Fine-tuning config, e.g. "
-                         "configs/finetune/human_enhancers_cohn.py")
+                         "configs/finetune.py:human_enhancers_cohn[:small_data]")
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.json go.")
   flags.mark_flags_as_required(["config", "workdir"])
   cli.run(main)

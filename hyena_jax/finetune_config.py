@@ -1,8 +1,9 @@
-"""Fine-tuning and in-context-learning run configs (SPEC section 6): the recipe every file in
-configs/finetune/ starts from.
+"""Fine-tuning and in-context-learning run configs (SPEC section 6): the recipe every task of
+configs/finetune.py (and configs/finetune/icl_*.py) starts from.
 
-A task file is `get_config(recipe="official")` returning `task_config(...)` (or `icl_config()`)
-with its task fields set; `--config=configs/finetune/TASK.py:small_data` picks the CPU /
+configs/finetune.py is a table of tasks whose `get_config("TASK[:RECIPE]")` returns
+`task_config(...)` (configs/finetune/icl_*.py return `icl_config()`) with the task fields set;
+`--config=configs/finetune.py:TASK:small_data` picks the CPU /
 small-data recipe (small_data()). Data are files the user provides:
 
   * TSV/CSV: one row per sequence, `seq<TAB>label` (`.csv`: comma), optional header naming the
@@ -34,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Classification fine-tuning with the official recipe (AdamW 6e-4, wd 0.1, batch 128, cosine
   with 1% warm-up from 1e-6 to 0.1x, clip 1.0, embed dropout 0.1, mean pooling, seed 2222): a
   GPU recipe for full data sets. On a CPU or with a few thousand rows or fewer use
-  small_data(config) (task files: `--config=configs/finetune/TASK.py:small_data`)."""
+  small_data(config) (task table: `--config=configs/finetune.py:TASK:small_data`)."""
   config = ml_collections.ConfigDict()
   # Task name (goes into results.json).
   config.task = ""
@@ -148,12 +149,12 @@ def task_config(task: str, *, max_length: int, n_classes: int, metric: str,
 
   recipe: "official" (the paper's: batch 128, 100 epochs, lr 6e-4, 1% warm-up; a GPU recipe) or
   "small_data" (small_data(): for CPUs and a few hundred to a few thousand rows). From the command
-  line: --config=configs/finetune/TASK.py:small_data.
+  line: --config=configs/finetune.py:TASK:small_data.
   """
   from hyena_jax import config as config_lib
   if recipe not in RECIPES:
     raise errors.InputError(f"unknown fine-tuning recipe {recipe!r}: use one of {RECIPES} "
-                     "(--config=configs/finetune/TASK.py:small_data)")
+                     "(--config=configs/finetune.py:TASK:small_data)")
   config = base_config()
   config.task = task
   config.model.update(dataclasses.asdict(config_lib.released(model)))

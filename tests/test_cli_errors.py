@@ -79,7 +79,7 @@ def test_unknown_config_key_gets_a_did_you_mean(tmp_path):
                          "'log_every_step' (did you mean train.log_every_steps?)")
   assert not (tmp_path / "runs").exists()
   # Config files given as a flag (parsed with the other flags, not at definition).
-  cohn = os.path.join(ROOT, "configs", "finetune", "human_enhancers_cohn.py")
+  cohn = os.path.join(ROOT, "configs", "finetune.py") + ":human_enhancers_cohn"
   result = _run(["-m", "hyena_jax.finetune", f"--config={cohn}", "--workdir=ft",
                  "--config.optim.lerning_rate=1"], tmp_path)
   assert _one_line_error(result).startswith(
