@@ -9,7 +9,9 @@ and generate:
     start, e.g. libtpu on a CPU machine) is dropped, their warnings kept.
 
 Config files are defined with `define_config_file`, which answers an unknown override such as
-`--config.train.foo=1` with the fields that exist and a "did you mean".
+`--config.train.foo=1` with the fields that exist and a "did you mean", and adds --print_config
+(print the resolved config and exit 0; --help points at it). `define_config_alias` gives a field
+a short flag (finetune and icl: --model for --config.pretrained).
 """
 
 from __future__ import annotations
@@ -77,16 +79,29 @@ def quiet_logs() -> None:
 
 
 _CONFIG_FLAGS: list[tuple[str, str | None]] = []  # (flag name, default file) of this program
+_ALIASES: list[tuple[str, str, str]] = []  # (flag, config flag, field path): --model -> pretrained
+_REQUIRED: list[str] = []  # flags checked after --print_config (which needs none but the config)
 
 
 def define_config_file(name: str, default: str | None, help_string: str) -> Any:
   """`config_flags.DEFINE_config_file(..., lock_config=True)`, answering a bad override in one
   line. With a default, ml_collections reads the file and the `--name.a.b=v` overrides of
-  sys.argv right here, at definition; without one, during flag parsing (see `run`)."""
+  sys.argv right here, at definition; without one, during flag parsing (see `run`).
+
+  Also defines --print_config: print the resolved config (every field, with the overrides and
+  aliases applied) and exit 0, because --help cannot list the fields of a file it has not read."""
   from ml_collections import config_flags
   _CONFIG_FLAGS.append((name, default))
+  if "print_config" not in flags.FLAGS:
+    flags.DEFINE_bool("print_config", False, "Print the resolved config (every field and its "
+                      "value, overrides applied) and exit; run with --config=... to see a "
+                      "config's fields and defaults.")
+  help_string = (help_string.rstrip(". ") + f". Override any field with --{name}.FIELD=VALUE; "
+                 "--print_config lists the fields and their values")
   try:
-    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+    holder = config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+    _key_flags_of_caller(name, "print_config")
+    return holder
   except (KeyError, AttributeError):
     message = _override_error(sys.argv)
     if message is None:
@@ -160,6 +175,8 @@ def _check_config_files() -> None:
   """ml_collections defers a config file that failed to load until its first use (a long way
   into main); a missing file is the user's mistake, so answer it here."""
   for name, _ in _CONFIG_FLAGS:
+    if not flags.FLAGS[name].present and flags.FLAGS[name].default is None:
+      continue  # not given: a required flag, answered after --print_config
     spec = flags.FLAGS[name].config_filename if hasattr(flags.FLAGS[name], "config_filename") \
         else None
     if spec and not os.path.isfile(os.path.expanduser(spec.partition(":")[0])):
@@ -197,6 +214,61 @@ def aliased(new: str, old: str, *, required: bool = True) -> Any:
   return f[new].value
 
 
+def _key_flags_of_caller(*names: str) -> None:
+  """Lists flags defined here among the key flags of the tool that asked for them (the module
+  two frames up), so that its --help shows them next to its own."""
+  module = sys._getframe(2).f_globals.get("__name__", "")
+  module = sys.argv[0] if module == "__main__" else module  # how absl names the main module
+  for name in names:
+    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+
+
+def define_config_alias(flag: str, config: str, path: str, help_string: str) -> None:
+  """Defines string flag --`flag` as a short name for --`config`.`path` (e.g. --model for
+  --config.pretrained); giving both with different values is a usage error."""
+  flags.DEFINE_string(flag, None, f"{help_string} (sets --{config}.{path})")
+  _key_flags_of_caller(flag)
+  _ALIASES.append((flag, config, path))
+
+
+def mark_required(names: Sequence[str]) -> None:
+  """`flags.mark_flags_as_required`, checked in `run` after --print_config (so that printing a
+  config needs no --workdir)."""
+  _REQUIRED.extend(names)
+
+
+def _apply_aliases(argv: Sequence[str]) -> None:
+  for flag, config_name, path in _ALIASES:
+    value = flags.FLAGS[flag].value
+    if value is None:
+      continue
+    config = flags.FLAGS[config_name].value
+    if config is None:  # no --config: the required-flag check answers that
+      continue
+    *parents, leaf = path.split(".")
+    for part in parents:
+      config = config[part]
+    if any(p == path for _, p in _override_paths(argv, config_name)) and config[leaf] != value:
+      raise app.UsageError(f"--{flag}={value} and --{config_name}.{path}={config[leaf]} disagree: "
+                           f"pass only one (--{flag} is short for --{config_name}.{path})")
+    config[leaf] = value
+
+
+def _print_config_or_check_required(argv: Sequence[str]) -> None:
+  """--print_config: print each config (aliases applied) and exit 0; else the required flags."""
+  f = flags.FLAGS
+  if "print_config" in f and f.print_config:
+    for name, _ in _CONFIG_FLAGS:
+      if f[name].value is None:
+        raise app.UsageError(f"--print_config needs --{name}=PATH_OF_A_CONFIG_FILE")
+      sys.stdout.write(f"# --{name}\n{f[name].value}")
+    sys.stdout.flush()
+    sys.exit(0)
+  for name in _REQUIRED:
+    if f[name].value is None:
+      raise app.UsageError(f"--{name} is required; see --help")
+
+
 # ------------------------------------------------------------------------------------------------
 # Running a main
 
@@ -230,6 +302,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
     quiet_logs()
     _check_config_files()
     try:
+      _apply_aliases(sys.argv)
+      _print_config_or_check_required(sys.argv)
       return main(argv)
     except (errors.InputError, app.UsageError) as e:
       fail(e)

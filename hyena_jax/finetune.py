@@ -573,5 +573,7 @@ if __name__ == "__main__":
   cli.define_config_file("config", None, "Fine-tuning config, e.g. "
                          "configs/finetune.py:human_enhancers_cohn[:small_data]")
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.json go.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_config_alias("model", "config", "pretrained", "Starting weights: a released model "
+                          "folder or name, an orbax workdir or a weights file")
+  cli.mark_required(["config", "workdir"])
   cli.run(main)

@@ -384,5 +384,7 @@ if __name__ == "__main__":
   from hyena_jax import cli
   cli.define_config_file("config", None, "ICL config, e.g. configs/finetune/icl_soft_prompt.py")
   flags.DEFINE_string("workdir", None, "Where metrics, results.json and tuned weights go.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_config_alias("model", "config", "pretrained", "Starting weights: a released model "
+                          "folder or name, an orbax workdir or a weights file")
+  cli.mark_required(["config", "workdir"])
   cli.run(main)

@@ -24,7 +24,7 @@ from hyena_jax import cli, distributed, train  # noqa: E402
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "default.py")
 cli.define_config_file(
-    "config", _DEFAULT_CONFIG, "Training config file; override fields with --config.a.b=value.")
+    "config", _DEFAULT_CONFIG, "Training config file (default: configs/default.py)")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints and metrics go.")
 _ALLOW_CHANGED = flags.DEFINE_list(
     "allow_changed", [],

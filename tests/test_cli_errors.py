@@ -40,7 +40,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 TOOLS = ("main", "finetune", "icl", "convert", "export", "embed", "score", "generate")
-MODEL_TOOLS = ("convert", "export", "embed", "score", "generate")  # the rest: --config.pretrained
+MODEL_TOOLS = ("convert", "export", "embed", "score", "generate")  # finetune, icl: --model too
 
 
 def _tiny_lm() -> HyenaLM:
@@ -208,3 +208,64 @@ def test_every_cli_help_runs_and_names_model_and_output(tmp_path):
       assert "--model:" in out and "--output:" in out, (tool, out)
       assert "--out:" not in out and "--from:" not in out and "--workdir:" not in out, tool
   assert "--workdir is the deprecated name of --model: pass only --model" in _one_line_error(both)
+
+
+def test_print_config_shows_fields_and_model_sets_pretrained(tmp_path):
+  """--help points at --print_config, which prints the resolved config (overrides and --model
+  applied) and exits 0 without a --workdir; --model and a different --config.pretrained clash."""
+  table = os.path.join(ROOT, "configs", "finetune.py")
+  icl_file = os.path.join(ROOT, "configs", "finetune", "icl_soft_prompt.py")
+  env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  commands = {
+      "main": ["-m", "hyena_jax.main", "--print_config", "--config.optim.learning_rate=0.125"],
+      "main_help": ["-m", "hyena_jax.main", "--help"],
+      "finetune": ["-m", "hyena_jax.finetune",
+                   f"--config={table}:human_nontata_promoters:small_data", "--model=some/weights",
+                   "--print_config"],
+      "icl": ["-m", "hyena_jax.icl", f"--config={icl_file}", "--config.pretrained=old/spelling",
+              "--print_config"],
+      "clash": ["-m", "hyena_jax.finetune", f"--config={table}:nt_H3", "--model=a",
+                "--config.pretrained=b", "--workdir=w"],
+      "typo": ["-m", "hyena_jax.finetune", f"--config={table}:human_enhancers_chon",
+               "--workdir=w"],
+  }
+  procs = {k: subprocess.Popen([sys.executable, *v], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for k, v in commands.items()}
+  out = {}
+  for k, proc in procs.items():
+    stdout, stderr = proc.communicate(timeout=300)
+    out[k] = subprocess.CompletedProcess(commands[k], proc.returncode, stdout, stderr)
+  assert out["main"].returncode == 0, out["main"].stderr
+  assert "learning_rate: 0.125" in out["main"].stdout and "global_batch_size" in out["main"].stdout
+  assert out["main_help"].returncode == 0 and "--[no]print_config" in out["main_help"].stdout
+  ft = out["finetune"]
+  assert ft.returncode == 0, ft.stderr
+  assert "pretrained: some/weights" in ft.stdout and "task: human_nontata_promoters" in ft.stdout
+  assert "batch_size: 32" in ft.stdout  # the small_data recipe
+  assert out["icl"].returncode == 0 and "pretrained: old/spelling" in out["icl"].stdout
+  assert "--model=a and --config.pretrained=b disagree" in _one_line_error(out["clash"])
+  assert "did you mean human_enhancers_cohn?" in _one_line_error(out["typo"])
+  assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_finetune_task_table_keeps_each_task_and_names_the_known_ones():
+  import runpy
+  table = runpy.run_path(os.path.join(ROOT, "configs", "finetune.py"))
+  get_config = table["get_config"]
+  assert len(table["TASKS"]) == 25
+  cohn = get_config("human_enhancers_cohn")
+  assert (cohn.task, cohn.data.max_length, cohn.head.n_classes, cohn.eval.metric) == (
+      "human_enhancers_cohn", 500, 2, "accuracy")
+  assert cohn.to_dict() == get_config("human_enhancers_cohn:official").to_dict()
+  assert get_config("human_enhancers_cohn:small_data").train.batch_size == 32
+  assert get_config("dummy_mouse_enhancers_ensembl").model.l_max == 4709
+  splice = get_config("nt_splice_sites_donors")
+  assert (splice.data.max_length, splice.eval.metric, splice.model.d_model) == (
+      600, "macro_f1", 256)
+  with pytest.raises(InputError, match=r"did you mean nt_H3K4me3\?.*nt_splice_sites_donors"):
+    get_config("nt_H3K4me33")
+  with pytest.raises(InputError, match="no fine-tuning task given"):
+    get_config()
+  with pytest.raises(InputError, match="recipe"):
+    get_config("nt_H3:fast")
