@@ -4,8 +4,12 @@
         --workdir=runs/cohn --config.data.train=PATH.tsv [--config.pretrained=WORKDIR_OR_FILE]
 
 Read top to bottom in data-flow order: metrics -> labelled data -> model (scratch, orbax workdir
-or official PyTorch release) -> steps -> the loop (evaluate, early stopping, best checkpoint)
--> results.json.
+or official PyTorch release) -> steps -> the loop (evaluate, early stopping, best checkpoint,
+resumable state) -> results.json.
+
+Resuming: WORKDIR/resume/ holds the latest state (saved at every evaluation and on
+SIGTERM/SIGINT); the same command on the same workdir continues from it, bitwise equal to an
+uninterrupted run, and on a finished run changes nothing.
 
 The official recipe: the head pools the final hidden states (mean over ALL positions, left
 [PAD] included, or the last token) into Linear(d_model, n_classes); AdamW with the implicit-filter
