@@ -92,6 +92,8 @@ def run_neural(task, data, arm, seed, args, shared, root) -> dict:
   start = time.perf_counter()
   results = finetune.finetune_and_evaluate(
       neural_config(task, data, arm, seed, args, shared), str(workdir))
+  if results["status"] == "interrupted":  # SIGTERM/SIGINT: state saved; rerunning resumes it
+    raise SystemExit(f"{workdir}: interrupted at step {results['step']}; rerun to resume")
   results["wall_seconds"] = round(time.perf_counter() - start, 1)
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   return results

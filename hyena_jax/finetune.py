@@ -4,8 +4,12 @@
         --workdir=runs/cohn --config.data.train=PATH.tsv [--model=WORKDIR_OR_FILE]
 
 Read top to bottom in data-flow order: metrics -> labelled data -> model (scratch, orbax workdir
-or official PyTorch release) -> steps -> the loop (evaluate, early stopping, best checkpoint)
--> results.json.
+or official PyTorch release) -> steps -> the loop (evaluate, early stopping, best checkpoint,
+resumable state) -> results.json.
+
+Resuming: WORKDIR/resume/ holds the latest state (saved at every evaluation and on
+SIGTERM/SIGINT); the same command on the same workdir continues from it, bitwise equal to an
+uninterrupted run, and on a finished run changes nothing.
 
 The official recipe: the head pools the final hidden states (mean over ALL positions, left
 [PAD] included, or the last token) into Linear(d_model, n_classes); AdamW with the implicit-filter
@@ -26,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import time
 from typing import Any, Callable
 
@@ -379,6 +384,27 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
     raise InputError("invalid fine-tuning config:\n  " + "\n  ".join(errors))
 
 
+def _restore_state(resume_mngr: ocp.CheckpointManager, resume_dir: str, step: int,
+                   progress: dict, like: State) -> State:
+  """The state saved at `step` of WORKDIR/resume, laid out as `like`, checksums verified."""
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        {"params": like["params"], "opt_state": like["opt_state"]})
+  where = ckpt_lib.step_dir(resume_dir, step)
+  try:
+    restored = resume_mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target["params"]),
+        opt_state=ocp.args.StandardRestore(target["opt_state"])))
+  except (OSError, ValueError, KeyError) as error:
+    raise ckpt_lib.DamagedCheckpointError(
+        f"the fine-tuning state {where} cannot be restored ({error}); delete {resume_dir} to "
+        "start over, or use a new --workdir") from error
+  for item in ("params", "opt_state"):
+    ckpt_lib.verify_fingerprints(restored[item], progress["fingerprints"][item],
+                                 f"the fine-tuning state {where}/{item} is damaged: ")
+  step_array = jax.device_put(jnp.asarray(step, jnp.int32), like["step"].sharding)
+  return {"step": step_array, "params": restored["params"], "opt_state": restored["opt_state"]}
+
+
 def _tx_and_schedule(config: ml_collections.ConfigDict, total_steps: int, frozen: Any):
   o = config.optim
   schedule = optim.learning_rate_schedule(o.learning_rate, max(total_steps, 1),
@@ -390,13 +416,80 @@ def _tx_and_schedule(config: ml_collections.ConfigDict, total_steps: int, frozen
   return tx, schedule
 
 
-def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+RESUME_SUBDIR = "resume"  # WORKDIR/resume/checkpoints/<step>/: the latest state (not the best)
+# Fields that say how a step is executed, not what it computes: they may change on resume.
+_EXECUTION_FIELDS = {"model.remat", "model.scan_layers", "model.conv_impl"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _check_same_run(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir whose run had a different config (execution fields aside)."""
+  old, new = _flatten(saved), _flatten(ckpt_lib.config_to_json(config))
+  for name in sorted((set(old) | set(new)) - _EXECUTION_FIELDS):
+    if old.get(name) != new.get(name):
+      raise InputError(
+          f"{workdir} holds a fine-tuning run with a different config: {name} was "
+          f"{old.get(name)!r}, the config says {new.get(name)!r}. Use a new --workdir, or pass "
+          f"--config.{name}={old.get(name)!r} to resume it")
+
+
+def _resume_state(workdir: str, config: ml_collections.ConfigDict
+                  ) -> tuple[int | None, dict | None]:
+  """(latest resume step, its progress) after checking that the workdir holds this run;
+  (None, None) for a fresh workdir."""
+  resume_dir = os.path.join(workdir, RESUME_SUBDIR)
+  step = ckpt_lib.latest_step(resume_dir)
+  if step is None:
+    if ckpt_lib.latest_step(workdir) is not None:
+      raise OutputExistsError(
+          f"{workdir} already holds a fine-tuning run (checkpoints/) without a resumable state "
+          f"({resume_dir}/ is missing: written by an older version, or killed before its first "
+          "evaluation); use a new --workdir")
+    return None, None
+  progress = ckpt_lib.read_json_item(resume_dir, step, "progress")
+  _check_same_run(progress["config"], config, workdir)
+  return step, progress
+
+
+def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                          stop_after_steps: int | None = None) -> dict[str, Any]:
   """Fine-tunes on config.data, keeps the best validation checkpoint, evaluates it on the test
   split; writes WORKDIR/{results.json, metrics.jsonl, test_outputs.npy, checkpoints/} and
-  returns the results dict. train.epochs = train.num_steps = 0 evaluates the initial weights."""
-  if ckpt_lib.latest_step(workdir) is not None:
-    raise OutputExistsError(f"{workdir} already holds a fine-tuning run (checkpoints/); use a new "
-                            "--workdir")
+  returns the results dict (with "status": "finished"). train.epochs = train.num_steps = 0
+  evaluates the initial weights.
+
+  Resumable: at every evaluation (and when stopped) the latest state (params, optimizer state,
+  step, best-selection and early-stopping state) goes to WORKDIR/resume/; running the same config
+  on the workdir again continues from there and ends bitwise equal to an uninterrupted run (the
+  data order and dropout keys are functions of the step). A finished run rerun returns its
+  results.json and changes nothing; a different config is refused. SIGTERM/SIGINT, or
+  `stop_after_steps` (tests), save the state after the current step and return
+  {"status": "interrupted", "step": ..., ["signal": name]}.
+  """
+  resume_step, progress = _resume_state(workdir, config)
+  results_path = os.path.join(workdir, "results.json")
+  if progress is not None and progress["done"] and os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+    logging.info("%s: the fine-tuning run finished at step %d; nothing to do (test %s)", workdir,
+                 progress["step"], results.get("test"))
+    return results
+  from hyena_jax.train import _Preemption  # pylint: disable=g-import-not-at-top
+  with _Preemption() as preemption:
+    return _finetune(config, workdir, resume_step, progress, stop_after_steps, preemption)
+
+
+def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int | None,
+              progress: dict | None, stop_after_steps: int | None, preemption) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh.data, 1, 1)
   n_devices = mesh.shape["data"]
   validate_config(config, n_devices)
@@ -435,9 +528,10 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
 
   run_config = ckpt_lib.config_to_json(config)
   run_config["model"] = dataclasses.asdict(model.config)  # the architecture actually trained
-  writer = metrics_writer.MetricsWriter(workdir)
   mngr = ckpt_lib.make_manager(workdir, keep_last=1, keep_best=True, async_save=False,
                                best_metric="valid_objective")
+  resume_dir = os.path.join(workdir, RESUME_SUBDIR)
+  resume_mngr = ckpt_lib.make_manager(resume_dir, keep_last=1, keep_best=False, async_save=False)
   metric = config.eval.metric
   eval_every = config.train.eval_every_steps or steps_per_epoch
   # Selection ranks (not constant, score): a constant predictor on validation never displaces a
@@ -446,7 +540,41 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   best = {"step": 0, "score": -np.inf, "constant": True}
   since_best, stopped_early, step, start = 0, False, 0, time.perf_counter()
   rng_epoch, order = -1, None
-  warnings, constant_steps = [], []
+  warnings, constant_steps, earlier_seconds, resumed_at = [], [], 0.0, []
+  if progress is not None:
+    state = _restore_state(resume_mngr, resume_dir, resume_step, progress, state)
+    step, since_best = progress["step"], progress["since_best"]
+    stopped_early = progress["stopped_early"]
+    best = dict(progress["best"])
+    best["score"] = -np.inf if best["score"] is None else best["score"]
+    warnings, constant_steps = list(progress["warnings"]), list(progress["constant_steps"])
+    earlier_seconds, resumed_at = progress["train_seconds"], progress["resumed_at"] + [step]
+    # Best checkpoints saved after the resumed state (a kill between the two saves) are
+    # recomputed identically by the steps to come; orbax refuses to save a step that exists.
+    for later in [s for s in mngr.all_steps() if s > step]:
+      mngr.delete(later)
+    logging.info("resuming the fine-tuning run in %s at step %d/%d (best so far: step %d)",
+                 workdir, step, total, best["step"])
+  # Rows of steps after the resumed state were written by the interrupted run: dropped.
+  writer = metrics_writer.MetricsWriter(workdir, resume_step=step)
+  first_step = step + 1
+
+  def save_resume_state(step, done):
+    if step in resume_mngr.all_steps():
+      return
+    sums = {"params": ckpt_lib.fingerprints(state["params"]),
+            "opt_state": ckpt_lib.fingerprints(state["opt_state"])}
+    progress = {"step": step, "done": done, "stopped_early": stopped_early,
+                "since_best": since_best,
+                "best": {**best, "score": None if best["score"] == -np.inf else best["score"]},
+                "warnings": warnings, "constant_steps": constant_steps,
+                "train_seconds": earlier_seconds + time.perf_counter() - start,
+                "resumed_at": resumed_at, "fingerprints": sums,
+                "config": ckpt_lib.config_to_json(config)}
+    resume_mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        progress=ocp.args.JsonSave(progress)))
 
   def save(step, params, score, constant=False):
     objective = score - (1e6 if constant else 0.0)
@@ -454,7 +582,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
                                             config=ocp.args.JsonSave(run_config)),
               metrics={"valid_objective": -objective})
 
-  while step < total:
+  while step < total and not stopped_early:  # stopped_early: a resumed early stop
     epoch, pos = divmod(step, steps_per_epoch)
     if epoch != rng_epoch:  # a fresh permutation every epoch, from (seed, epoch)
       order = np.random.default_rng([config.train.seed, epoch]).permutation(len(splits["train"]))
@@ -465,21 +593,21 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     step += 1
     # Step 1 is logged too, so that progress shows as soon as the step has compiled; the ETA
     # uses the steps after it (compile time excluded).
-    if step == 1 or step % config.train.log_every_steps == 0 or step == total:
+    if step == first_step or step % config.train.log_every_steps == 0 or step == total:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite loss at step {step}: lower optim.learning_rate")
       now = time.perf_counter()
-      if step == 1:
+      if step == first_step:
         first_step_done = now
-        progress = "(the first step includes compiling it)"
+        eta = "(the first step includes compiling it)"
       else:
-        progress = f"ETA {(now - first_step_done) / (step - 1) * (total - step):.0f} s"
+        eta = f"ETA {(now - first_step_done) / (step - first_step) * (total - step):.0f} s"
       if step % config.train.log_every_steps == 0 or step == total:
         writer.write(step, {**metrics, "epoch": step / steps_per_epoch})
       logging.info("step %d/%d (epoch %.2f)  loss %.4f  lr %.2e  %.1f s  %s", step, total,
                    step / steps_per_epoch, metrics["loss"], metrics["learning_rate"],
-                   now - start, progress)
+                   now - start, eta)
     if step % eval_every == 0 or step == total:
       valid, valid_outputs = run_eval(state["params"], "valid")
       summary = prediction_summary(valid_outputs, n_classes)
@@ -504,8 +632,23 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
                        "(best %.4f at step %d)", step, metric, since_best, best["score"],
                        best["step"])
           stopped_early = True
-          break
-  train_seconds = time.perf_counter() - start
+      # After the best checkpoint: a resumed state never names a best step that is not saved.
+      save_resume_state(step, done=stopped_early or step == total)
+      if stopped_early:
+        break
+    if step < total and (preemption.agreed() or
+                         (stop_after_steps is not None and step >= stop_after_steps)):
+      save_resume_state(step, done=False)
+      writer.close(plot=False)
+      mngr.close()
+      resume_mngr.close()
+      logging.info("stopped at step %d/%d; the state is saved in %s: run the same command again "
+                   "to resume", step, total, resume_dir)
+      result = {"status": "interrupted", "step": step}
+      if preemption.requested:
+        result["signal"] = signal.Signals(preemption.signum).name
+      return result
+  train_seconds = earlier_seconds + time.perf_counter() - start
 
   params = state["params"]
   if total:
@@ -515,9 +658,12 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     params = mngr.restore(best["step"], args=ocp.args.Composite(
         params=ocp.args.StandardRestore(target)))["params"]
   else:  # evaluation only: keep the initial weights as the run's checkpoint
-    save(0, params, 0.0)
+    if 0 not in mngr.all_steps():
+      save(0, params, 0.0)
     mngr.wait_until_finished()
+    save_resume_state(0, done=True)
   mngr.close()
+  resume_mngr.close()
   valid, valid_outputs = run_eval(params, "valid")
   test, test_outputs = run_eval(params, "test")
   np.save(os.path.join(workdir, "test_outputs.npy"), test_outputs)
@@ -534,6 +680,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     warnings.append(message)
     logging.warning("%s", message)
   results = {
+      "status": "finished", "resumed_at": resumed_at,
       "task": config.task, "metric": metric, "init": init,
       "test": test, "valid": valid, "predictions": predictions,
       "collapsed": predictions["valid"]["constant"], "constant_valid_steps": constant_steps,
@@ -545,8 +692,9 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
       "devices": f"{n_devices} x {jax.devices()[0].platform}",
       "config": run_config,
   }
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  # Written atomically: a rerun takes an existing results.json as the sign of a finished run.
+  metrics_writer.write_atomically(os.path.join(workdir, "results.json"),
+                                  json.dumps(results, indent=1))
   logging.info("test %s (best valid %s %.4f at step %d)",
                "  ".join(f"{k} {v:.4f}" for k, v in test.items()), metric, best["score"],
                best["step"])

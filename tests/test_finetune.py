@@ -1,7 +1,10 @@
 """Fine-tuning and in-context learning: metrics, learning on real data, frozen parts stay
 bitwise unchanged, the fine-tuned fixture classifier through the evaluation path, bad inputs."""
 
+import glob
 import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import finetune, finetune_config, icl
 from hyena_jax import tokenizer as tok
+from hyena_jax.errors import InputError
 from hyena_jax.model import HyenaLM
 
 TINY = dict(d_model=32, n_layer=2, d_inner=64, filter_order=16, l_max=256)
@@ -120,6 +124,62 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path,
   # It stopped exactly `patience` evaluations after the best, which nothing later beat.
   assert results["steps"] == results["best_step"] + 2
   assert accs[results["best_step"] - 1] == max(accs) > max(accs[:results["best_step"] - 1] + [0])
+
+
+def test_a_stopped_finetune_resumes_bitwise_and_a_finished_one_changes_nothing(tmp_path,
+                                                                             promoters):
+  train = _write_rows(tmp_path / "train.tsv", promoters[:64])
+  test = _write_rows(tmp_path / "test.tsv", promoters[64:])
+  # 4 steps per epoch, evaluated every 3: the stop at step 7 is mid-epoch and between evaluations.
+  config = _config(train, test, epochs=3, eval_every_steps=3)
+  config.model.embed_dropout = 0.1  # dropout keys must follow the step across the resume
+  whole = finetune.finetune_and_evaluate(config, str(tmp_path / "whole"))
+  workdir = str(tmp_path / "resumed")
+  stopped = finetune.finetune_and_evaluate(config, workdir, stop_after_steps=7)
+  assert stopped == {"status": "interrupted", "step": 7}
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  resumed = finetune.finetune_and_evaluate(config, workdir)
+  assert resumed["status"] == whole["status"] == "finished" and resumed["resumed_at"] == [7]
+  for key in ("test", "valid", "best_step", "steps", "constant_valid_steps", "warnings"):
+    assert resumed[key] == whole[key], key
+  read = lambda run: [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+  assert read("resumed") == read("whole")  # no step twice, none missing
+  np.testing.assert_array_equal(np.load(tmp_path / "resumed" / "test_outputs.npy"),
+                                np.load(tmp_path / "whole" / "test_outputs.npy"))
+  best = [ckpt_lib.restore_model(str(tmp_path / run), whole["best_step"])[0]
+          for run in ("whole", "resumed")]
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(best[0], nnx.Param)),
+               nnx.to_pure_dict(nnx.state(best[1], nnx.Param)))
+  final = [ckpt_lib.read_json_item(os.path.join(tmp_path, run, finetune.RESUME_SUBDIR), 12,
+                                   "progress")["fingerprints"] for run in ("whole", "resumed")]
+  assert final[0] == final[1]  # the last params and optimizer state, bit for bit
+  # A finished run: rerunning it returns its results and writes nothing.
+  mtimes = {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)}
+  assert finetune.finetune_and_evaluate(config, workdir) == resumed
+  assert {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)} == mtimes
+  config.optim.learning_rate = 1e-3
+  with pytest.raises(InputError, match="optim.learning_rate was 0.003"):
+    finetune.finetune_and_evaluate(config, workdir)
+
+
+def test_sigterm_saves_the_state_and_the_rerun_finishes(tmp_path, promoters, monkeypatch):
+  train = _write_rows(tmp_path / "train.tsv", promoters[:64])
+  test = _write_rows(tmp_path / "test.tsv", promoters[64:])
+  config = _config(train, test, epochs=1)
+  write = finetune.metrics_writer.MetricsWriter.write
+
+  def write_then_signal(self, step, metrics):  # the signal lands in the middle of step 2's logging
+    write(self, step, metrics)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(finetune.metrics_writer.MetricsWriter, "write", write_then_signal)
+  workdir = str(tmp_path / "run")
+  assert finetune.finetune_and_evaluate(config, workdir) == {
+      "status": "interrupted", "step": 2, "signal": "SIGTERM"}
+  monkeypatch.undo()
+  resumed = finetune.finetune_and_evaluate(config, workdir)
+  assert resumed["status"] == "finished" and resumed["resumed_at"] == [2] and resumed["steps"] == 4
 
 
 def test_pretrained_backbone_beats_the_majority_class_on_real_data(tmp_path):
