@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -709,7 +710,9 @@ def main(argv) -> None:
   from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  finetune_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  result = finetune_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  if result.get("status") == "interrupted":  # saved; rerun the same command to resume
+    sys.exit(128 + signal.Signals[result.get("signal", "SIGTERM")].value)
 
 
 if __name__ == "__main__":
