@@ -42,7 +42,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import nnx
+from flax import nnx, traverse_util
 
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
@@ -50,6 +50,7 @@ from hyena_jax import data as data_lib
 from hyena_jax import metrics_writer, optim, sharding
 from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
+from hyena_jax import train as train_lib
 from hyena_jax.errors import InputError, OutputExistsError
 from hyena_jax.finetune_config import METRICS
 from hyena_jax.model import SequenceClassifier
@@ -418,24 +419,15 @@ def _tx_and_schedule(config: ml_collections.ConfigDict, total_steps: int, frozen
 
 
 RESUME_SUBDIR = "resume"  # WORKDIR/resume/checkpoints/<step>/: the latest state (not the best)
-# Fields that say how a step is executed, not what it computes: they may change on resume.
-_EXECUTION_FIELDS = {"model.remat", "model.scan_layers", "model.conv_impl"}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def _check_same_run(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a workdir whose run had a different config (execution fields aside)."""
-  old, new = _flatten(saved), _flatten(ckpt_lib.config_to_json(config))
-  for name in sorted((set(old) | set(new)) - _EXECUTION_FIELDS):
+  """Refuses to resume a workdir whose run had a different config; how a step is executed
+  (train.EXECUTION_FIELDS) may change, as in pretraining."""
+  flat = lambda tree: traverse_util.flatten_dict(tree, sep=".")  # noqa: E731
+  old, new = flat(saved), flat(ckpt_lib.config_to_json(config))
+  execution = {f"model.{name}" for name in train_lib.EXECUTION_FIELDS}
+  for name in sorted((set(old) | set(new)) - execution):
     if old.get(name) != new.get(name):
       raise InputError(
           f"{workdir} holds a fine-tuning run with a different config: {name} was "
@@ -484,8 +476,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("%s: the fine-tuning run finished at step %d; nothing to do (test %s)", workdir,
                  progress["step"], results.get("test"))
     return results
-  from hyena_jax.train import _Preemption  # pylint: disable=g-import-not-at-top
-  with _Preemption() as preemption:
+  with train_lib.Preemption() as preemption:  # the same signal handling as pretraining
     return _finetune(config, workdir, resume_step, progress, stop_after_steps, preemption)
 
 

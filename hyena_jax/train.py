@@ -233,12 +233,15 @@ def _check_allow_changed(allow_changed: tuple[str, ...], config: ml_collections.
           f"optim.<field> with <field> one of {', '.join(sorted(config.optim.keys()))}")
 
 
+# How the step is executed may change between runs of one workdir; what it computes may not.
+EXECUTION_FIELDS = ("remat", "scan_layers", "conv_impl")
+
+
 def _check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str,
                       allow_changed: tuple[str, ...] = ()) -> dict[str, list]:
   """Refuses a checkpoint of a different run; returns {name: [old, new]} of allowed changes."""
   current = ckpt_lib.config_to_json(config)
-  # How the step is executed may change between runs; what it computes may not.
-  execution = {"remat", "scan_layers", "conv_impl"}
+  execution = set(EXECUTION_FIELDS)
   changes = {}
   for section, keys in (("model", None), ("train", ("global_batch_size", "stages", "seed")),
                         ("optim", None)):
@@ -404,7 +407,7 @@ def _resume(mngr: ocp.CheckpointManager, run: Run, allow_changed: tuple[str, ...
   return None
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the loop checks between steps:
   it saves a checkpoint and stops, and the run reports "interrupted". A second Ctrl-C stops at
   once, without saving. SIGINT is left alone where it is ignored (nohup, background jobs) or
@@ -498,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = dataclasses.replace(build_run(config), config_workdir=workdir)
   os.makedirs(workdir, exist_ok=True)
   final_path = os.path.join(workdir, "final_metrics.json")
-  with _Preemption() as preemption:
+  with Preemption() as preemption:
     mngr = ckpt_lib.make_manager(
         workdir, keep_last=config.checkpoint.keep_last,
         keep_best=config.checkpoint.keep_best and config.eval.num_batches > 0,

@@ -107,21 +107,21 @@ def test_incompatible_or_damaged_workdir_and_bad_configs_are_refused(tmp_path):
 
 def test_sigterm_and_ctrl_c_request_a_checkpointed_stop():
   import signal
-  with train._Preemption() as preemption:
+  with train.Preemption() as preemption:
     assert not preemption.requested
     os.kill(os.getpid(), signal.SIGTERM)
     assert preemption.requested and preemption.signum == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is not preemption._handler
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
   try:
-    with train._Preemption() as preemption:
+    with train.Preemption() as preemption:
       os.kill(os.getpid(), signal.SIGINT)              # Ctrl-C: save, then stop
       assert preemption.signum == signal.SIGINT
       with pytest.raises(KeyboardInterrupt):           # Ctrl-C again: stop at once
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # nohup / background job
-    with train._Preemption() as preemption:
+    with train.Preemption() as preemption:
       assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN       # left ignored
   finally:
     signal.signal(signal.SIGINT, previous)
