@@ -118,11 +118,11 @@ def _unpad(out: jax.Array, length: int, unpad: bool) -> jax.Array:
 
 # ------------------------------------------------------------------ per-device code (shard_map)
 
-def _halo(z: jax.Array, width: int, sh: _Shard) -> jax.Array | None:
-  """The last `width` positions of the previous shard: [b, C, width]; zeros on shard 0."""
+def _halo(tail: jax.Array, sh: _Shard) -> jax.Array | None:
+  """tail: this shard's last positions [b, width, C] -> the previous shard's; zeros on shard 0."""
   if sh.n == 1:
     return None  # ShortFilter pads with zeros: the start of the sequence
-  return jax.lax.ppermute(z[..., -width:], sh.axis, [(i, i + 1) for i in range(sh.n - 1)])
+  return jax.lax.ppermute(tail, sh.axis, [(i, i + 1) for i in range(sh.n - 1)])
 
 
 def _to_channels(x: jax.Array, sh: _Shard) -> jax.Array:
@@ -154,17 +154,17 @@ def _filter_channels(filter_fn: HyenaFilter, sh: _Shard) -> jax.Array:
 
 def _mixer(mixer: HyenaOperator, u: jax.Array, sh: _Shard) -> tuple[jax.Array, None]:
   """The mixer's stages on a sequence shard (a `model.Mix`). u: [b, c, d] -> [b, c, d]."""
-  taps = mixer.short_filter.kernel.shape[0]
-  x0, x1, v, _ = mixer.project(u, halo=lambda z: _halo(z, taps - 1, sh))
+  x0, x1, v, _ = mixer.project(u, halo=lambda tail: _halo(tail, sh))
   k = _filter_channels(mixer.filter_fn, sh)                         # [d / N, Lp]
   d_local = mixer.d_model // sh.n
   d_bias = jax.lax.dynamic_slice_in_dim(mixer.filter_fn.bias[...],
                                         jax.lax.axis_index(sh.axis) * d_local, d_local)
   # float32 in, so the convolution comes back (and travels) unrounded: with the gate applied by
   # `output` in float32 this is exactly the unsharded op's long_conv(vx, k, D, gate=x0).
-  y = fftconv.long_conv(_to_channels(v * x1, sh).astype(jnp.float32), k, d_bias,
+  vx = (v * x1).transpose(0, 2, 1)                                  # [b, d, c]
+  y = fftconv.long_conv(_to_channels(vx, sh).astype(jnp.float32), k, d_bias,
                         impl=mixer.conv_impl)                       # [b, d / N, Lp]
-  return mixer.output(_to_positions(y, sh), gate=x0), None
+  return mixer.output(_to_positions(y, sh).transpose(0, 2, 1), gate=x0), None
 
 
 def _backbone(backbone: Backbone, x: jax.Array, sh: _Shard) -> jax.Array:
