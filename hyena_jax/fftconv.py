@@ -22,6 +22,8 @@ to a much slower algorithm).
 from __future__ import annotations
 
 import functools
+import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,74 @@ def fft_size(n_min: int) -> int:
   return best
 
 
+def _cpu_parts(channels: int) -> int:
+  """How many channel groups the CPU runs as separate FFTs: XLA:CPU runs one FFT on one thread
+  below ~32k points but runs independent FFTs concurrently, so one group per core (of at least
+  16 channels, DUCC vectorises across channels) keeps every core busy."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(cores or 1, channels // 16))
+
+
+def _by_channels(fn: Callable[..., tuple], args: tuple, channel_axes: tuple, channels: int
+                 ) -> tuple:
+  """fn(*args), run on CPU as `_cpu_parts` calls on channel groups (concatenated back), and as
+  one call elsewhere. `channel_axes[i]` is the channel axis of args[i] (None: shared). Every
+  output of fn is [..., C, L']-shaped with channels at axis -2."""
+  parts = _cpu_parts(channels)
+  if parts == 1:
+    return fn(*args)
+  bounds = [channels * i // parts for i in range(parts + 1)]
+
+  def split(*args):
+    outs = [fn(*[a if ax is None else jax.lax.slice_in_dim(a, lo, hi, axis=ax)
+                 for a, ax in zip(args, channel_axes)])
+            for lo, hi in zip(bounds, bounds[1:])]
+    return tuple(jnp.concatenate(xs, axis=-2) for xs in zip(*outs))
+
+  # Lowering keeps one branch: the split on CPU, the single call on GPU/TPU.
+  return jax.lax.platform_dependent(*args, cpu=split, default=fn)
+
+
+def _spectra(u: jax.Array, k: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  return jnp.fft.rfft(u, n=n), jnp.fft.rfft(k, n=n)
+
+
+@jax.custom_vjp
+def _causal_conv(u: jax.Array, k: jax.Array) -> jax.Array:
+  """u [B, C, L] float32, k [C, L] float32 -> sum_{s<=t} k[c, t-s] u[b, c, s]: [B, C, L]."""
+  return _causal_conv_fwd(u, k)[0]
+
+
+def _causal_conv_fwd(u, k):
+  length = u.shape[-1]
+  n = fft_size(2 * length - 1)
+
+  def fwd(u, k):
+    u_f, k_f = _spectra(u, k, n)
+    return jnp.fft.irfft(u_f * k_f, n=n)[..., :length], u_f, k_f
+
+  y, u_f, k_f = _by_channels(fwd, (u, k), (1, 0), u.shape[1])
+  return y, (u_f, k_f)
+
+
+def _causal_conv_bwd(res, dy):
+  """The adjoint is a causal correlation: du = irfft(DY conj(K)), dk = sum_b irfft(DY conj(U))."""
+  u_f, k_f = res
+  length = dy.shape[-1]
+  n = fft_size(2 * length - 1)
+
+  def bwd(dy, u_f, k_f):
+    dy_f = jnp.fft.rfft(dy, n=n)
+    du = jnp.fft.irfft(dy_f * jnp.conj(k_f), n=n)[..., :length]
+    dk = jnp.fft.irfft((dy_f * jnp.conj(u_f)).sum(axis=0), n=n)[..., :length]
+    return du, dk
+
+  return _by_channels(bwd, (dy, u_f, k_f), (1, 1, 0), dy.shape[1])
+
+
+_causal_conv.defvjp(_causal_conv_fwd, _causal_conv_bwd)
+
+
 def fft_long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array,
                   gate: jax.Array | None = None) -> jax.Array:
   """Causal convolution of each channel with its own filter, plus skip term and optional gate.
@@ -65,12 +135,8 @@ def fft_long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array,
   """
   if u.ndim != 3 or k.ndim != 2 or u.shape[1:] != k.shape:
     raise ValueError(f"fft_long_conv expects u [B, C, L] and k [C, L]; got {u.shape}, {k.shape}")
-  length = u.shape[-1]
-  n = fft_size(2 * length - 1)
   u32 = u.astype(jnp.float32)
-  k_f = jnp.fft.rfft(k.astype(jnp.float32), n=n)
-  u_f = jnp.fft.rfft(u32, n=n)
-  y = jnp.fft.irfft(u_f * k_f, n=n)[..., :length]
+  y = _causal_conv(u32, k.astype(jnp.float32))
   y = y + u32 * d_bias.astype(jnp.float32)[:, None]
   if gate is not None:
     y = y * gate.astype(jnp.float32)
