@@ -32,11 +32,6 @@ import pathlib
 import platform
 import time
 
-# Faster CPU backward passes (as hyena_jax.main); must precede jax's backend initialisation.
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_experimental_ynn_fusion_type=-reduce").strip()
-
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -17,14 +17,12 @@ import time
 
 from absl import app, flags
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+import jax
+from flax import nnx
 
-import jax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from hyena_jax import generate  # noqa: E402
-from hyena_jax.config import HyenaConfig  # noqa: E402
-from hyena_jax.model import HyenaLM  # noqa: E402
+from hyena_jax import generate
+from hyena_jax.config import HyenaConfig
+from hyena_jax.model import HyenaLM
 
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "4096", "16384"], "buffer lengths T")
 _NUM_NEW = flags.DEFINE_integer("num_new", 64, "generated bases per timed run")

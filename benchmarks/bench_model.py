@@ -8,24 +8,19 @@ official PyTorch model on a 2-core CPU (float32, 2 threads) ran fwd+bwd at about
 1k and 7.7k tokens/s at 131k.
 """
 
+import argparse
+import json
 import os
+import time
 
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_experimental_ynn_fusion_type=-reduce").strip()
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from hyena_jax import config as config_lib  # noqa: E402
-from hyena_jax import optim, train  # noqa: E402
-from hyena_jax.model import HyenaLM  # noqa: E402
+from hyena_jax import config as config_lib  # also applies the CPU settings (cpu_runtime.py)
+from hyena_jax import optim, train
+from hyena_jax.model import HyenaLM
 
 
 def _time(fn, args, repeats: int) -> float:

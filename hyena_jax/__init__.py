@@ -10,6 +10,11 @@ checkpoint -> export. See README.md.
 
 from typing import TYPE_CHECKING
 
+from hyena_jax import cpu_runtime
+
+# CPU flags and malloc settings, before anything creates JAX's CPU backend (cpu_runtime.py).
+cpu_runtime.configure()
+
 if TYPE_CHECKING:
   from hyena_jax.loading import Loaded, load
 
@@ -19,7 +24,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
   # Imported on first use, so `import hyena_jax.<module>` does not pay for jax, flax and the
-  # model (and main.py can still set XLA_FLAGS before jax is imported).
+  # model.
   if name in __all__:
     from hyena_jax import loading  # pylint: disable=g-import-not-at-top
     return getattr(loading, name)

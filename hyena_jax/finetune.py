@@ -707,9 +707,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_experimental_ynn_fusion_type=-reduce").strip()
   from absl import flags
   from hyena_jax import cli
   cli.define_config_file("config", None, "Fine-tuning config, e.g. "

@@ -11,15 +11,10 @@ import os
 import signal
 import sys
 
-# Faster CPU backward passes (SPEC section 12); must be set before jax initialises its backend.
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_experimental_ynn_fusion_type=-reduce").strip()
+import jax
+from absl import app, flags, logging
 
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-from hyena_jax import cli, distributed, train  # noqa: E402
+from hyena_jax import cli, distributed, train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "default.py")
