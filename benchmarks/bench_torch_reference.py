@@ -31,7 +31,9 @@ def main():
   cfg = config_lib.released(args.model, l_max=max(max(lengths), 1026))
   model = torch_reference.HyenaDNAForCausalLM({
       "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_inner": cfg.d_inner,
-      "max_seq_len": cfg.l_max, "vocab_size": cfg.vocab_size})
+      "max_seq_len": cfg.l_max, "vocab_size": cfg.vocab_size, "emb_dim": cfg.emb_dim,
+      "filter_order": cfg.filter_order, "num_inner_mlps": cfg.num_inner_mlps,
+      "activation_freq": cfg.activation_freq})
   rows = []
   for length in lengths:
     ids = torch.randint(7, 11, (args.batch, length))
