@@ -119,7 +119,7 @@ def _unpad(out: jax.Array, length: int, unpad: bool) -> jax.Array:
 # ------------------------------------------------------------------ per-device code (shard_map)
 
 def _halo(tail: jax.Array, sh: _Shard) -> jax.Array | None:
-  """tail: this shard's last positions [b, width, C] -> the previous shard's; zeros on shard 0."""
+  """tail: this shard's last positions [b, C, width] -> the previous shard's; zeros on shard 0."""
   if sh.n == 1:
     return None  # ShortFilter pads with zeros: the start of the sequence
   return jax.lax.ppermute(tail, sh.axis, [(i, i + 1) for i in range(sh.n - 1)])
@@ -161,10 +161,9 @@ def _mixer(mixer: HyenaOperator, u: jax.Array, sh: _Shard) -> tuple[jax.Array, N
                                         jax.lax.axis_index(sh.axis) * d_local, d_local)
   # float32 in, so the convolution comes back (and travels) unrounded: with the gate applied by
   # `output` in float32 this is exactly the unsharded op's long_conv(vx, k, D, gate=x0).
-  vx = (v * x1).transpose(0, 2, 1)                                  # [b, d, c]
-  y = fftconv.long_conv(_to_channels(vx, sh).astype(jnp.float32), k, d_bias,
+  y = fftconv.long_conv(_to_channels(v * x1, sh).astype(jnp.float32), k, d_bias,
                         impl=mixer.conv_impl)                       # [b, d / N, Lp]
-  return mixer.output(_to_positions(y, sh).transpose(0, 2, 1), gate=x0), None
+  return mixer.output(_to_positions(y, sh), gate=x0), None
 
 
 def _backbone(backbone: Backbone, x: jax.Array, sh: _Shard) -> jax.Array:

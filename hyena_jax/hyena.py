@@ -119,27 +119,27 @@ class ShortFilter(nnx.Module):
 
   def __call__(self, u: jax.Array, halo: jax.Array | None = None,
                channels: slice = slice(None)) -> jax.Array:
-    """u: [batch, length, c] -> same shape, filtered with this layer's `channels` (all by default).
+    """u: [batch, c, length] -> same shape, filtered with this layer's `channels` (all by default).
 
-    Channels last: each tap is a shifted row. `halo` ([batch, taps-1, c]) holds the positions
-    just before u (from the previous shard in context parallelism, from the cache in decoding);
-    None means zeros, i.e. u starts the sequence.
+    `halo` ([batch, c, taps-1]) holds the positions just before u (from the previous shard in
+    context parallelism, from the cache in decoding); None means zeros, i.e. u starts the
+    sequence.
     """
     taps = self.kernel.shape[0]
-    length = u.shape[1]
+    length = u.shape[-1]
     if halo is None:
-      halo = jnp.zeros((u.shape[0], taps - 1, u.shape[2]), u.dtype)
-    padded = jnp.concatenate([halo.astype(u.dtype), u], axis=1)
+      halo = jnp.zeros(u.shape[:-1] + (taps - 1,), u.dtype)
+    padded = jnp.concatenate([halo.astype(u.dtype), u], axis=-1)
     w = self.kernel[...][:, 0, channels].astype(u.dtype)             # [taps, c]
-    out = self.bias[...][channels].astype(u.dtype)
+    out = self.bias[...][channels].astype(u.dtype)[:, None]
     for j in range(taps):  # unrolled over the 3 taps, not over length
-      out = out + w[j] * padded[:, j:j + length]
+      out = out + w[j][:, None] * padded[..., j:j + length]
     return out
 
 
 class DecodeCache(NamedTuple):
   """One layer's state for cached decoding at a buffer of T positions (see `HyenaOperator.step`)."""
-  z_prev: jax.Array   # [B, 2, 3d] in_proj outputs of the two previous positions (short filter)
+  z_prev: jax.Array   # [B, 3d, 2] in_proj outputs of the two previous positions (short filter)
   u: jax.Array        # [B, d, T] float32 long-conv inputs v * x1 so far (zeros beyond)
   k_rev: jax.Array    # [d, 2T] float32 the filter as `fftconv.decoding_filter` lays it out
 
@@ -172,52 +172,54 @@ class HyenaOperator(nnx.Module):
 
   def project(self, u: jax.Array, halo: jax.Array | Callable[[jax.Array], jax.Array] | None = None
               ) -> tuple[jax.Array, jax.Array, jax.Array, Callable[[], jax.Array]]:
-    """in_proj and the short filter. u: [B, L, d] -> (x0, x1, v) each [B, L, d], and z().
+    """in_proj and the short filter. u: [B, L, d] -> (x0, x1, v) each [B, d, L], and z().
 
-    Channels last, and x0, x1, v each computed from its own third of in_proj's kernel: on CPU
-    slicing or concatenating a [B, L, 3d] array along its channels (and the pads that the
-    gradient of such slices becomes) costs more than the projection itself. z() gives in_proj's
-    output [B, L, 3d] before the short filter (what a decoding cache keeps). `halo` is the short
-    filter's input at the 2 positions before u, [B, 2, 3d]: a `DecodeCache.z_prev`, or a
-    function of z's last 2 positions that fetches it (context parallelism: from the previous
-    shard); None = zeros, i.e. u starts the sequence.
+    The mixer works channels-first (the FFT runs along the last axis), and the matmuls produce
+    and consume that layout themselves: on CPU an explicit transpose gets fused with the
+    elementwise work around it and runs in cache-hostile order (the slowest part of the mixer
+    when written that way). x0, x1 and v each come from their own third of in_proj's kernel,
+    so no [B, 3d, L] array is sliced along its channels. z() gives in_proj's output [B, 3d, L]
+    before the short filter (what a decoding cache keeps). `halo` is the short filter's input
+    at the 2 positions before u, [B, 3d, 2]: a `DecodeCache.z_prev`, or a function of z's last
+    2 positions that fetches it (context parallelism: from the previous shard); None = zeros,
+    i.e. u starts the sequence.
     """
     batch, length, d = u.shape
     taps = self.short_filter.kernel.shape[0]
-    # Projections on 2-D [batch*length, C] arrays: their backward is a plain matmul on CPU.
-    u2 = u.reshape(batch * length, d).astype(self.dtype)
-    kernel = self.in_proj.kernel[...].astype(self.dtype)
+    u = u.astype(self.dtype)
+    kernel = self.in_proj.kernel[...].astype(self.dtype)             # [d, 3d]
     bias = self.in_proj.bias[...].astype(self.dtype)
     thirds = [slice(i * d, (i + 1) * d) for i in range(3)]
-    zs = [(jnp.dot(u2, kernel[:, part], precision=self.in_proj.precision) + bias[part]
-           ).reshape(batch, length, d) for part in thirds]
+    # [d, e] x [B, L, d] -> [e, B, L]: kernel^T u^T, one matmul; -> [B, e, L] (free when B = 1).
+    zs = [jax.lax.dot_general(kernel[:, part], u, (((0,), (2,)), ((), ())),
+                              precision=self.in_proj.precision).transpose(1, 0, 2)
+          + bias[part][:, None] for part in thirds]
     if callable(halo):
-      halo = halo(jnp.concatenate([z[:, length - (taps - 1):] for z in zs], axis=-1))
-    x0, x1, v = (self.short_filter(z, None if halo is None else halo[..., part], channels=part)
+      halo = halo(jnp.concatenate([z[..., length - (taps - 1):] for z in zs], axis=1))
+    x0, x1, v = (self.short_filter(z, None if halo is None else halo[:, part], channels=part)
                  for z, part in zip(zs, thirds))
-    return x0, x1, v, lambda: jnp.concatenate(zs, axis=-1)
+    return x0, x1, v, lambda: jnp.concatenate(zs, axis=1)
 
   def output(self, y: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-    """y: [B, L, d] long-conv output -> [B, L, d] (compute dtype) after `* gate` and out_proj.
+    """y: [B, d, L] long-conv output -> [B, L, d] (compute dtype) after `* gate` and out_proj.
 
-    Pass `gate` (x0, [B, L, d]) when the convolution did not apply it; the product is float32.
+    Pass `gate` (x0, [B, d, L]) when the convolution did not apply it; the product is float32.
     """
     if gate is not None:
       y = y.astype(jnp.float32) * gate.astype(jnp.float32)
-    batch, length, d = y.shape
-    y = y.astype(self.dtype).reshape(batch * length, d)
-    return self.out_proj(y).reshape(batch, length, d)
+    kernel = self.out_proj.kernel[...].astype(self.dtype)            # [d, d]
+    # [d, e] x [B, d, L] -> [e, B, L] (one matmul on y as it is), then to [B, L, e].
+    out = jax.lax.dot_general(kernel, y.astype(self.dtype), (((0,), (1,)), ((), ())),
+                              precision=self.out_proj.precision)
+    return out.transpose(1, 2, 0) + self.out_proj.bias[...].astype(self.dtype)
 
   def _forward(self, u: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The whole-sequence mixer; also returns (z, v x1, k) for `prefill`'s cache."""
     x0, x1, v, z = self.project(u)
-    vx = v * x1                                                       # [B, L, d]
+    vx = v * x1                                                       # [B, d, L]
     k = self.filter_fn(u.shape[1])                                    # [d, L] float32
-    # The FFT runs along the last axis: the transposes to [B, d, L] and back fuse into the
-    # elementwise work around the convolution (padding, skip term, gate).
-    y = fftconv.long_conv(vx.transpose(0, 2, 1), k, self.filter_fn.bias[...],
-                          x0.transpose(0, 2, 1), impl=self.conv_impl)
-    return self.output(y.transpose(0, 2, 1)), (z, vx, k)
+    y = fftconv.long_conv(vx, k, self.filter_fn.bias[...], x0, impl=self.conv_impl)
+    return self.output(y), (z, vx, k)
 
   def __call__(self, u: jax.Array) -> jax.Array:
     """u: [B, L, d] -> [B, L, d] in the compute dtype."""
@@ -229,13 +231,12 @@ class HyenaOperator(nnx.Module):
     The long convolution goes through the `conv_impl` dispatch, like `__call__`.
     """
     y, (z, vx, k) = self._forward(u)
-    z = z()                                                           # [B, T, 3d]
+    z = z()                                                           # [B, 3d, T]
     length = u.shape[1]
     keep = (jnp.arange(length) < start)[None, None, :]
-    z_pad = jnp.concatenate([jnp.zeros((z.shape[0], 2, z.shape[2]), z.dtype), z], axis=1)
-    return y, DecodeCache(z_prev=jax.lax.dynamic_slice_in_dim(z_pad, start, 2, axis=1),
-                          u=vx.transpose(0, 2, 1).astype(jnp.float32) * keep,
-                          k_rev=fftconv.decoding_filter(k))
+    z_pad = jnp.concatenate([jnp.zeros(z.shape[:2] + (2,), z.dtype), z], axis=-1)
+    return y, DecodeCache(z_prev=jax.lax.dynamic_slice_in_dim(z_pad, start, 2, axis=2),
+                          u=vx.astype(jnp.float32) * keep, k_rev=fftconv.decoding_filter(k))
 
   def step(self, u: jax.Array, cache: DecodeCache, t: jax.Array
            ) -> tuple[jax.Array, DecodeCache]:
@@ -246,8 +247,7 @@ class HyenaOperator(nnx.Module):
     left to convolve, so neither the FFT nor the Pallas kernel applies.
     """
     x0, x1, v, z = self.project(u, halo=cache.z_prev)
-    vx = (v * x1).transpose(0, 2, 1).astype(jnp.float32)             # [B, d, 1]
-    hist = jax.lax.dynamic_update_slice_in_dim(cache.u, vx, t, axis=2)
+    hist = jax.lax.dynamic_update_slice_in_dim(cache.u, (v * x1).astype(jnp.float32), t, axis=2)
     y = fftconv.long_conv_step(hist, cache.k_rev, self.filter_fn.bias[...], t)   # [B, d]
-    z_prev = jnp.concatenate([cache.z_prev[:, 1:], z()], axis=1)
-    return self.output(y[:, None, :], gate=x0), DecodeCache(z_prev, hist, cache.k_rev)
+    z_prev = jnp.concatenate([cache.z_prev[..., 1:], z()], axis=-1)
+    return self.output(y[..., None], gate=x0), DecodeCache(z_prev, hist, cache.k_rev)
