@@ -190,10 +190,11 @@ class HyenaOperator(nnx.Module):
     kernel = self.in_proj.kernel[...].astype(self.dtype)             # [d, 3d]
     bias = self.in_proj.bias[...].astype(self.dtype)
     thirds = [slice(i * d, (i + 1) * d) for i in range(3)]
-    # [d, e] x [B, L, d] -> [e, B, L]: kernel^T u^T, one matmul; -> [B, e, L] (free when B = 1).
-    zs = [jax.lax.dot_general(kernel[:, part], u, (((0,), (2,)), ((), ())),
-                              precision=self.in_proj.precision).transpose(1, 0, 2)
-          + bias[part][:, None] for part in thirds]
+    # Per sequence: kernel^T u^T, [e, d] x [d, L] -> [e, L] (a batched matmul).
+    kernels = jnp.broadcast_to(kernel, (batch,) + kernel.shape)      # [B, d, 3d]
+    zs = [jax.lax.dot_general(kernels[..., part], u, (((1,), (2,)), ((0,), (0,))),
+                              precision=self.in_proj.precision) + bias[part][:, None]
+          for part in thirds]
     if callable(halo):
       halo = halo(jnp.concatenate([z[..., length - (taps - 1):] for z in zs], axis=1))
     x0, x1, v = (self.short_filter(z, None if halo is None else halo[:, part], channels=part)
@@ -208,10 +209,11 @@ class HyenaOperator(nnx.Module):
     if gate is not None:
       y = y.astype(jnp.float32) * gate.astype(jnp.float32)
     kernel = self.out_proj.kernel[...].astype(self.dtype)            # [d, d]
-    # [d, e] x [B, d, L] -> [e, B, L] (one matmul on y as it is), then to [B, L, e].
-    out = jax.lax.dot_general(kernel, y.astype(self.dtype), (((0,), (1,)), ((), ())),
+    kernels = jnp.broadcast_to(kernel, (y.shape[0],) + kernel.shape)  # [B, d, e]
+    # Per sequence: kernel^T y, [e, d] x [d, L] -> [e, L] (y as it is), then to [B, L, e].
+    out = jax.lax.dot_general(kernels, y.astype(self.dtype), (((1,), (1,)), ((0,), (0,))),
                               precision=self.out_proj.precision)
-    return out.transpose(1, 2, 0) + self.out_proj.bias[...].astype(self.dtype)
+    return out.transpose(0, 2, 1) + self.out_proj.bias[...].astype(self.dtype)
 
   def _forward(self, u: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The whole-sequence mixer; also returns (z, v x1, k) for `prefill`'s cache."""
