@@ -6,7 +6,8 @@ Entry points, one per way the model needs it:
   * `long_conv(..., impl=conv_impl)`: THE dispatch every whole-sequence caller goes through (the
     model's forward, context parallelism on its channel shard, the decoder's prefill):
     "fft" -> `fft_long_conv`, "pallas" -> `pallas_conv.long_conv` (matmul DFTs, fused gate).
-  * `fft_long_conv`: the XLA path (`jnp.fft`, float32).
+  * `fft_long_conv`: the XLA path (`jnp.fft`, float32; a custom VJP whose FFTs run on CPU as
+    one channel group per core, see `_cpu_parts`).
   * `decoding_filter` + `long_conv_step`: one output position on a cache of past inputs, for
     cached decoding. It is a dot product of length T, not a convolution over the sequence, so it
     is the same for every `conv_impl` (an FFT or a Pallas kernel would compute all T outputs to
