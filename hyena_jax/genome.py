@@ -73,11 +73,7 @@ def read_bed(path: str | os.PathLike, sizes: dict[str, int], split: str | None =
   index = {name: i for i, name in enumerate(names)}
   rows, seen_splits = [], {}
   # Plain or gzip told by content; binary files and damaged gzip are named with the line.
-  for lineno, line in seqfiles.text_lines(path):
-    if not line.strip() or line.startswith(("#", "track", "browser")):
-      continue
-    where = f"{path}:{lineno}"
-    cols = line.split("\t") if "\t" in line else line.split()
+  for where, cols, line in seqfiles.column_rows(path, skip=("#", "track", "browser")):
     if len(cols) < 3:
       raise InputError(f"{where}: expected `chrom start end [split]`, got {len(cols)} "
                        f"column(s): {line[:80]!r}")

@@ -91,6 +91,16 @@ def text_lines(path: str | os.PathLike, *, encoding: str = "utf-8"
                      "re-download or re-compress the file") from None
 
 
+def column_rows(path: str | os.PathLike, *, skip: tuple[str, ...] = ("#",),
+                encoding: str = "utf-8") -> Iterator[tuple[str, list[str], str]]:
+  """("file:line", columns, line) of each data row of a tab- or space-separated text file
+  (plain or gzip, as `text_lines`); blank lines and lines starting with a `skip` prefix are
+  left out. BED and VCF rows are read with it."""
+  for lineno, line in text_lines(path, encoding=encoding):
+    if line.strip() and not line.startswith(skip):
+      yield f"{path}:{lineno}", (line.split("\t") if "\t" in line else line.split()), line
+
+
 # ------------------------------------------------------------------------------------------------
 # FASTA, streamed
 
@@ -517,11 +527,7 @@ def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise MissingInputError(f"VCF file not found: {path}")
-  for lineno, line in text_lines(path, encoding="latin-1"):
-    if not line.strip() or line.startswith("#"):
-      continue
-    where = f"{path}:{lineno}"
-    cols = line.split("\t") if "\t" in line else line.split()
+  for where, cols, _ in column_rows(path, encoding="latin-1"):
     if len(cols) < 5:
       raise InputError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "
                        f"{len(cols)}")
