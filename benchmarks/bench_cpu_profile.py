@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+import cpu_models  # benchmarks/cpu_models.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,26 +53,11 @@ def _kind_torch(name: str) -> str | None:
 
 def _child_jax(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from hyena_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from hyena_jax import train  # pylint: disable=g-import-not-at-top
-  from hyena_jax.model import HyenaLM  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.released(args.model, l_max=max(args.length, 1026))
-  model = HyenaLM(cfg, rngs=nnx.Rngs(0))
-  model.eval()
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
-
-  def loss_fn(p, ids):
-    logits = nnx.merge(graphdef, p)(ids)
-    return train.lm_loss_terms(logits, ids, jnp.ones(ids.shape, jnp.float32))["loss_sum"]
-
-  if args.mode == "forward":
-    fn = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
-  else:
-    fn = jax.jit(jax.grad(loss_fn))
+  params, forward, loss_fn = cpu_models.jax_lm(cfg)
+  fn = jax.jit(forward) if args.mode == "forward" else jax.jit(jax.grad(loss_fn))
   ids = jax.random.randint(jax.random.key(0), (1, args.length), 7, 11)
   for _ in range(2):
     jax.block_until_ready(fn(params, ids))
@@ -97,14 +84,9 @@ def _child_torch(args) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from torch.profiler import ProfilerActivity, profile  # pylint: disable=g-import-not-at-top
   from hyena_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from hyena_jax import torch_reference  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.released(args.model, l_max=max(args.length, 1026))
-  model = torch_reference.HyenaDNAForCausalLM({
-      "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_inner": cfg.d_inner,
-      "max_seq_len": cfg.l_max, "vocab_size": cfg.vocab_size, "emb_dim": cfg.emb_dim,
-      "filter_order": cfg.filter_order, "num_inner_mlps": cfg.num_inner_mlps,
-      "activation_freq": cfg.activation_freq})
+  model = cpu_models.torch_lm(cfg)
   ids = torch.randint(7, 11, (1, args.length))
 
   def step():

@@ -14,13 +14,12 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from hyena_jax import config as config_lib  # also applies the CPU settings (cpu_runtime.py)
-from hyena_jax import optim, train
-from hyena_jax.model import HyenaLM
+from hyena_jax import optim
+
+import cpu_models  # benchmarks/cpu_models.py
 
 
 def _time(fn, args, repeats: int) -> float:
@@ -48,17 +47,9 @@ def main():
   lengths = [int(x) for x in args.lengths.split(",")]
   cfg = config_lib.released(args.model, l_max=max(max(lengths), 1026), dtype=args.dtype,
                             remat=args.remat)
-  model = HyenaLM(cfg, rngs=nnx.Rngs(0))
-  model.eval()
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
+  params, forward, loss_fn = cpu_models.jax_lm(cfg)
   tx = optim.make_optimizer(learning_rate=1e-4)
-
-  def loss_fn(p, ids):
-    logits = nnx.merge(graphdef, p)(ids)
-    return train.lm_loss_terms(logits, ids, jnp.ones(ids.shape, jnp.float32))["loss_sum"]
-
-  forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
+  forward = jax.jit(forward)
   fwd_bwd = jax.jit(jax.grad(loss_fn))
 
   @jax.jit

@@ -15,7 +15,8 @@ import time
 import torch
 
 from hyena_jax import config as config_lib
-from hyena_jax import torch_reference
+
+import cpu_models  # benchmarks/cpu_models.py
 
 
 def main():
@@ -29,11 +30,7 @@ def main():
   torch.set_num_threads(args.threads)
   lengths = [int(x) for x in args.lengths.split(",")]
   cfg = config_lib.released(args.model, l_max=max(max(lengths), 1026))
-  model = torch_reference.HyenaDNAForCausalLM({
-      "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_inner": cfg.d_inner,
-      "max_seq_len": cfg.l_max, "vocab_size": cfg.vocab_size, "emb_dim": cfg.emb_dim,
-      "filter_order": cfg.filter_order, "num_inner_mlps": cfg.num_inner_mlps,
-      "activation_freq": cfg.activation_freq})
+  model = cpu_models.torch_lm(cfg)
   rows = []
   for length in lengths:
     ids = torch.randint(7, 11, (args.batch, length))

@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+import cpu_models  # benchmarks/cpu_models.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FWD_MODES = ("forward", "fwd+bwd")
 INFERENCE_MODES = ("embed", "score")
@@ -110,11 +112,9 @@ def _child_jax(args, modes) -> dict:
   from hyena_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from hyena_jax import embed as embed_lib  # pylint: disable=g-import-not-at-top
   from hyena_jax import score as score_lib  # pylint: disable=g-import-not-at-top
-  from hyena_jax import train  # pylint: disable=g-import-not-at-top
   from hyena_jax.model import HyenaLM  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   out = {"impl": "jax", "versions": {"jax": jax.__version__,
@@ -140,16 +140,8 @@ def _child_jax(args, modes) -> dict:
     return out
 
   cfg = config_lib.released(args.model, l_max=max(args.length, 1026), dtype="float32")
-  model = HyenaLM(cfg, rngs=nnx.Rngs(0))
-  model.eval()
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
-
-  def loss_fn(p, ids):
-    logits = nnx.merge(graphdef, p)(ids)
-    return train.lm_loss_terms(logits, ids, jnp.ones(ids.shape, jnp.float32))["loss_sum"]
-
-  forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
+  params, forward, loss_fn = cpu_models.jax_lm(cfg)
+  forward = jax.jit(forward)
   fwd_bwd = jax.jit(jax.grad(loss_fn))
   ids = jax.random.randint(jax.random.key(0), (args.batch, args.length), 7, 11)
   for mode in modes:
@@ -165,7 +157,6 @@ def _child_torch(args, modes) -> dict:
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from hyena_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from hyena_jax import tokenizer as tok  # pylint: disable=g-import-not-at-top
-  from hyena_jax import torch_reference  # pylint: disable=g-import-not-at-top
 
   out = {"impl": "torch", "versions": {"torch": torch.__version__},
          "threads": torch.get_num_threads(), "results": []}
@@ -175,11 +166,7 @@ def _child_torch(args, modes) -> dict:
     seqs = _random_dna(args.inference_count, args.inference_length, args.seed)
   start = time.perf_counter()
   cfg = config_lib.released(args.model, l_max=1026 if inference else max(args.length, 1026))
-  model = torch_reference.HyenaDNAForCausalLM({
-      "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_inner": cfg.d_inner,
-      "max_seq_len": cfg.l_max, "vocab_size": cfg.vocab_size, "emb_dim": cfg.emb_dim,
-      "filter_order": cfg.filter_order, "num_inner_mlps": cfg.num_inner_mlps,
-      "activation_freq": cfg.activation_freq})
+  model = cpu_models.torch_lm(cfg)
   out["model_init_s"] = time.perf_counter() - start
 
   if inference:
