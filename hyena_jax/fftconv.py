@@ -81,10 +81,6 @@ def _by_channels(fn: Callable[..., tuple], args: tuple, channel_axes: tuple, cha
   return jax.lax.platform_dependent(*args, cpu=split, default=fn)
 
 
-def _spectra(u: jax.Array, k: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-  return jnp.fft.rfft(u, n=n), jnp.fft.rfft(k, n=n)
-
-
 @jax.custom_vjp
 def _causal_conv(u: jax.Array, k: jax.Array) -> jax.Array:
   """u [B, C, L] float32, k [C, L] float32 -> sum_{s<=t} k[c, t-s] u[b, c, s]: [B, C, L]."""
@@ -96,7 +92,7 @@ def _causal_conv_fwd(u, k):
   n = fft_size(2 * length - 1)
 
   def fwd(u, k):
-    u_f, k_f = _spectra(u, k, n)
+    u_f, k_f = jnp.fft.rfft(u, n=n), jnp.fft.rfft(k, n=n)
     return jnp.fft.irfft(u_f * k_f, n=n)[..., :length], u_f, k_f
 
   y, u_f, k_f = _by_channels(fwd, (u, k), (1, 0), u.shape[1])

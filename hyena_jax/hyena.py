@@ -186,14 +186,14 @@ class HyenaOperator(nnx.Module):
         modulate=modulate, initializer_range=initializer_range, rngs=rngs)
 
   def project(self, u: jax.Array, halo: jax.Array | Callable[[jax.Array], jax.Array] | None = None
-              ) -> tuple[jax.Array, jax.Array, jax.Array, Callable[[], jax.Array]]:
-    """in_proj and the short filter. u: [B, L, d] -> (x0, x1, v) each [B, d, L], and z().
+              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """in_proj and the short filter. u: [B, L, d] -> (x0, x1, v) each [B, d, L], and z.
 
     The mixer works channels-first (the FFT runs along the last axis), and the matmuls produce
     and consume that layout themselves: on CPU an explicit transpose gets fused with the
     elementwise work around it and runs in cache-hostile order (the slowest part of the mixer
     when written that way). x0, x1 and v each come from their own third of in_proj's kernel,
-    so no [B, 3d, L] array is sliced along its channels. z() gives in_proj's output [B, 3d, L]
+    so no [B, 3d, L] array is sliced along its channels. z is in_proj's output [B, 3d, L]
     before the short filter (what a decoding cache keeps). `halo` is the short filter's input
     at the 2 positions before u, [B, 3d, 2]: a `DecodeCache.z_prev`, or a function of z's last
     2 positions that fetches it (context parallelism: from the previous shard); None = zeros,
@@ -214,7 +214,8 @@ class HyenaOperator(nnx.Module):
       halo = halo(jnp.concatenate([z[..., length - (taps - 1):] for z in zs], axis=1))
     x0, x1, v = (self.short_filter(z, None if halo is None else halo[:, part], channels=part)
                  for z, part in zip(zs, thirds))
-    return x0, x1, v, lambda: jnp.concatenate(zs, axis=1)
+    # z is only used by decoding; under jit an unused z costs nothing (dead code).
+    return x0, x1, v, jnp.concatenate(zs, axis=1)
 
   def output(self, y: jax.Array, gate: jax.Array | None = None) -> jax.Array:
     """y: [B, d, L] long-conv output -> [B, L, d] (compute dtype) after `* gate` and out_proj.
@@ -248,7 +249,6 @@ class HyenaOperator(nnx.Module):
     The long convolution goes through the `conv_impl` dispatch, like `__call__`.
     """
     y, (z, vx, k) = self._forward(u)
-    z = z()                                                           # [B, 3d, T]
     length = u.shape[1]
     keep = (jnp.arange(length) < start)[None, None, :]
     z_pad = jnp.concatenate([jnp.zeros(z.shape[:2] + (2,), z.dtype), z], axis=-1)
@@ -266,5 +266,5 @@ class HyenaOperator(nnx.Module):
     x0, x1, v, z = self.project(u, halo=cache.z_prev)
     hist = jax.lax.dynamic_update_slice_in_dim(cache.u, (v * x1).astype(jnp.float32), t, axis=2)
     y = fftconv.long_conv_step(hist, cache.k_rev, self.filter_fn.bias[...], t)   # [B, d]
-    z_prev = jnp.concatenate([cache.z_prev[..., 1:], z()], axis=-1)
+    z_prev = jnp.concatenate([cache.z_prev[..., 1:], z], axis=-1)
     return self.output(y[..., None], gate=x0), DecodeCache(z_prev, hist, cache.k_rev)
