@@ -8,6 +8,10 @@ and generate:
   * libraries' INFO chatter (orbax logs every file it writes; jax logs the backends it could not
     start, e.g. libtpu on a CPU machine) is dropped, their warnings kept.
 
+Every tool also keeps JAX's persistent compilation cache (`enable_compilation_cache`): a rerun
+loads the programs it compiled before (the train step, the forward per length bucket, the
+initialisers) instead of compiling them again.
+
 Config files are defined with `define_config_file`, which answers an unknown override such as
 `--config.train.foo=1` with the fields that exist and a "did you mean", and adds --print_config
 (print the resolved config and exit 0; --help points at it). `define_config_alias` gives a field
@@ -296,10 +300,38 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(message)
 
 
+COMPILATION_CACHE_ENV = "HYENA_JAX_COMPILATION_CACHE"
+_OFF = ("0", "false", "no", "off")
+
+
+def enable_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache for this process; returns its folder (None: off).
+
+  Where: $HYENA_JAX_COMPILATION_CACHE (a folder, or 0 to turn it off), else JAX's own
+  $JAX_COMPILATION_CACHE_DIR, else `data.cache_dir()`/xla (~/.cache/hyena_jax/xla). Every
+  compiled program is kept, however quick its compile: on a 2-core CPU, `hyena_jax.embed` with
+  tiny-1k spends about 2.5 s compiling the initialisers and 1 s per length bucket, which a
+  rerun loads instead. Entries are keyed by the program, the JAX version and the XLA flags, so
+  a stale entry is never used; deleting the folder is always safe. Only the command-line tools
+  call this: importing `hyena_jax` as a library writes nothing to disk.
+  """
+  setting = os.environ.get(COMPILATION_CACHE_ENV, "").strip()
+  if setting.lower() in _OFF:
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  from hyena_jax import data  # pylint: disable=g-import-not-at-top
+  path = setting or jax.config.jax_compilation_cache_dir or str(data.cache_dir() / "xla")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return path
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with quiet library logs and one-line answers to input errors (exit 2)."""
+  """`absl.app.run(main)` with quiet library logs, one-line answers to input errors (exit 2) and
+  the persistent compilation cache."""
   def wrapped(argv: list[str]) -> Any:
     quiet_logs()
+    enable_compilation_cache()
     _check_config_files()
     try:
       _apply_aliases(sys.argv)

@@ -17,6 +17,8 @@ _CACHE = os.environ.get("HYENA_JAX_TEST_COMPILE_CACHE", "/tmp/hyena_jax_test_com
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Command-line tools run in subprocesses keep their programs there too, not in ~/.cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 
 SHARED = pathlib.Path(os.environ.get(
     "HYENA_JAX_SHARED", pathlib.Path(__file__).resolve().parents[1].parent / "shared"))
