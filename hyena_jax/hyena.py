@@ -192,13 +192,12 @@ class HyenaOperator(nnx.Module):
     The mixer works channels-first (the FFT runs along the last axis), and the matmuls produce
     and consume that layout themselves: on CPU an explicit transpose gets fused with the
     elementwise work around it and runs in cache-hostile order (the slowest part of the mixer
-    when written that way). in_proj is one batched matmul for all 3d channels (on CPU about 1.5x
-    faster than one matmul per third, at 8k tokens and at batch 32 x 512); x0, x1 and v are
-    its channel thirds, each short-filtered with its own taps. z is in_proj's output
-    [B, 3d, L] before the short filter (what a decoding cache keeps). `halo` is the short
-    filter's input at the 2 positions before u, [B, 3d, 2]: a `DecodeCache.z_prev`, or a
-    function of z's last 2 positions that fetches it (context parallelism: from the previous
-    shard); None = zeros, i.e. u starts the sequence.
+    when written that way). x0, x1 and v each come from their own third of in_proj's kernel,
+    so no [B, 3d, L] array is sliced along its channels. z is in_proj's output [B, 3d, L]
+    before the short filter (what a decoding cache keeps). `halo` is the short filter's input
+    at the 2 positions before u, [B, 3d, 2]: a `DecodeCache.z_prev`, or a function of z's last
+    2 positions that fetches it (context parallelism: from the previous shard); None = zeros,
+    i.e. u starts the sequence.
     """
     batch, length, d = u.shape
     taps = self.short_filter.kernel.shape[0]
@@ -206,16 +205,17 @@ class HyenaOperator(nnx.Module):
     kernel = self.in_proj.kernel[...].astype(self.dtype)             # [d, 3d]
     bias = self.in_proj.bias[...].astype(self.dtype)
     thirds = [slice(i * d, (i + 1) * d) for i in range(3)]
-    # Per sequence: kernel^T u^T, [3d, d] x [d, L] -> [3d, L] (one batched matmul).
+    # Per sequence: kernel^T u^T, [e, d] x [d, L] -> [e, L] (a batched matmul).
     kernels = jnp.broadcast_to(kernel, (batch,) + kernel.shape)      # [B, d, 3d]
-    z = jax.lax.dot_general(kernels, u, (((1,), (2,)), ((0,), (0,))),
-                            precision=self.in_proj.precision) + bias[:, None]
+    zs = [jax.lax.dot_general(kernels[..., part], u, (((1,), (2,)), ((0,), (0,))),
+                              precision=self.in_proj.precision) + bias[part][:, None]
+          for part in thirds]
     if callable(halo):
-      halo = halo(z[..., length - (taps - 1):])
-    x0, x1, v = (self.short_filter(z[:, part], None if halo is None else halo[:, part],
-                                   channels=part)
-                 for part in thirds)
-    return x0, x1, v, z
+      halo = halo(jnp.concatenate([z[..., length - (taps - 1):] for z in zs], axis=1))
+    x0, x1, v = (self.short_filter(z, None if halo is None else halo[:, part], channels=part)
+                 for z, part in zip(zs, thirds))
+    # z is only used by decoding; under jit an unused z costs nothing (dead code).
+    return x0, x1, v, jnp.concatenate(zs, axis=1)
 
   def output(self, y: jax.Array, gate: jax.Array | None = None) -> jax.Array:
     """y: [B, d, L] long-conv output -> [B, L, d] (compute dtype) after `* gate` and out_proj.
