@@ -36,7 +36,7 @@ _applied: dict[str, bool] = {}
 
 
 def tuning_enabled() -> bool:
-  return os.environ.get("HYENA_JAX_CPU_TUNING", "1").strip().lower() not in ("0", "false", "no")
+  return os.environ.get("HYENA_JAX_CPU_TUNING", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def with_xla_cpu_flags(xla_flags: str) -> str:
