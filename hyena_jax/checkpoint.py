@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -28,7 +27,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from etils import epath
+
 from hyena_jax import config as config_lib
+from hyena_jax import storage
 from hyena_jax.config import HyenaConfig
 from hyena_jax.errors import InputError, MissingInputError, OutputExistsError
 from hyena_jax.model import HyenaLM, SequenceClassifier
@@ -37,10 +39,11 @@ CHECKPOINT_SUBDIR = "checkpoints"
 _policies = ocp.checkpoint_managers.preservation_policy
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> str:
-  """Absolute `<workdir>/checkpoints`: orbax refuses relative paths (at the first save, after
-  minutes of training), so every orbax path in the project is built here."""
-  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  """`<workdir>/checkpoints`, absolute when local (orbax refuses relative paths, at the first
+  save after minutes of training) and unchanged when a URL (gs://): every orbax path in the
+  project is built here."""
+  return storage.resolve(workdir) / CHECKPOINT_SUBDIR
 
 
 class DamagedCheckpointError(InputError):
@@ -100,7 +103,7 @@ def abstract_params(model: nnx.Module, shardings: Any = None) -> dict:
 
 def latest_step(workdir: str) -> int | None:
   path = checkpoint_dir(workdir)
-  if not os.path.isdir(path):
+  if not path.is_dir():
     return None
   with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     return mngr.latest_step()
@@ -109,7 +112,7 @@ def latest_step(workdir: str) -> int | None:
 def read_run_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """Returns (run config dict, step) of a checkpoint; errors say what exists instead."""
   path = checkpoint_dir(workdir)
-  if not os.path.isdir(path):
+  if not path.is_dir():
     raise MissingInputError(f"no checkpoints in {workdir}: expected {path}/<step>/ written by "
                             "hyena_jax.main or hyena_jax.convert")
   with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
@@ -125,17 +128,16 @@ def read_run_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
 def read_json_item(workdir: str, step: int, item: str) -> dict:
   """A JSON item of a step (config, progress), read directly: a missing or torn file is named
   instead of surfacing as an orbax traceback."""
-  path = os.path.join(checkpoint_dir(workdir), str(step), item, "metadata")
+  path = step_dir(workdir, step) / item / "metadata"
   try:
-    with open(path) as f:
-      return dict(json.load(f))
+    return dict(json.loads(path.read_text()))
   except (OSError, ValueError, TypeError) as e:
     reason = "is missing" if isinstance(e, FileNotFoundError) else f"is unreadable ({e})"
     raise DamagedCheckpointError(f"checkpoint step {step} is damaged: {path} {reason}") from e
 
 
-def step_dir(workdir: str, step: int) -> str:
-  return os.path.join(checkpoint_dir(workdir), str(step))
+def step_dir(workdir: str, step: int) -> epath.Path:
+  return checkpoint_dir(workdir) / str(step)
 
 
 def missing_files(workdir: str, step: int, items: tuple[str, ...]) -> list[str]:
@@ -150,20 +152,19 @@ def missing_files(workdir: str, step: int, items: tuple[str, ...]) -> list[str]:
               "params": ("_METADATA", "manifest.ocdbt"), "opt_state": ("_METADATA", "manifest.ocdbt"),
               "data": tuple(f"process_{i}-of-{count}.json" for i in range(count))}
   root = step_dir(workdir, step)
-  return [os.path.join(root, item, name) for item in items for name in expected[item]
-          if not os.path.exists(os.path.join(root, item, name))]
+  return [os.fspath(root / item / name) for item in items for name in expected[item]
+          if not (root / item / name).exists()]
 
 
 def move_aside(workdir: str, step: int) -> str:
   """Moves a damaged step out of the checkpoints folder (orbax then no longer sees it) into
   WORKDIR/damaged_checkpoints/, keeping it for inspection; returns where it went."""
-  dest_root = os.path.join(os.path.abspath(workdir), "damaged_checkpoints")
-  os.makedirs(dest_root, exist_ok=True)
-  dest, n = os.path.join(dest_root, str(step)), 1
-  while os.path.exists(dest):
-    dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
-  shutil.move(step_dir(workdir, step), dest)
-  return dest
+  dest_root = storage.resolve(workdir) / "damaged_checkpoints"
+  dest, n = dest_root / str(step), 1
+  while dest.exists():
+    dest, n = dest_root / f"{step}.{n}", n + 1
+  storage.move(step_dir(workdir, step), dest)
+  return os.fspath(dest)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,8 +233,8 @@ def restore_model(workdir: str, step: int | None = None, *, shardings: Any = Non
   with ocp.CheckpointManager(checkpoint_dir(workdir),
                              options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  progress_path = os.path.join(step_dir(workdir, step), "progress", "metadata")
-  if os.path.exists(progress_path):  # pretraining checkpoints carry checksums of their arrays
+  # Pretraining checkpoints carry checksums of their arrays.
+  if (step_dir(workdir, step) / "progress" / "metadata").exists():
     expected = read_json_item(workdir, step, "progress").get("fingerprints", {}).get("params")
     if expected is not None:
       verify_fingerprints(restored["params"], expected,
@@ -258,4 +259,4 @@ def save_model(workdir: str, model: nnx.Module, run_config: Mapping[str, Any] |
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                             config=ocp.args.JsonSave(config_to_json(run_config))))
     mngr.wait_until_finished()
-  return os.path.join(checkpoint_dir(workdir), str(step))
+  return os.fspath(step_dir(workdir, step))

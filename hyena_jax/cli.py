@@ -55,12 +55,13 @@ def fail(message: Any) -> NoReturn:
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops INFO (and lower) records of orbax and jax's backend probing; keeps their warnings."""
+  """Drops INFO (and lower) records of orbax, gcsfs and jax's backend probing; keeps their
+  warnings."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.levelno >= py_logging.WARNING:
       return True
-    if "/orbax/" in record.pathname or record.name.startswith("orbax"):
+    if "/orbax/" in record.pathname or record.name.startswith(("orbax", "gcsfs", "fsspec")):
       return False
     # "Unable to initialize backend 'tpu': ... libtpu.so ..." on every start of a non-TPU machine.
     return not (record.name == "jax._src.xla_bridge"

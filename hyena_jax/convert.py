@@ -27,7 +27,7 @@ import typing
 from typing import Any
 
 from hyena_jax import checkpoint
-from hyena_jax import loading
+from hyena_jax import loading, storage
 from hyena_jax.errors import InputError, OutputExistsError
 from hyena_jax.model import Pooling
 
@@ -42,8 +42,9 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike, *, shift: float 
   """
   if pooling not in typing.get_args(Pooling):
     raise InputError(f"pooling must be one of {typing.get_args(Pooling)}, got {pooling!r}")
-  existing = os.path.join(checkpoint.checkpoint_dir(os.fspath(workdir)), str(step))
-  if os.path.exists(existing):  # checked again by save_model; failing early skips the load
+  storage.check_access(workdir, "--output")
+  existing = checkpoint.step_dir(os.fspath(workdir), step)
+  if existing.exists():  # checked again by save_model; failing early skips the load
     raise OutputExistsError(f"{existing} already exists; choose another --output or --save_step")
   loaded = loading.load(src, shift=shift, config_path=config_path)
   if loaded.kind == "orbax":

@@ -167,6 +167,7 @@ def embed_file(model: nnx.Module, input_path: str, output_path: str, *, fmt: str
   file and line before any compute, and counts tokens to size the output. Returns a summary
   (records, tokens, shape, output paths). The output layout is in the module docstring.
   """
+  inference.check_local_output(output_path)
   if not output_path.endswith((".npz", ".npy")):
     raise InputError(f"output must end with .npz or .npy, got {output_path}")
   cfg = model.config

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from hyena_jax import checkpoint
+from hyena_jax import checkpoint, storage
 from hyena_jax import tokenizer
 from hyena_jax import weights
 from hyena_jax.config import HyenaConfig
@@ -352,6 +352,9 @@ def _publish(tmp_dir: str, out_dir: str, overwrite: bool) -> None:
   (replacing the old one), and the other layouts' weight files are removed (they would no longer
   match config.json); files the exporter never writes are left untouched.
   """
+  if storage.is_url(out_dir):
+    _upload(tmp_dir, storage.resolve(out_dir), overwrite)
+    return
   if not os.path.exists(out_dir):
     os.replace(tmp_dir, out_dir)
     return
@@ -367,6 +370,21 @@ def _publish(tmp_dir: str, out_dir: str, overwrite: bool) -> None:
   os.rmdir(tmp_dir)
 
 
+def _upload(tmp_dir: str, out_dir, overwrite: bool) -> None:
+  """`_publish` for an object store (no rename): each file is one upload, which appears whole,
+  and config.json goes last, so a reader that finds it finds the weights it describes."""
+  if out_dir.exists() and not overwrite:
+    raise OutputExistsError(f"{out_dir} exists; choose another --output or pass --overwrite")
+  written = sorted(os.listdir(tmp_dir), key=lambda name: name == "config.json")
+  for name in written:
+    with open(os.path.join(tmp_dir, name), "rb") as f:
+      (out_dir / name).write_bytes(f.read())
+  for name in EXPORT_FILES:
+    if name not in written and (out_dir / name).exists():
+      (out_dir / name).unlink()
+  shutil.rmtree(tmp_dir)
+
+
 def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "hf", *,
            include_head: bool = True, checkpoint_mixer: bool = False,
            remote_code_repo: str = DEFAULT_REMOTE_CODE, overwrite: bool = False) -> str:
@@ -375,12 +393,15 @@ def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "h
   Refuses (ValueError) what `layout` cannot express before anything is written; the directory
   appears only once complete.
   """
-  out_dir = os.path.abspath(os.fspath(out_dir))
   if layout not in LAYOUTS:
     raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-  if os.path.exists(out_dir) and not overwrite:
+  storage.check_access(workdir, "--model")
+  storage.check_access(out_dir, "--output")
+  out_path = storage.resolve(out_dir)
+  out_dir = os.fspath(out_path)
+  if out_path.exists() and not overwrite:
     raise OutputExistsError(f"{out_dir} exists; choose another --output or pass --overwrite")
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+  if out_path.exists() and not out_path.is_dir():
     raise OutputExistsError(f"{out_dir} is a file, not a folder; choose another --output")
   run_config, step = checkpoint.read_run_config(workdir, step)
   cfg, n_classes, pooling = _model_of(run_config, workdir, step)
@@ -390,9 +411,10 @@ def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "h
   params, _, step = restore_params(workdir, step)
   tensors = state_dict_from_params(params, cfg, layout=layout, n_classes=n_classes,
                                    checkpoint_mixer=checkpoint_mixer)
-  parent = os.path.dirname(out_dir)
+  # Built beside the output (one rename publishes it), or in local temp space for a bucket.
+  parent = tempfile.gettempdir() if storage.is_url(out_dir) else os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  tmp_dir = tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=parent)
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's 0700 would make the published dir private

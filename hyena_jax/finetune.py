@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -47,7 +46,7 @@ from flax import nnx, traverse_util
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import data as data_lib
-from hyena_jax import metrics_writer, optim, sharding
+from hyena_jax import metrics_writer, optim, sharding, storage
 from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
 from hyena_jax import train as train_lib
@@ -439,7 +438,7 @@ def _resume_state(workdir: str, config: ml_collections.ConfigDict
                   ) -> tuple[int | None, dict | None]:
   """(latest resume step, its progress) after checking that the workdir holds this run;
   (None, None) for a fresh workdir."""
-  resume_dir = os.path.join(workdir, RESUME_SUBDIR)
+  resume_dir = storage.resolve(workdir) / RESUME_SUBDIR
   step = ckpt_lib.latest_step(resume_dir)
   if step is None:
     if ckpt_lib.latest_step(workdir) is not None:
@@ -468,11 +467,11 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `stop_after_steps` (tests), save the state after the current step and return
   {"status": "interrupted", "step": ..., ["signal": name]}.
   """
+  storage.check_access(workdir, "--workdir")
   resume_step, progress = _resume_state(workdir, config)
-  results_path = os.path.join(workdir, "results.json")
-  if progress is not None and progress["done"] and os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+  results_path = storage.resolve(workdir) / "results.json"
+  if progress is not None and progress["done"] and results_path.exists():
+    results = json.loads(results_path.read_text())
     logging.info("%s: the fine-tuning run finished at step %d; nothing to do (test %s)", workdir,
                  progress["step"], results.get("test"))
     return results
@@ -493,7 +492,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
                      f"{model.config.l_max}; lower it (with data.truncate=True) or use a model "
                      "with a longer context")
   # Created only after the config, data and model checks, so that a mistake leaves nothing.
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   logging.info("init: %s; rows train %d / valid %d / test %d", init, len(splits["train"]),
                len(splits["valid"]), len(splits["test"]))
 
@@ -522,7 +521,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
   run_config["model"] = dataclasses.asdict(model.config)  # the architecture actually trained
   mngr = ckpt_lib.make_manager(workdir, keep_last=1, keep_best=True, async_save=False,
                                best_metric="valid_objective")
-  resume_dir = os.path.join(workdir, RESUME_SUBDIR)
+  resume_dir = storage.resolve(workdir) / RESUME_SUBDIR
   resume_mngr = ckpt_lib.make_manager(resume_dir, keep_last=1, keep_best=False, async_save=False)
   metric = config.eval.metric
   eval_every = config.train.eval_every_steps or steps_per_epoch
@@ -658,7 +657,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
   resume_mngr.close()
   valid, valid_outputs = run_eval(params, "valid")
   test, test_outputs = run_eval(params, "test")
-  np.save(os.path.join(workdir, "test_outputs.npy"), test_outputs)
+  storage.save_npy(storage.resolve(workdir) / "test_outputs.npy", test_outputs)
   writer.close(plot=bool(total), loss_label="mean squared error" if config.head.n_classes == 1
                else "cross-entropy (nats/sequence)")
   predictions = {"valid": prediction_summary(valid_outputs, n_classes),
@@ -685,8 +684,8 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
       "config": run_config,
   }
   # Written atomically: a rerun takes an existing results.json as the sign of a finished run.
-  metrics_writer.write_atomically(os.path.join(workdir, "results.json"),
-                                  json.dumps(results, indent=1))
+  storage.write_atomically(storage.resolve(workdir) / "results.json",
+                           json.dumps(results, indent=1))
   logging.info("test %s (best valid %s %.4f at step %d)",
                "  ".join(f"{k} {v:.4f}" for k, v in test.items()), metric, best["score"],
                best["step"])

@@ -27,7 +27,7 @@ import pathlib
 
 import numpy as np
 
-from hyena_jax import seqfiles
+from hyena_jax import seqfiles, storage
 from hyena_jax.errors import InputError, MissingInputError
 
 BED_SPLITS = ("train", "valid", "test")
@@ -65,7 +65,7 @@ def read_bed(path: str | os.PathLike, sizes: dict[str, int], split: str | None =
   naming the file and line: too few columns, non-integer or negative coordinates, end <= start,
   a chromosome not in the FASTA, an end past the chromosome end, a missing split column.
   """
-  path = os.fspath(path)
+  path = storage.require_local(path, "BED file", "intervals are read from a local disk")
   if not os.path.isfile(path):
     raise MissingInputError(f"BED file {path} not found; set data.bed to an existing file, or "
                             "'' to tile the genome")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -42,7 +41,7 @@ from flax import nnx
 
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
-from hyena_jax import finetune, metrics_writer, optim
+from hyena_jax import finetune, metrics_writer, optim, storage
 from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError
@@ -264,6 +263,7 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """Tunes (soft prompt or all weights) and reports query accuracy on valid/test before and
   after; writes WORKDIR/{results.json, metrics.jsonl} and the best tuned parameters
   (prompt.npy for soft prompting, an orbax LM checkpoint for instruction tuning)."""
+  storage.check_access(workdir, "--workdir")
   icl, n_classes, max_length = config.icl, config.head.n_classes, config.data.max_length
   label_tokens(n_classes)  # validates n_classes early
   if icl.mode not in MODES:
@@ -279,7 +279,7 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     raise InputError(f"a context of {icl.shots} shot(s) per class needs {length} positions "
                      f"(with {n_soft} soft tokens) but the model's l_max is {lm.config.l_max}; "
                      "lower icl.shots, icl.n_soft or data.max_length (with data.truncate)")
-  os.makedirs(workdir, exist_ok=True)  # only once the config and data have been checked
+  storage.makedirs(workdir)  # only once the config and data have been checked
   lm_graphdef, lm_params = nnx.split(lm, nnx.Param)
   params = {"lm": nnx.to_pure_dict(lm_params), "prompt": {}}
   if n_soft:
@@ -350,7 +350,7 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   after = {k: evaluate(eval_fn, tuned, v, batch) for k, v in eval_sets.items()}
   writer.close(plot=config.train.epochs > 0, loss_label="cross-entropy at label tokens (nats)")
   if n_soft:
-    np.save(os.path.join(workdir, "prompt.npy"), np.asarray(tuned["prompt"]["embedding"]))
+    storage.save_npy(storage.resolve(workdir) / "prompt.npy", tuned["prompt"]["embedding"])
   elif config.train.epochs:
     state_ = nnx.state(lm, nnx.Param)
     nnx.replace_by_pure_dict(state_, tuned["lm"])
@@ -365,8 +365,8 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
              "train_seconds": round(time.perf_counter() - start, 1),
              "rows": {k: len(v) for k, v in splits.items()},
              "config": ckpt_lib.config_to_json(config)}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  storage.write_atomically(storage.resolve(workdir) / "results.json",
+                           json.dumps(results, indent=1))
   logging.info("test accuracy %.4f before, %.4f after tuning", before["test"]["accuracy"],
                after["test"]["accuracy"])
   return results

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from flax import nnx
 
+from hyena_jax import storage
 from hyena_jax import tokenizer as tok
 from hyena_jax.config import HyenaConfig
 from hyena_jax.errors import InputError, MissingInputError
@@ -164,6 +165,13 @@ def with_progress(results: Iterable, total: int, desc: str) -> Iterable:
   from tqdm import tqdm
   return tqdm(results, total=total, desc=desc, unit="seq", disable=None, leave=False,
               dynamic_ncols=True)
+
+
+def check_local_output(path: str) -> None:
+  """Outputs are streamed into a local file (rows appended, .npy memory-mapped): a URL is
+  refused before any compute."""
+  storage.require_local(path, "--output", "outputs are streamed into a local file",
+                        output=True)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from typing import Any
 from flax import nnx
 
 from hyena_jax import config as config_lib
-from hyena_jax import weights
+from hyena_jax import storage, weights
 from hyena_jax.config import HyenaConfig
 from hyena_jax.errors import InputError, MissingDependencyError, MissingInputError
 from hyena_jax.model import HyenaLM, SequenceClassifier
@@ -90,11 +90,18 @@ def load(source: str | os.PathLike, *, dtype: str | None = None, conv_impl: str 
   if not text:
     raise InputError("no model given: pass an orbax run folder, an official weights file or "
                      "folder, or a Hub repo id such as LongSafari/hyenadna-tiny-1k-seqlen-hf")
-  if os.path.exists(text):
+  if storage.is_url(text):
+    storage.check_access(text, "--model")
+    if not _is_orbax_run(text):
+      raise MissingInputError(
+          f"{text} holds no orbax run (no checkpoints/ folder in it): a model read from a bucket "
+          "must be a run folder written by hyena_jax (main, finetune, icl, convert); copy an "
+          f"official weights file to a local disk first (gcloud storage cp {text} .)")
+  if storage.is_url(text) or os.path.exists(text):
     if revision is not None:
       raise InputError(f"revision={revision!r} only applies to Hub repo ids, and {text} is a "
-                       "local path")
-    if os.path.isdir(text) and _is_orbax_run(text):
+                       "path")
+    if _is_orbax_run(text):
       if shift is not None or config_path is not None:
         raise InputError(f"{text} is an orbax run, whose config records shift and the "
                          "architecture: drop shift and config_path (--shift, --config_json)")
@@ -180,7 +187,7 @@ def _hub_cache() -> str:
 
 
 def _is_orbax_run(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints"))
+  return (storage.resolve(path) / "checkpoints").is_dir()
 
 
 def _load_orbax(path: str, step: int | None, overrides: dict[str, Any]) -> Loaded:

@@ -1,7 +1,11 @@
-"""What a user sees of a run: JSONL metrics, TensorBoard events, and a PNG of the curves."""
+"""What a user sees of a run: JSONL metrics, TensorBoard events, and a PNG of the curves.
+
+The workdir may be local or a gs:// URL (see `storage`); every file is written through it.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Mapping
@@ -9,41 +13,53 @@ from typing import Mapping
 import jax
 from absl import logging
 
+from hyena_jax import storage
+
 
 class MetricsWriter:
   """Appends `{"step": s, **metrics}` lines to WORKDIR/metrics.jsonl and TensorBoard events.
 
   Only process 0 writes. On resume, lines of steps after `resume_step` (written after the last
   checkpoint by the interrupted run) are dropped so the file reads as one uninterrupted run, and
-  so is a partial last line (a kill while writing it). The file is rewritten by writing a new one
-  and renaming it over the old, so a kill during the rewrite leaves the old file whole.
+  so is a partial last line (a kill while writing it). The file is rewritten atomically
+  (`storage.write_atomically`), so a kill during the rewrite leaves the old file whole.
+  Locally each row is appended; an object store has no append, so there the whole file is
+  uploaded again with each row (one small object: a row per logged step).
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.workdir = workdir
+    self.path = storage.resolve(workdir) / "metrics.jsonl"
+    self.workdir = storage.resolve(workdir)
     self.enabled = jax.process_index() == 0
     self._tb = None
+    self._text = ""  # the file's content, kept for object stores (re-uploaded whole)
     if not self.enabled:
       return
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        text = f.read()
+    if self.path.exists():
+      text = self.path.read_text()
       kept = "".join(json.dumps(row) + "\n" for row in read_rows(self.path, text)
                      if row.get("step", 0) <= resume_step)
       if kept != text:
-        write_atomically(self.path, kept)
+        storage.write_atomically(self.path, kept)
+      self._text = kept
     try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      from tensorboardX import SummaryWriter, record_writer
     except ImportError:  # TensorBoard output is optional; JSONL always works
-      self._tb = None
+      return
+    if storage.is_url(self.workdir):
+      record_writer.register_writer_factory(storage.scheme(self.workdir), _ObjectWriterFactory())
+    self._tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+    row = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
+    self._text += row
+    if storage.is_url(self.path):
+      storage.write_atomically(self.path, self._text)
+    else:
+      with open(self.path, "a") as f:
+        f.write(row)
     if self._tb is not None:
       for key, value in metrics.items():
         self._tb.add_scalar(key, float(value), int(step))
@@ -55,15 +71,44 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
     if plot:
-      plot_curves(self.path, os.path.join(self.workdir, "curves.png"), loss_label)
+      plot_curves(self.path, self.workdir / "curves.png", loss_label)
 
 
-def read_rows(path: str, text: str | None = None) -> list[dict]:
+class _ObjectWriter:
+  """A TensorBoard events file in an object store: kept in memory, uploaded whole at each flush
+  (tensorboardX flushes every 2 minutes and on close). Replaces tensorboardX's own gs:// writer,
+  which uploads again when garbage-collected, after close: at exit, and for minutes of retries
+  when the network is gone."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    storage.write_atomically(self.path, self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectWriterFactory:
+  """tensorboardX's record-writer factory interface, for URLs (see `_ObjectWriter`)."""
+
+  def open(self, path: str) -> _ObjectWriter:
+    return _ObjectWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores have no folders to create
+
+
+def read_rows(path: storage.PathLike, text: str | None = None) -> list[dict]:
   """The JSON rows of a metrics.jsonl; a line that is not JSON (a partial last line left by a
   kill, or damage) is dropped with a warning instead of failing every later resume."""
   if text is None:
-    with open(path) as f:
-      text = f.read()
+    text = storage.resolve(path).read_text()
   lines = text.splitlines()
   rows = []
   for number, line in enumerate(lines, 1):
@@ -82,22 +127,7 @@ def read_rows(path: str, text: str | None = None) -> list[dict]:
   return rows
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`: readers and a
-  kill at any moment see either the old file or the new one, never a truncated one."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def plot_curves(metrics_path: str, out_path: str,
+def plot_curves(metrics_path: storage.PathLike, out_path: storage.PathLike,
                 loss_label: str = "cross-entropy (nats/base)") -> str:
   """Training and validation loss against step, from metrics.jsonl, as a PNG."""
   import matplotlib
@@ -117,6 +147,8 @@ def plot_curves(metrics_path: str, out_path: str,
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
-  return out_path
+  storage.write_atomically(out_path, png.getvalue())
+  return os.fspath(out_path)

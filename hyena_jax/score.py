@@ -221,6 +221,7 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
   .tsv: one line per record: name, bases, scored bases, loglik, mean per scored base.
   A first pass tokenizes everything, so bad input fails with file and line before any compute.
   """
+  inference.check_local_output(output_path)
   if not output_path.endswith((".npz", ".tsv")):
     raise InputError(f"output must end with .npz (per base) or .tsv (per sequence): {output_path}")
   read = lambda: seqfiles.read_sequences(input_path, fmt=fmt, column=column,  # noqa: E731
@@ -270,6 +271,7 @@ def score_vcf_file(model: HyenaLM, vcf_path: str, fasta_path: str, output_path: 
   Every variant is checked first (chromosome, REF against the FASTA, windows within l_max), so
   a bad line fails with file and line before any compute.
   """
+  inference.check_local_output(output_path)
   genome = Genome(fasta_path)
   variants = list(seqfiles.read_vcf(vcf_path))
   if not variants:

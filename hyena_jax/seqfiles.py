@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from hyena_jax import storage
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError, MissingInputError
 
@@ -183,7 +184,8 @@ def open_fasta(path: str | os.PathLike):
   """
   import pyfaidx  # pylint: disable=g-import-not-at-top  (only genome access needs it)
 
-  path = os.fspath(path)
+  path = storage.require_local(path, "FASTA file", "pyfaidx reads an indexed FASTA from a local "
+                               "disk (random access to windows)")
   if not os.path.isfile(path):
     raise MissingInputError(f"FASTA file {path} not found; set data.fasta to an existing file "
                             "(or '' for the bundled E. coli genome; launch/prepare_hg38.sh "

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -21,11 +20,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import data as data_lib
-from hyena_jax import optim, run_config, sharding
+from hyena_jax import optim, run_config, sharding, storage
 from hyena_jax import metrics_writer
 from hyena_jax.config import HyenaConfig
 from hyena_jax.errors import InputError
@@ -385,7 +385,7 @@ def _resume(mngr: ocp.CheckpointManager, run: Run, allow_changed: tuple[str, ...
       older = steps[i + 1:]
       if not skip_damaged:
         fix = (f"Re-run with --skip_damaged_checkpoints to resume from step {older[0]} (the "
-               f"damaged step moves to {os.path.abspath(run.config_workdir)}/damaged_checkpoints/"
+               f"damaged step moves to {storage.display(run.config_workdir)}/damaged_checkpoints/"
                "), or use a new --workdir" if older else
                "No earlier checkpoint exists: use a new --workdir")
         raise ckpt_lib.DamagedCheckpointError(f"{e}. {fix}") from e
@@ -498,9 +498,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   allow_changed = tuple(allow_changed)
   _check_allow_changed(allow_changed, config)
   # Validate the config and open the data before creating the workdir: a mistake leaves nothing.
+  storage.check_access(workdir, "--workdir")
   run = dataclasses.replace(build_run(config), config_workdir=workdir)
-  os.makedirs(workdir, exist_ok=True)
-  final_path = os.path.join(workdir, "final_metrics.json")
+  final_path = storage.makedirs(workdir) / "final_metrics.json"
   with Preemption() as preemption:
     mngr = ckpt_lib.make_manager(
         workdir, keep_last=config.checkpoint.keep_last,
@@ -510,42 +510,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       resumed = _resume(mngr, run, allow_changed, skip_damaged_checkpoints)
       if resumed is not None and resumed.step >= run.total_steps:
         return _finished(run, final_path)
-      if os.path.exists(final_path) and jax.process_index() == 0:
-        os.remove(final_path)  # left by an older version when interrupted: not final
+      if jax.process_index() == 0 and final_path.exists():
+        final_path.unlink()  # left by an older version when interrupted: not final
       return _train(run, mngr, resumed, preemption, stop_after_steps, final_path)
     finally:
       mngr.wait_until_finished()  # a save in flight completes even when a step raised
       mngr.close()
 
 
-def _finished(run: Run, final_path: str) -> dict[str, Any]:
+def _finished(run: Run, final_path: epath.Path) -> dict[str, Any]:
   """A finished run: its final metrics, unchanged. A kill between the last checkpoint and
   final_metrics.json leaves them only in metrics.jsonl: rebuilt from there once."""
   step = run.total_steps
-  if os.path.exists(final_path):
-    with open(final_path) as f:
-      final = json.load(f)
+  if final_path.exists():
+    final = json.loads(final_path.read_text())
     logging.info("%s: the run finished at step %d; nothing to do (final metrics: %s)",
                  run.config_workdir, step, final)
     return final
-  rows = [r for r in metrics_writer.read_rows(os.path.join(run.config_workdir, "metrics.jsonl"))
+  rows = [r for r in metrics_writer.read_rows(final_path.parent / "metrics.jsonl")
           if r.get("step") == step]
   valid, train_loss = {}, {}
   for row in rows:
     valid.update({k: v for k, v in row.items() if k.startswith("valid_")})
     train_loss.update({"train_loss": row["loss"]} if "loss" in row else {})
   final = {"status": "finished", "step": step, **valid, **train_loss}  # the order _train writes
-  _write_final(run, final, final_path)
+  _write_final(final, final_path)
   logging.info("%s: the run finished at step %d; wrote its final metrics %s", run.config_workdir,
                step, final)
   return final
 
 
-def _write_final(run: Run, final: dict, final_path: str) -> None:
+def _write_final(final: dict, final_path: epath.Path) -> None:
+  """final_metrics.json and curves.png, written by process 0 only."""
   if jax.process_index() == 0:
-    metrics_writer.write_atomically(final_path, json.dumps(final, indent=1))
-    metrics_writer.plot_curves(os.path.join(run.config_workdir, "metrics.jsonl"),
-                               os.path.join(run.config_workdir, "curves.png"))
+    storage.write_atomically(final_path, json.dumps(final, indent=1))
+    metrics_writer.plot_curves(final_path.parent / "metrics.jsonl",
+                               final_path.parent / "curves.png")
 
 
 def _diverged(what: str, step: int, last_saved: int | None, config) -> DivergedError:
@@ -561,7 +561,7 @@ def _diverged(what: str, step: int, last_saved: int | None, config) -> DivergedE
 
 
 def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preemption,
-           stop_after_steps: int | None, final_path: str) -> dict[str, Any]:
+           stop_after_steps: int | None, final_path: epath.Path) -> dict[str, Any]:
   config, workdir = run.config, run.config_workdir
   logging.info("mesh %s; %d steps in %d stage(s)", dict(run.mesh.shape), run.total_steps,
                len(config.train.stages))
@@ -674,7 +674,7 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
     return result
   final_metrics = {"status": "finished", "step": step, **final_metrics,
                    "train_loss": float(jax.device_get(metrics["loss"]))}
-  _write_final(run, final_metrics, final_path)
+  _write_final(final_metrics, final_path)
   return final_metrics
 
 

@@ -36,3 +36,17 @@ def shared_path(*parts: str) -> pathlib.Path:
 @pytest.fixture
 def shared():
   return shared_path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+  """The uninterrupted multi-process rehearsal runs on local disk (cluster.py): ROOT/one (1 process
+  x 4 devices) and ROOT/two (2 processes x 2 devices), the references of test_multihost and
+  test_gcs."""
+  import cluster  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("multihost")
+  times = {"one": cluster.run(root / "one", root / "one.log", 1, 4),
+           "two": cluster.run(root / "two", root / "two.log", 2, 2)}
+  print(f"\nwall time of the uninterrupted run: 1 process x 4 devices {times['one']:.1f} s, "
+        f"2 processes x 2 devices {times['two']:.1f} s")
+  return root
