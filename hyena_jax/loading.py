@@ -16,6 +16,7 @@ go through `load`, so a source that works in one works in all.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from typing import Any
@@ -110,6 +111,8 @@ def load(source: str | os.PathLike, *, dtype: str | None = None, conv_impl: str 
       raise InputError(f"step={step} only applies to orbax runs (a folder with checkpoints/), "
                        f"not to {text}")
     return _load_official(find_weights(text), config_path, shift, overrides)
+  if looks_like_path(text):
+    raise MissingInputError(f"no such file or folder: {text}{_closest_existing(text)}")
   if not is_repo_id(text):
     raise MissingInputError(
         f"model not found: {text} is neither an existing path nor a Hub repo id (ORG/NAME). "
@@ -126,6 +129,31 @@ def load(source: str | os.PathLike, *, dtype: str | None = None, conv_impl: str 
 def is_repo_id(text: str) -> bool:
   """True for a string shaped like a Hub repo id ORG/NAME (checked only when no such path exists)."""
   return bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text
+
+
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".json")
+
+
+def looks_like_path(text: str) -> bool:
+  """True for a source meant as a local path, so that a missing one is not taken for a Hub id:
+  it starts with ./ ../ / or ~, ends with a file suffix, has more than one slash, or its first
+  component exists here (runs/nothere when runs/ exists)."""
+  first = text.split("/", 1)[0]
+  return (text.startswith(("./", "../", "/", "~")) or text.endswith(_FILE_SUFFIXES)
+          or text.count("/") > 1 or ("/" in text and os.path.isdir(first)))
+
+
+def _closest_existing(text: str) -> str:
+  """'; did you mean runs/default?' from what the path's folder holds, or which folder is missing."""
+  path = os.path.expanduser(text.rstrip("/"))
+  parent = os.path.dirname(path) or "."
+  if not os.path.isdir(parent):
+    return f" (its folder {parent} does not exist either)"
+  names = sorted(os.listdir(parent))
+  close = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.5)
+  if close:
+    return f"; did you mean {os.path.join(os.path.dirname(text.rstrip('/')), close[0])}?"
+  return f"; {parent} holds: {', '.join(names[:10]) or 'nothing'}"
 
 
 def find_weights(path: str | os.PathLike) -> str:
@@ -152,8 +180,8 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
     from huggingface_hub import errors as hub_errors  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise MissingDependencyError(f"{repo_id} is not a local path; loading it as a Hub repo id "
-                                 'needs huggingface_hub: pip install -e ".[hub]" (or pip install '
-                                 "huggingface_hub)") from e
+                                 "needs huggingface_hub (a dependency of hyena_jax): pip install "
+                                 "huggingface_hub") from e
   offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
   at = f"{repo_id}" + (f"@{revision}" if revision else "")
   try:

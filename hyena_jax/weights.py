@@ -116,8 +116,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
       from safetensors.numpy import load_file
     except ImportError as e:
-      raise MissingDependencyError(f"reading {path} needs the safetensors package: "
-                                   'pip install -e ".[torch]"') from e
+      raise MissingDependencyError(f"reading {path} needs the safetensors package (a "
+                                   "dependency of hyena_jax): pip install safetensors") from e
     try:
       tensors = load_file(path)
     except Exception as e:  # SafetensorError for a damaged header, OSError for a short file

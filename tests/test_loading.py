@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import sys
 import types
 
@@ -125,14 +126,16 @@ def test_hub_download_call(tmp_path, monkeypatch):
   assert (loaded.repo_id, loaded.revision) == (REPO, SHA)
 
 
-def test_missing_hub_package_names_the_extra(monkeypatch):
+def test_missing_hub_package_names_the_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-  with pytest.raises(InputError, match=r'pip install -e "\.\[hub\]"'):
+  with pytest.raises(InputError, match=r"needs huggingface_hub \(a dependency of hyena_jax\): "
+                                       "pip install huggingface_hub"):
     hyena_jax.load(REPO)
 
 
 def test_bad_sources_say_what_was_expected(tmp_path):
-  with pytest.raises(MissingInputError, match="neither an existing path nor a Hub repo id"):
+  with pytest.raises(MissingInputError, match=r"no such file or folder: .*nope/model\.safetensors "
+                                              r"\(its folder .*nope does not exist either\)"):
     hyena_jax.load(tmp_path / "nope" / "model.safetensors")
   with pytest.raises(MissingInputError, match="neither an existing path nor a Hub repo id"):
     hyena_jax.load("not a/repo id")
@@ -144,6 +147,55 @@ def test_bad_sources_say_what_was_expected(tmp_path):
     hyena_jax.load(tmp_path, revision="main")
   with pytest.raises(InputError, match="no model given"):
     hyena_jax.load("")
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+  """A source shaped like a path that does not exist is answered locally (no Hub, no network),
+  naming the closest existing name."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # any Hub attempt would say so
+  (tmp_path / "runs" / "default").mkdir(parents=True)
+  cases = {"runs/defualt": "no such file or folder: runs/defualt; did you mean runs/default?",
+           "runs/nothere": "no such file or folder: runs/nothere; runs holds: default",
+           "./tiny/weights.ckpt": r"no such file or folder: \./tiny/weights\.ckpt \(its folder "
+                                  r"\./tiny does not exist either\)",
+           "model.safetensors": r"no such file or folder: model\.safetensors; \. holds: runs",
+           "a/b/c": r"no such file or folder: a/b/c \(its folder a/b does not exist either\)"}
+  for source, message in cases.items():
+    with pytest.raises(MissingInputError, match=message):
+      hyena_jax.load(source)
+  assert not loading.looks_like_path(REPO) and not loading.looks_like_path("org/model-v1.5")
+
+
+def test_the_first_install_loads_safetensors_without_torch(tmp_path):
+  """Safetensors and Hub ids need only the base install: a subprocess in which `import torch`
+  fails loads the -hf fixture, exports an orbax run to the hf layout and loads that back."""
+  folder = shared_path("parity", "tiny_1k")
+  blocked = tmp_path / "no_torch" / "torch"
+  blocked.mkdir(parents=True)
+  (blocked / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
+  script = f"""
+import numpy as np, hyena_jax
+from hyena_jax import convert, export
+try:
+  import torch
+  raise SystemExit("torch imported")
+except ImportError:
+  pass
+loaded = hyena_jax.load({str(folder)!r})
+convert.convert({str(folder)!r}, {str(tmp_path / "run")!r})
+export.export({str(tmp_path / "run")!r}, {str(tmp_path / "hf")!r})
+again = hyena_jax.load({str(tmp_path / "hf")!r})
+ids = np.array([[7, 8, 9, 10]], np.int32)
+np.testing.assert_array_equal(np.asarray(loaded.model(ids)), np.asarray(again.model(ids)))
+print("ok", loaded.kind, again.kind)
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked.parent), root])}
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ["ok", "hf", "hf"]
 
 
 def test_old_loaders_are_deprecated_aliases():
