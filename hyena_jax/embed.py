@@ -1,4 +1,4 @@
-"""Embeddings of DNA sequences: per sequence (pooled) or per position, from chosen layers.
+r"""Embeddings of DNA sequences: per sequence (pooled) or per position, from chosen layers.
 
     python -m hyena_jax.embed --model=PATH --input=seqs.fa --output=emb.npz \
         [--layers=final,0] [--pooling=mean|mean_nonpad|sum|first|last] [--per_position]

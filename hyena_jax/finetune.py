@@ -1,4 +1,4 @@
-"""Sequence classification (and regression) fine-tuning, SPEC section 6.1.
+r"""Sequence classification (and regression) fine-tuning, SPEC section 6.1.
 
     python -m hyena_jax.finetune --config=configs/finetune.py:human_enhancers_cohn \
         --workdir=runs/cohn --config.data.train=PATH.tsv [--model=WORKDIR_OR_FILE]

@@ -1,4 +1,4 @@
-"""Sampling continuations of a DNA prompt, with an incremental (cached) Hyena decoder.
+r"""Sampling continuations of a DNA prompt, with an incremental (cached) Hyena decoder.
 
     python -m hyena_jax.generate --model=PATH --prompt=ACGTTGCA --num_new=200 \
         [--num_samples=4] [--temperature=1.0] [--top_k=0] [--seed=0] [--allow_n] \

@@ -1,4 +1,4 @@
-"""In-context learning with a pretrained HyenaDNA language model (SPEC sections 6.2-6.3).
+r"""In-context learning with a pretrained HyenaDNA language model (SPEC sections 6.2-6.3).
 
     python -m hyena_jax.icl --config=configs/finetune/icl_soft_prompt.py --workdir=DIR \
         --config.pretrained=WORKDIR_OR_RELEASE --config.data.train=train.tsv

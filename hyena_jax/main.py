@@ -44,6 +44,9 @@ def main(argv):
     distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
+  if jax.process_index() != 0:
+    # Progress and metrics come from process 0; the others would print every line again.
+    logging.set_verbosity(logging.WARNING)
   try:
     result = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value,
                                       allow_changed=_ALLOW_CHANGED.value,

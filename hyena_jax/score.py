@@ -1,4 +1,4 @@
-"""Likelihood scoring: per-base log-likelihoods of sequences and variant-effect scores.
+r"""Likelihood scoring: per-base log-likelihoods of sequences and variant-effect scores.
 
     # per-base log p(x_t | x_<t) of every record; .npz (per base) or .tsv (per sequence)
     python -m hyena_jax.score --model=PATH --input=seqs.fa --output=scores.npz

@@ -544,8 +544,9 @@ def _write_final(final: dict, final_path: epath.Path) -> None:
   """final_metrics.json and curves.png, written by process 0 only."""
   if jax.process_index() == 0:
     storage.write_atomically(final_path, json.dumps(final, indent=1))
-    metrics_writer.plot_curves(final_path.parent / "metrics.jsonl",
-                               final_path.parent / "curves.png")
+    curves = metrics_writer.plot_curves(final_path.parent / "metrics.jsonl",
+                                        final_path.parent / "curves.png")
+    logging.info("final metrics: %s; loss curves: %s", final_path, curves)
 
 
 def _diverged(what: str, step: int, last_saved: int | None, config) -> DivergedError:

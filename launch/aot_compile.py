@@ -1,4 +1,4 @@
-"""Compile a config's train step for TPUs or GPUs you don't have, and print what it needs.
+r"""Compile a config's train step for TPUs or GPUs you don't have, and print what it needs.
 
 The real compilers run deviceless on any CPU host (install `pip install -e .[tpu]` for TPU
 targets, `.[cuda12]` for GPU targets). Examples:

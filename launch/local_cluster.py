@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rehearse a pod on one machine: N processes of one command, joined like the hosts of a cluster.
+r"""Rehearse a pod on one machine: N processes of one command, joined like the hosts of a cluster.
 
     python launch/local_cluster.py --num_processes=2 --devices_per_process=2 -- \
         python -m hyena_jax.main --distributed --config=configs/default.py --workdir=runs/pod \

@@ -269,3 +269,18 @@ def test_finetune_task_table_keeps_each_task_and_names_the_known_ones():
     get_config()
   with pytest.raises(InputError, match="recipe"):
     get_config("nt_H3:fast")
+
+
+def test_usage_lines_keep_their_shell_continuations():
+  """A backslash at the end of a usage line in a (non-raw) docstring joins the lines, and --help
+  showed the next line's indentation as a run of spaces inside the command."""
+  import ast
+  import glob
+  for path in sorted(glob.glob(os.path.join(ROOT, "hyena_jax", "*.py")) +
+                     glob.glob(os.path.join(ROOT, "launch", "*.py"))):
+    source = open(path).read()
+    doc = ast.get_docstring(ast.parse(source), clean=False)
+    if not doc:
+      continue
+    written = source[source.index(doc.split("\n")[0]):].split('"""')[0]  # the docstring as typed
+    assert doc.count("\\\n") == written.count("\\\n"), path

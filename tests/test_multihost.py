@@ -25,6 +25,9 @@ def test_two_processes_train_like_one(uninterrupted):
   one, two = uninterrupted / "one", uninterrupted / "two"
   log = (uninterrupted / "two.log").read_text()
   assert "JAX process 1/2" in log and "[p1] " in log
+  # Process 0 logs progress and metrics; the others only warnings and errors.
+  assert re.search(r"\[p0\] .*\] step 10/10 ", log)
+  assert not re.search(r"\[p1\] .*\] step \d+/10 ", log), log[-3000:]
   assert "mesh {'data': 2, 'fsdp': 2, 'sequence': 1}" in log
   # Metrics come from process 0 only: one row per step, the same final metrics.
   rows_one, rows_two = cluster.losses(one), cluster.losses(two)
