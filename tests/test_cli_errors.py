@@ -155,10 +155,11 @@ def test_random_bytes_safetensors_is_one_line_naming_the_file(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
+def test_missing_safetensors_names_the_install(tmp_path, monkeypatch):
   (tmp_path / "w.safetensors").write_bytes(b"x")
   monkeypatch.setitem(sys.modules, "safetensors.numpy", None)  # import fails as if absent
-  with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[torch\]"'):
+  with pytest.raises(MissingDependencyError, match=r"safetensors package \(a dependency of "
+                                                   r"hyena_jax\): pip install safetensors"):
     weights.read_state_dict(str(tmp_path / "w.safetensors"))
 
 
