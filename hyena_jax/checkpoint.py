@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
-
 from etils import epath
+from flax import nnx
 
 from hyena_jax import config as config_lib
 from hyena_jax import storage

@@ -91,14 +91,10 @@ def load(source: str | os.PathLike, *, dtype: str | None = None, conv_impl: str 
   if not text:
     raise InputError("no model given: pass an orbax run folder, an official weights file or "
                      "folder, or a Hub repo id such as LongSafari/hyenadna-tiny-1k-seqlen-hf")
-  if storage.is_url(text):
+  remote = storage.is_url(text)
+  if remote:
     storage.check_access(text, "--model")
-    if not _is_orbax_run(text):
-      raise MissingInputError(
-          f"{text} holds no orbax run (no checkpoints/ folder in it): a model read from a bucket "
-          "must be a run folder written by hyena_jax (main, finetune, icl, convert); copy an "
-          f"official weights file to a local disk first (gcloud storage cp {text} .)")
-  if storage.is_url(text) or os.path.exists(text):
+  if remote or os.path.exists(text):
     if revision is not None:
       raise InputError(f"revision={revision!r} only applies to Hub repo ids, and {text} is a "
                        "path")
@@ -107,6 +103,11 @@ def load(source: str | os.PathLike, *, dtype: str | None = None, conv_impl: str 
         raise InputError(f"{text} is an orbax run, whose config records shift and the "
                          "architecture: drop shift and config_path (--shift, --config_json)")
       return _load_orbax(text, step, overrides)
+    if remote:
+      raise MissingInputError(
+          f"{text} holds no orbax run (no checkpoints/ folder in it): a model read from a bucket "
+          "must be a run folder written by hyena_jax (main, finetune, icl, convert); copy an "
+          f"official weights file to a local disk first (gcloud storage cp {text} .)")
     if step is not None:
       raise InputError(f"step={step} only applies to orbax runs (a folder with checkpoints/), "
                        f"not to {text}")

@@ -32,7 +32,7 @@ class MetricsWriter:
     self.workdir = storage.resolve(workdir)
     self.enabled = jax.process_index() == 0
     self._tb = None
-    self._text = ""  # the file's content, kept for object stores (re-uploaded whole)
+    self._text = ""  # an object store's file content (re-uploaded whole with each row)
     if not self.enabled:
       return
     if self.path.exists():
@@ -54,8 +54,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
-    self._text += row
     if storage.is_url(self.path):
+      self._text += row
       storage.write_atomically(self.path, self._text)
     else:
       with open(self.path, "a") as f:

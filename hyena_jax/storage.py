@@ -152,7 +152,8 @@ def move(src: PathLike, dst: PathLike) -> None:
   destination folder)."""
   src, dst = resolve(src), resolve(dst)
   if is_url(src):
-    fs = src._backend.fs(os.fspath(src))  # pylint: disable=protected-access
+    import fsspec  # pylint: disable=g-import-not-at-top  (gcsfs's base; check_access ran first)
+    fs, _ = fsspec.core.url_to_fs(os.fspath(src))
     fs.mv(os.fspath(src), os.fspath(dst), recursive=True)
     return
   dst.parent.mkdir(parents=True, exist_ok=True)

@@ -499,6 +499,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _check_allow_changed(allow_changed, config)
   # Validate the config and open the data before creating the workdir: a mistake leaves nothing.
   storage.check_access(workdir, "--workdir")
+  if config.checkpoint.init_from:
+    storage.check_access(config.checkpoint.init_from, "checkpoint.init_from")
   run = dataclasses.replace(build_run(config), config_workdir=workdir)
   final_path = storage.makedirs(workdir) / "final_metrics.json"
   with Preemption() as preemption:

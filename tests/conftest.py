@@ -9,6 +9,7 @@ os.environ.setdefault(
     "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=-reduce")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Tests build the same small programs many times (every training run compiles its steps anew):
@@ -50,3 +51,16 @@ def uninterrupted(tmp_path_factory):
   print(f"\nwall time of the uninterrupted run: 1 process x 4 devices {times['one']:.1f} s, "
         f"2 processes x 2 devices {times['two']:.1f} s")
   return root
+
+
+@pytest.fixture(scope="session")
+def promoters():
+  """Balanced real rows of GenomicBenchmarks human_nontata_promoters (251 bp)."""
+  path = shared_path("data", "genomic_benchmarks", "human_nontata_promoters.test.tsv")
+  rows = [line.rstrip("\n").split("\t") for line in open(path)][1:]
+  rng = np.random.default_rng(0)
+  picked = []
+  for label in ("0", "1"):
+    cls = [r for r in rows if r[1] == label]
+    picked += [cls[i] for i in rng.choice(len(cls), 40, replace=False)]
+  return [picked[i] for i in rng.permutation(len(picked))]

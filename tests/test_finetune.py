@@ -29,19 +29,6 @@ def _write_rows(path, rows):
   return str(path)
 
 
-@pytest.fixture(scope="module")
-def promoters():
-  """Balanced real rows of GenomicBenchmarks human_nontata_promoters (251 bp)."""
-  path = shared_path("data", "genomic_benchmarks", "human_nontata_promoters.test.tsv")
-  rows = [line.rstrip("\n").split("\t") for line in open(path)][1:]
-  rng = np.random.default_rng(0)
-  picked = []
-  for label in ("0", "1"):
-    cls = [r for r in rows if r[1] == label]
-    picked += [cls[i] for i in rng.choice(len(cls), 40, replace=False)]
-  return [picked[i] for i in rng.permutation(len(picked))]
-
-
 def _config(train, test, **train_fields):
   config = finetune_config.base_config()
   config.model.update(TINY)

@@ -24,7 +24,6 @@ import pytest
 
 import cluster
 from cluster import ROOT, STEPS
-from test_finetune import promoters  # noqa: F401  (a fixture)
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import seqfiles, storage
 from hyena_jax.errors import InputError
