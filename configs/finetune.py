@@ -4,23 +4,17 @@ Pick a task (and optionally a recipe) after a colon:
   python -m hyena_jax.finetune --config=configs/finetune.py:TASK[:RECIPE] --workdir=DIR \
       --config.data.train=train.tsv --config.data.test=test.tsv [--model=PRETRAINED]
 RECIPE is "official" (default; SPEC 6.1: mean pooling, AdamW 6e-4, batch 128, 100 epochs, 1%
-warm-up; a GPU recipe) or "small_data" (CPUs and a few thousand rows or fewer: batch 32, AdamW
-2e-3, 3 epochs). `python -m hyena_jax.finetune --config=configs/finetune.py:TASK --print_config`
-prints every field. ICL configs stay in configs/finetune/icl_*.py.
+warm-up; a GPU recipe) or "small_data" (CPUs and up to a few thousand rows: a linear probe, then
+fine-tuning at batch 32, AdamW 5e-4, 3 epochs; finetune_config.small_data).
+`python -m hyena_jax.finetune --config=configs/finetune.py:TASK --print_config` prints every field. ICL configs stay in configs/finetune/icl_*.py.
 
 Data: each task's train/test split as TSV `seq<TAB>label`.
 
 GenomicBenchmarks (model tiny-1k: d_model 128, 2 layers; metric accuracy; pretrained weights
-hyenadna-tiny-1k-seqlen). 1 GPU: minutes; CPU: hours at the official recipe. Expect the accuracy
-of the paper's Table A.4 (tiny-1k):
-  * human_enhancers_cohn (all 500 bp): 74.2 pretrained, 72.9 from scratch. small_data, measured
-    on 600 rows of the public test split (432 train / 48 valid / 120 test, 3 seeds;
-    benchmarks/bench_finetune.py): test accuracy 71.4 +- 2.1 from the trained tiny-1k backbone
-    (parity/tiny1k_classifier), 69.2 +- 6.6 from scratch, 72.5 for 4-mer logistic regression;
-    majority class 50.8.
-  * human_nontata_promoters (all 251 bp): 96.6 pretrained, 93.3 from scratch. small_data, same
-    protocol: 77.5 +- 1.4 from the trained tiny-1k backbone, 69.4 +- 0.5 from scratch, 80.0 for
-    6-mer logistic regression; majority class 60.8.
+hyenadna-tiny-1k-seqlen). 1 GPU: minutes; CPU: hours at the official recipe. The paper's Table A.4
+(tiny-1k, official splits, 100 epochs) and what small_data reaches on CPU are in README's
+"Fine-tuning" table (benchmarks/bench_finetune.py --full).
+  * human_enhancers_cohn (all 500 bp), human_nontata_promoters (all 251 bp).
   * demo_coding_vs_intergenomic_seqs, demo_human_or_worm (all 200 bp).
   * human_enhancers_ensembl (median 269 bp, longest 573), human_ocr_ensembl (median 315,
     longest 593), human_ensembl_regulatory (3 classes; median 401, longest 802).

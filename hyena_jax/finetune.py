@@ -32,6 +32,7 @@ import json
 import signal
 import sys
 import time
+import typing
 from typing import Any, Callable
 
 import jax
@@ -46,113 +47,16 @@ from flax import nnx, traverse_util
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import data as data_lib
-from hyena_jax import metrics_writer, optim, sharding, storage
+from hyena_jax import linear_probe, metrics_writer, optim, sharding, storage
+from hyena_jax.task_metrics import collapse_message, prediction_summary, task_metrics
 from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
 from hyena_jax import train as train_lib
 from hyena_jax.errors import InputError, OutputExistsError
 from hyena_jax.finetune_config import METRICS
-from hyena_jax.model import SequenceClassifier
+from hyena_jax.model import Pooling, SequenceClassifier
 
 State = dict[str, Any]  # {"step": int32 [], "params": tree, "opt_state": tree}
-
-# ------------------------------------------------------------------------------------------------
-# Metrics (host side, numpy). Classification: labels and predictions are int arrays [N].
-
-
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
-  """C[i, j] = number of rows of true class i predicted as j; int64 [n_classes, n_classes]."""
-  matrix = np.zeros((n_classes, n_classes), np.int64)
-  np.add.at(matrix, (np.asarray(labels, np.int64), np.asarray(preds, np.int64)), 1)
-  return matrix
-
-
-def accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
-  return float(np.mean(np.asarray(labels) == np.asarray(preds)))
-
-
-def mcc(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
-  """Matthews correlation (multi-class form of Gorodkin 2004, as scikit-learn); 0 when undefined.
-
-  (c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2)), with c correct rows,
-  s all rows, t_k rows of true class k and p_k rows predicted as k.
-  """
-  cm = confusion_matrix(labels, preds, n_classes).astype(np.float64)
-  t, p, c, s = cm.sum(1), cm.sum(0), np.trace(cm), cm.sum()
-  denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
-  return float((c * s - p @ t) / denom) if denom > 0 else 0.0
-
-
-def macro_f1(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
-  """Unweighted mean of per-class F1 = 2TP / (2TP + FP + FN) over the classes that occur in
-  labels or predictions (as scikit-learn's average='macro'); a class with no TP scores 0."""
-  cm = confusion_matrix(labels, preds, n_classes).astype(np.float64)
-  tp, fp, fn = np.diag(cm), cm.sum(0) - np.diag(cm), cm.sum(1) - np.diag(cm)
-  present = (cm.sum(0) + cm.sum(1)) > 0
-  f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
-  return float(f1[present].mean())
-
-
-def r2_score(targets: np.ndarray, preds: np.ndarray) -> float:
-  """Coefficient of determination 1 - SS_res / SS_tot (0 when the targets are constant)."""
-  targets, preds = np.asarray(targets, np.float64), np.asarray(preds, np.float64)
-  ss_tot = np.sum((targets - targets.mean()) ** 2)
-  return float(1.0 - np.sum((targets - preds) ** 2) / ss_tot) if ss_tot > 0 else 0.0
-
-
-def task_metrics(outputs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
-  """All metrics of the task family plus the loss. outputs: logits [N, n_classes] (regression:
-  predictions [N, 1]); labels: int [N] (regression: float [N])."""
-  outputs = np.asarray(outputs, np.float64)
-  if n_classes == 1:
-    from scipy import stats
-    pred, target = outputs[:, 0], np.asarray(labels, np.float64)
-    constant = np.ptp(pred) == 0 or np.ptp(target) == 0
-    return {"loss": float(np.mean((pred - target) ** 2)),
-            "pearson": 0.0 if constant else float(stats.pearsonr(pred, target)[0]),
-            "spearman": 0.0 if constant else float(stats.spearmanr(pred, target)[0]),
-            "r2": r2_score(target, pred)}
-  labels = np.asarray(labels, np.int64)
-  log_probs = outputs - np.logaddexp.reduce(outputs, axis=1, keepdims=True)
-  preds = outputs.argmax(1)
-  return {"loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
-          "accuracy": accuracy(labels, preds), "mcc": mcc(labels, preds, n_classes),
-          "macro_f1": macro_f1(labels, preds, n_classes)}
-
-
-def prediction_summary(outputs: np.ndarray, n_classes: int) -> dict[str, Any]:
-  """How varied a split's predictions are, to catch a collapsed (constant) predictor.
-
-  outputs: logits [N, n_classes] (regression: predictions [N, 1]). Classification: `constant`
-  when every row gets the same argmax class; `logit_spread` is the largest range over rows of a
-  logit relative to class 0's (for 2 classes, the range of logit_1 - logit_0). Regression:
-  `constant` when the predictions' range is below 1e-6 of their scale.
-  """
-  outputs = np.asarray(outputs, np.float64)
-  if n_classes == 1:
-    pred = outputs[:, 0]
-    spread = float(np.ptp(pred))
-    return {"constant": bool(spread <= 1e-6 * max(1.0, float(np.abs(pred).max()))),
-            "prediction_spread": spread}
-  counts = np.bincount(outputs.argmax(1), minlength=n_classes)
-  relative = outputs - outputs[:, :1]
-  return {"constant": bool(np.count_nonzero(counts) == 1 and len(outputs) > 1),
-          "predicted_class_counts": counts.tolist(),
-          "logit_spread": float(np.ptp(relative, axis=0).max())}
-
-
-def collapse_message(summary: dict[str, Any], split: str, step: int) -> str:
-  """The warning for a constant predictor (prediction_summary(...)["constant"] is True)."""
-  if "predicted_class_counts" in summary:
-    counts = summary["predicted_class_counts"]
-    what = (f"every one of its {sum(counts)} rows is predicted as class "
-            f"{int(np.argmax(counts))} (logit spread {summary['logit_spread']:.2g})")
-  else:
-    what = f"prediction spread {summary['prediction_spread']:.2g}"
-  return (f"collapsed to a constant predictor on {split} at step {step}: {what}. On small data "
-          "start from a pretrained backbone (--config.pretrained), use the small_data recipe "
-          "(--config=configs/finetune.py:TASK:small_data) or train longer")
-
 
 # ------------------------------------------------------------------------------------------------
 # Labelled data
@@ -291,6 +195,19 @@ def frozen_mask(params: Any, freeze_backbone: bool) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
+# Linear probe (LP-FT's first stage; the fit itself is hyena_jax.linear_probe)
+
+
+def make_features_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
+  """(params, inputs [B, L]) -> pooled features [B, d_model], dropout off."""
+  def features_fn(params, inputs):
+    model = nnx.merge(graphdef, params)
+    model.eval()
+    return model.features(inputs)
+  return features_fn
+
+
+# ------------------------------------------------------------------------------------------------
 # Steps (pure functions; decided once from the config when built)
 
 
@@ -364,6 +281,24 @@ def evaluate(predict_fn: Callable, params: Any, split: LabelledSplit, n_classes:
 # The loop
 
 
+def _fit_probe(graphdef: nnx.GraphDef, params: Any, splits: dict[str, LabelledSplit],
+               config: ml_collections.ConfigDict, batch_sharding) -> tuple[dict, dict]:
+  """(head params, report) of the linear probe on the starting backbone's pooled features."""
+  start = time.perf_counter()
+  features_fn = jax.jit(make_features_fn(graphdef))
+  features = {name: predict(features_fn, params, splits[name].inputs, config.eval.batch_size,
+                            batch_sharding) for name in ("train", "valid")}
+  head, report = linear_probe.fit_probe(
+      features, {name: splits[name].labels for name in ("train", "valid")},
+      config.head.n_classes, config.eval.metric)
+  report["seconds"] = round(time.perf_counter() - start, 1)
+  logging.info("linear probe: head fitted to %d rows of frozen features (l2 %g, valid %s by "
+               "l2 %s) in %.1f s", len(splits["train"]), report["l2"], config.eval.metric,
+               report[f"valid_{config.eval.metric}_by_l2"], report["seconds"])
+  return head, report
+
+
+
 def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
   errors = run_config_lib.training_errors(config)
   if config.head.n_classes < 1:
@@ -379,6 +314,9 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
     if value < 1 or value % n_devices:
       errors.append(f"{name}={value} must be positive and divisible by the {n_devices} "
                     "data-parallel device(s) (or set mesh.data)")
+  if config.head.pooling not in typing.get_args(Pooling):
+    errors.append(f"head.pooling={config.head.pooling!r}: use one of "
+                  f"{typing.get_args(Pooling)}")
   if config.train.epochs < 0 or config.train.num_steps < 0 or config.train.patience < 0:
     errors.append("train.epochs, train.num_steps and train.patience must be >= 0")
   if errors:
@@ -507,6 +445,10 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
                      f"train.batch_size={batch}; lower it")
   tx, schedule = _tx_and_schedule(config, total, frozen if config.train.freeze_backbone else None)
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  probe = progress.get("linear_probe") if progress is not None else None
+  if config.train.linear_probe and progress is None:  # a resumed run has its head in the state
+    params["output_transform"], probe = _fit_probe(graphdef, params, splits, config,
+                                                   batch_sharding)
   state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
                           "opt_state": tx.init(params)}, replicated)
   loss_fn = regression_loss if n_classes == 1 else classification_loss
@@ -560,7 +502,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
                 "best": {**best, "score": None if best["score"] == -np.inf else best["score"]},
                 "warnings": warnings, "constant_steps": constant_steps,
                 "train_seconds": earlier_seconds + time.perf_counter() - start,
-                "resumed_at": resumed_at, "fingerprints": sums,
+                "resumed_at": resumed_at, "fingerprints": sums, "linear_probe": probe,
                 "config": ckpt_lib.config_to_json(config)}
     resume_mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
@@ -572,6 +514,38 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                             config=ocp.args.JsonSave(run_config)),
               metrics={"valid_objective": -objective})
+
+  def evaluate_and_select(step: int) -> bool:
+    """Evaluates on validation, saves a new best checkpoint; True when patience has run out."""
+    nonlocal best, since_best
+    valid, valid_outputs = run_eval(state["params"], "valid")
+    summary = prediction_summary(valid_outputs, n_classes)
+    spread = summary.get("logit_spread", summary.get("prediction_spread"))
+    writer.write(step, {**{f"valid_{k}": v for k, v in valid.items()},
+                        "valid_constant": int(summary["constant"]), "valid_spread": spread})
+    logging.info("step %d  valid %s  spread %.3g", step,
+                 "  ".join(f"{k} {v:.4f}" for k, v in valid.items()), spread)
+    if summary["constant"]:
+      constant_steps.append(step)
+      if len(constant_steps) == 1:  # once in the log; every such step goes to results.json
+        warnings.append(collapse_message(summary, "validation", step))
+        logging.warning("%s", warnings[-1])
+    if (not summary["constant"], valid[metric]) > (not best["constant"], best["score"]):
+      best = {"step": step, "score": valid[metric], "constant": summary["constant"]}
+      since_best = 0
+      save(step, state["params"], valid[metric], summary["constant"])
+      return False
+    since_best += 1
+    if config.train.patience and since_best >= config.train.patience:
+      logging.info("early stop at step %d: valid %s has not improved for %d evaluations "
+                   "(best %.4f at step %d)", step, metric, since_best, best["score"],
+                   best["step"])
+      return True
+    return False
+
+  if probe is not None and total and progress is None:
+    evaluate_and_select(0)  # the probe is a candidate: fine-tuning must beat it to replace it
+    save_resume_state(0, done=False)
 
   while step < total and not stopped_early:  # stopped_early: a resumed early stop
     epoch, pos = divmod(step, steps_per_epoch)
@@ -600,29 +574,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
                    step / steps_per_epoch, metrics["loss"], metrics["learning_rate"],
                    now - start, eta)
     if step % eval_every == 0 or step == total:
-      valid, valid_outputs = run_eval(state["params"], "valid")
-      summary = prediction_summary(valid_outputs, n_classes)
-      spread = summary.get("logit_spread", summary.get("prediction_spread"))
-      writer.write(step, {**{f"valid_{k}": v for k, v in valid.items()},
-                          "valid_constant": int(summary["constant"]), "valid_spread": spread})
-      logging.info("step %d  valid %s  spread %.3g", step,
-                   "  ".join(f"{k} {v:.4f}" for k, v in valid.items()), spread)
-      if summary["constant"]:
-        constant_steps.append(step)
-        if len(constant_steps) == 1:  # once in the log; every such step goes to results.json
-          warnings.append(collapse_message(summary, "validation", step))
-          logging.warning("%s", warnings[-1])
-      if (not summary["constant"], valid[metric]) > (not best["constant"], best["score"]):
-        best = {"step": step, "score": valid[metric], "constant": summary["constant"]}
-        since_best = 0
-        save(step, state["params"], valid[metric], summary["constant"])
-      else:
-        since_best += 1
-        if config.train.patience and since_best >= config.train.patience:
-          logging.info("early stop at step %d: valid %s has not improved for %d evaluations "
-                       "(best %.4f at step %d)", step, metric, since_best, best["score"],
-                       best["step"])
-          stopped_early = True
+      stopped_early = evaluate_and_select(step)
       # After the best checkpoint: a resumed state never names a best step that is not saved.
       save_resume_state(step, done=stopped_early or step == total)
       if stopped_early:
@@ -675,7 +627,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
       "task": config.task, "metric": metric, "init": init,
       "test": test, "valid": valid, "predictions": predictions,
       "collapsed": predictions["valid"]["constant"], "constant_valid_steps": constant_steps,
-      "warnings": warnings, "best_step": best["step"], "steps": step,
+      "warnings": warnings, "linear_probe": probe, "best_step": best["step"], "steps": step,
       "epochs": step / max(steps_per_epoch, 1), "stopped_early": stopped_early,
       "train_seconds": round(train_seconds, 1),
       "rows": {k: len(v) for k, v in splits.items()},

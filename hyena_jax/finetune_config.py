@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.head = ml_collections.ConfigDict()
   # Number of classes; 1 = regression (MSE loss).
   config.head.n_classes = 2
-  # mean (over all positions, left padding included: official) | last | first | sum.
+  # mean (over all positions, left [PAD] included: official) | mean_nonpad (over the sequence's
+  # own positions only; the same as mean when every sequence fills data.max_length) | last |
+  # first | sum. Only mean exports to the official PyTorch layouts.
   config.head.pooling = "mean"
 
   config.data = ml_collections.ConfigDict()
@@ -90,6 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.num_steps = 0
   # Freeze the backbone (train only the head); the official recipe fine-tunes everything.
   config.train.freeze_backbone = False
+  # Linear probe first (LP-FT): before any step, fit the fresh head to the frozen backbone's pooled
+  # training features (L2-regularised logistic regression, or ridge for regression, its strength
+  # picked on validation), evaluate it as step 0 (a candidate for the best checkpoint), then
+  # fine-tune from there. With epochs = num_steps = 0 the run is a linear probe alone. Not in the
+  # official recipe; small_data turns it on.
+  config.train.linear_probe = False
   config.train.log_every_steps = 50
   # Evaluate on validation every N steps (0 = once per epoch) and at the end.
   config.train.eval_every_steps = 0
@@ -116,30 +124,25 @@ RECIPES = ("official", "small_data")
 
 def small_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The CPU / small-data recipe, for a few hundred to a few thousand rows and minutes of CPU:
-  batch 32, AdamW peak 2e-3, 3 epochs; everything else as the official recipe (its 1% warm-up
-  rounds to no warm-up step at this size). Start from a pretrained backbone when you have one.
+  LP-FT (train.linear_probe: the fresh head fitted to the frozen backbone's features first, and
+  kept unless fine-tuning beats it on validation), then full fine-tuning at batch 32, AdamW peak
+  5e-4, 3 epochs; everything else as the official recipe. Start from a pretrained backbone.
 
-  Expect (tiny-1k, 432 training rows, 39 steps, test accuracy mean +- sd over 3 seeds, 120 test
-  rows; benchmarks/bench_finetune.py, benchmarks/results/finetune_small_data.json):
-  human_nontata_promoters 77.5 +- 1.4 from the trained backbone, 69.4 +- 0.5 from scratch
-  (majority class 60.8); human_enhancers_cohn 71.4 +- 2.1 and 69.2 +- 6.6 (majority 50.8). At
-  this size a k-mer-count logistic regression does as well (79-80 and 71-72.5): the paper's
-  numbers need the full sets and 100 epochs (official recipe, a GPU).
+  Why: full fine-tuning from a random head at a high rate distorts what pretraining gave (the
+  earlier recipe, plain fine-tuning at 2e-3, scored 7-9 points below a linear probe of the same
+  backbone on two small sets). Measured numbers: README "Fine-tuning", benchmarks/bench_finetune.py
+  and benchmarks/results/finetune_full.json.
 
-  Why not the official recipe here: batch 128 leaves 3 steps per epoch on 432 rows (9 in all),
-  and from scratch that ends in a constant predictor: 2 of 3 seeds on human_enhancers_cohn (test
-  50.0 +- 0.8), 1 of 3 on human_nontata_promoters (62.8 +- 3.4, MCC 0.09), against 71.4 +- 3.8
-  and 73.1 +- 1.7 from the trained backbone (finetune_small_data_official_recipe.json). From
-  scratch the mean-pooled features of an untrained backbone are nearly the same for every
-  sequence (common component ~13x the between-sequence variation): even with this recipe all 3
-  scratch seeds on human_enhancers_cohn were constant predictors after epoch 1 and separated the
-  classes only by epochs 2-3. A lower peak (1e-3) with a 10% warm-up, or a zero-initialised head,
-  collapsed more often (a whole run stayed constant, train loss ~0.69), not less. Selection ranks
-  constant predictors last and warns (hyena_jax.finetune.prediction_summary).
+  From scratch the mean-pooled features of an untrained backbone are nearly the same for every
+  sequence (common component ~13x the between-sequence variation), so small runs pass through a
+  constant predictor first; with batch 128 on 432 rows (9 steps) 3 of 6 scratch runs ended
+  there (finetune_small_data_official_recipe.json). Selection ranks constant predictors last and
+  warns (hyena_jax.task_metrics.prediction_summary).
   """
   config.train.batch_size = 32
   config.train.epochs = 3
-  config.optim.learning_rate = 2e-3
+  config.train.linear_probe = True
+  config.optim.learning_rate = 5e-4
   return config
 
 

@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hyena_jax import tokenizer as tok
 from hyena_jax.config import HyenaConfig
 from hyena_jax.errors import InputError
 from hyena_jax.hyena import HyenaOperator
 
-Pooling = Literal["mean", "last", "first", "sum"]
+Pooling = Literal["mean", "mean_nonpad", "last", "first", "sum"]
 # How a caller runs the mixer inside `Block.apply`: (mixer, u [B, L, d]) -> (y [B, L, d], aux).
 Mix = Callable[[HyenaOperator, jax.Array], tuple[jax.Array, Any]]
 _normal = nnx.initializers.normal
@@ -207,17 +209,26 @@ class HyenaLM(nnx.Module):
     return self.logits_from_hidden(self.backbone(input_ids, dropout_key=dropout_key).hidden)
 
 
-def pool(hidden: jax.Array, mode: Pooling) -> jax.Array:
-  """Pools [B, L, d] -> [B, d] as upstream's SequenceDecoder (mean includes left padding)."""
+def pool(hidden: jax.Array, mode: Pooling, input_ids: jax.Array | None = None) -> jax.Array:
+  """Pools [B, L, d] -> [B, d] as upstream's SequenceDecoder (mean includes left padding).
+
+  "mean_nonpad" (not upstream) averages only the sequence's own positions, those whose token
+  (input_ids [B, L]) is not [PAD]; on equal-length sets it equals "mean".
+  """
   if mode == "mean":
     return hidden.mean(axis=1)
+  if mode == "mean_nonpad":
+    if input_ids is None:
+      raise ValueError("pooling 'mean_nonpad' needs the input ids to find the [PAD] positions")
+    own = (input_ids != tok.PAD)[..., None].astype(hidden.dtype)  # [B, L, 1]
+    return (hidden * own).sum(axis=1) / jnp.maximum(own.sum(axis=1), 1.0)
   if mode == "sum":
     return hidden.sum(axis=1)
   if mode == "last":
     return hidden[:, -1]
   if mode == "first":
     return hidden[:, 0]
-  raise ValueError(f"pooling must be 'mean', 'last', 'first' or 'sum', got {mode!r}")
+  raise ValueError(f"pooling must be one of {typing.get_args(Pooling)}, got {mode!r}")
 
 
 class SequenceClassifier(nnx.Module):
@@ -230,7 +241,7 @@ class SequenceClassifier(nnx.Module):
                rngs: nnx.Rngs):
     if n_classes < 1:
       raise ValueError(f"n_classes must be >= 1, got {n_classes}")
-    pool(jnp.zeros((1, 1, 1)), pooling)  # validates `pooling` now rather than at first call
+    pool(jnp.zeros((1, 1, 1)), pooling, jnp.zeros((1, 1), jnp.int32))  # validates `pooling` now rather than at first call
     self.config, self.n_classes, self.pooling = cfg, n_classes, pooling
     self.backbone = Backbone(cfg, rngs=rngs)
     bound = 1.0 / math.sqrt(cfg.d_model)  # PyTorch nn.Linear default init
@@ -241,8 +252,13 @@ class SequenceClassifier(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """input_ids: [B, L] -> class logits [B, n_classes] (float32)."""
+    return self.output_transform(self.features(input_ids, dropout_key=dropout_key))
+
+  def features(self, input_ids: jax.Array, *, dropout_key: jax.Array | None = None
+               ) -> jax.Array:
+    """input_ids: [B, L] -> pooled final hidden states [B, d_model], the head's input."""
     hidden = self.backbone(input_ids, dropout_key=dropout_key).hidden
-    return self.output_transform(pool(hidden, self.pooling))
+    return pool(hidden, self.pooling, input_ids)
 
 
 def check_input_ids(input_ids: jax.Array, cfg: HyenaConfig) -> None:

@@ -16,10 +16,10 @@ from flax import nnx
 from conftest import shared_path
 from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
-from hyena_jax import finetune, finetune_config, icl
+from hyena_jax import finetune, finetune_config, icl, linear_probe, task_metrics
 from hyena_jax import tokenizer as tok
 from hyena_jax.errors import InputError
-from hyena_jax.model import HyenaLM
+from hyena_jax.model import HyenaLM, SequenceClassifier
 
 TINY = dict(d_model=32, n_layer=2, d_inner=64, filter_order=16, l_max=256)
 
@@ -47,23 +47,23 @@ def _config(train, test, **train_fields):
 
 def test_metrics_match_hand_computed_values():
   labels, preds = np.array([0, 0, 1, 1, 1, 2]), np.array([0, 1, 1, 1, 0, 2])
-  np.testing.assert_array_equal(finetune.confusion_matrix(labels, preds, 3),
+  np.testing.assert_array_equal(task_metrics.confusion_matrix(labels, preds, 3),
                                 [[1, 1, 0], [1, 2, 0], [0, 0, 1]])
-  assert finetune.accuracy(labels, preds) == pytest.approx(4 / 6)
+  assert task_metrics.accuracy(labels, preds) == pytest.approx(4 / 6)
   # c = 4, s = 6, t = p = (2, 3, 1): (24 - 14) / sqrt((36 - 14)^2) = 10 / 22.
-  assert finetune.mcc(labels, preds, 3) == pytest.approx(10 / 22)
+  assert task_metrics.mcc(labels, preds, 3) == pytest.approx(10 / 22)
   # F1 per class: 2/4, 4/6, 1.
-  assert finetune.macro_f1(labels, preds, 3) == pytest.approx((0.5 + 4 / 6 + 1) / 3)
+  assert task_metrics.macro_f1(labels, preds, 3) == pytest.approx((0.5 + 4 / 6 + 1) / 3)
   # Binary: TP 2, FN 1, FP 1, TN 1 -> (2 - 1) / sqrt(3 * 3 * 2 * 2).
-  assert finetune.mcc(np.array([1, 1, 1, 0, 0]), np.array([1, 0, 1, 0, 1]), 2) == \
+  assert task_metrics.mcc(np.array([1, 1, 1, 0, 0]), np.array([1, 0, 1, 0, 1]), 2) == \
       pytest.approx(1 / 6)
-  assert finetune.mcc(np.array([0, 1, 1]), np.array([1, 1, 1]), 2) == 0.0  # undefined -> 0
+  assert task_metrics.mcc(np.array([0, 1, 1]), np.array([1, 1, 1]), 2) == 0.0  # undefined -> 0
   # A class absent from labels and predictions does not count (as scikit-learn).
-  assert finetune.macro_f1(np.array([0, 1]), np.array([0, 0]), 3) == pytest.approx((2 / 3) / 2)
-  out = finetune.task_metrics(np.array([[0.0, np.log(3.0)], [2.0, 0.0]]), np.array([1, 1]), 2)
+  assert task_metrics.macro_f1(np.array([0, 1]), np.array([0, 0]), 3) == pytest.approx((2 / 3) / 2)
+  out = task_metrics.task_metrics(np.array([[0.0, np.log(3.0)], [2.0, 0.0]]), np.array([1, 1]), 2)
   assert out["loss"] == pytest.approx((-np.log(0.75) - np.log(1 / (1 + np.e ** 2))) / 2)
   assert out["accuracy"] == 0.5
-  reg = finetune.task_metrics(np.array([[1.0], [2.0], [4.0]]), np.array([1.0, 2.0, 3.0]), 1)
+  reg = task_metrics.task_metrics(np.array([[1.0], [2.0], [4.0]]), np.array([1.0, 2.0, 3.0]), 1)
   assert reg["loss"] == pytest.approx(1 / 3)
   assert reg["r2"] == pytest.approx(0.5)
   assert reg["pearson"] == pytest.approx(9 / np.sqrt(84))
@@ -120,7 +120,9 @@ def test_a_stopped_finetune_resumes_bitwise_and_a_finished_one_changes_nothing(t
   # 4 steps per epoch, evaluated every 3: the stop at step 7 is mid-epoch and between evaluations.
   config = _config(train, test, epochs=3, eval_every_steps=3)
   config.model.embed_dropout = 0.1  # dropout keys must follow the step across the resume
+  config.train.linear_probe = True  # the fitted head and its step-0 evaluation resume too
   whole = finetune.finetune_and_evaluate(config, str(tmp_path / "whole"))
+  assert whole["linear_probe"]["l2"] in linear_probe.PROBE_L2
   workdir = str(tmp_path / "resumed")
   stopped = finetune.finetune_and_evaluate(config, workdir, stop_after_steps=7)
   assert stopped == {"status": "interrupted", "step": 7}
@@ -129,8 +131,11 @@ def test_a_stopped_finetune_resumes_bitwise_and_a_finished_one_changes_nothing(t
   assert resumed["status"] == whole["status"] == "finished" and resumed["resumed_at"] == [7]
   for key in ("test", "valid", "best_step", "steps", "constant_valid_steps", "warnings"):
     assert resumed[key] == whole[key], key
+  untimed = lambda probe: {k: v for k, v in probe.items() if k != "seconds"}  # noqa: E731
+  assert untimed(resumed["linear_probe"]) == untimed(whole["linear_probe"])
   read = lambda run: [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
   assert read("resumed") == read("whole")  # no step twice, none missing
+  assert [r["step"] for r in read("whole") if "valid_accuracy" in r] == [0, 3, 6, 9, 12]
   np.testing.assert_array_equal(np.load(tmp_path / "resumed" / "test_outputs.npy"),
                                 np.load(tmp_path / "whole" / "test_outputs.npy"))
   best = [ckpt_lib.restore_model(str(tmp_path / run), whole["best_step"])[0]
@@ -197,6 +202,62 @@ def test_pretrained_backbone_beats_the_majority_class_on_real_data(tmp_path):
   assert results["test"]["accuracy"] >= majority + 0.10, (results["test"], majority)
 
 
+def test_mean_nonpad_pooling_averages_only_the_sequence_own_positions():
+  """Left-padded rows of 5, 12 and 16 bases: "mean_nonpad" is the mean of the final hidden states
+  over each row's own positions; "mean" (official) averages the [PAD] positions too."""
+  cfg = config_lib.from_dict(TINY)
+  model = SequenceClassifier(cfg, 2, pooling="mean_nonpad", rngs=nnx.Rngs(0))
+  model.eval()
+  lengths, width = (5, 12, 16), 16
+  rng = np.random.default_rng(0)
+  ids = np.full((3, width), tok.PAD, np.int32)
+  for row, n in enumerate(lengths):
+    ids[row, width - n:] = rng.choice([tok.A, tok.C, tok.G, tok.T], n)
+  hidden = np.asarray(model.backbone(jnp.asarray(ids)).hidden, np.float64)
+  by_hand = np.stack([hidden[row, width - n:].mean(0) for row, n in enumerate(lengths)])
+  np.testing.assert_allclose(np.asarray(model.features(jnp.asarray(ids))), by_hand,
+                             rtol=1e-5, atol=1e-6)
+  kernel = np.asarray(model.output_transform.kernel[...], np.float64)
+  bias = np.asarray(model.output_transform.bias[...], np.float64)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), by_hand @ kernel + bias,
+                             rtol=1e-5, atol=1e-6)
+  model.pooling = "mean"
+  official = np.asarray(model.features(jnp.asarray(ids)))
+  np.testing.assert_allclose(official[2], by_hand[2], rtol=1e-5, atol=1e-6)  # no padding
+  assert np.abs(official[:2] - by_hand[:2]).max() > 1e-3  # padding counted
+  config = finetune_config.base_config()
+  config.head.pooling = "max"
+  with pytest.raises(InputError, match="head.pooling='max'"):
+    finetune.validate_config(config, 1)
+
+
+def test_linear_probe_fits_the_head_to_raw_features():
+  """Three separable classes in features with a large offset and scale: the probe standardises
+  for the fit and folds the scaling back, so its head applies to the raw features and equals
+  the standardised fit; the validation split picks the L2 strength; ridge for regression."""
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(3, 8)) * 3.0
+  labels = rng.integers(0, 3, 600)
+  raw = 50.0 + 10.0 * (centres[labels] + rng.normal(size=(600, 8)))
+  head, report = linear_probe.fit_probe({"train": raw[:400], "valid": raw[400:500]},
+                                        {"train": labels[:400], "valid": labels[400:500]}, 3,
+                                        "accuracy")
+  assert head["kernel"].shape == (8, 3) and head["bias"].shape == (3,)
+  assert report["l2"] in linear_probe.PROBE_L2 and set(report["valid_accuracy_by_l2"]) == {
+      f"{l2:g}" for l2 in linear_probe.PROBE_L2}
+  held_out = raw[500:] @ head["kernel"] + head["bias"]
+  assert (held_out.argmax(1) == labels[500:]).mean() > 0.95
+  mean, scale = raw[:400].mean(0), raw[:400].std(0)
+  kernel, bias = linear_probe.fit_linear_head((raw[:400] - mean) / scale, labels[:400], 3,
+                                          report["l2"])
+  np.testing.assert_allclose(held_out, ((raw[500:] - mean) / scale) @ kernel + bias,
+                             rtol=1e-4, atol=1e-3)
+  targets = raw[:, :3] @ np.array([0.5, -1.0, 2.0]) + 7.0
+  kernel, bias = linear_probe.fit_linear_head((raw - raw.mean(0)) / raw.std(0), targets, 1, 1e-6)
+  predictions = ((raw - raw.mean(0)) / raw.std(0)) @ kernel[:, 0] + bias[0]
+  np.testing.assert_allclose(predictions, targets, rtol=1e-5, atol=1e-4)
+
+
 def test_collapse_detector_warns_in_the_log_and_results(tmp_path, caplog):
   """Identical sequences with mixed labels: any model predicts one class for every row, so every
   validation evaluation is a constant predictor, deterministically."""
@@ -221,10 +282,10 @@ def test_collapse_detector_warns_in_the_log_and_results(tmp_path, caplog):
   assert any("constant predictor" in w for w in saved["warnings"])
   assert sum(saved["predictions"]["valid"]["predicted_class_counts"]) == 8
   # The summary itself: constant only when one class takes every row.
-  varied = finetune.prediction_summary(np.array([[0.0, 1.0], [1.0, 0.0]]), 2)
+  varied = task_metrics.prediction_summary(np.array([[0.0, 1.0], [1.0, 0.0]]), 2)
   assert not varied["constant"] and varied["logit_spread"] == pytest.approx(2.0)
-  assert finetune.prediction_summary(np.array([[0.0, 1.0], [0.0, 1.5]]), 2)["constant"]
-  assert finetune.prediction_summary(np.array([[2.0], [2.0]]), 1)["constant"]
+  assert task_metrics.prediction_summary(np.array([[0.0, 1.0], [0.0, 1.5]]), 2)["constant"]
+  assert task_metrics.prediction_summary(np.array([[2.0], [2.0]]), 1)["constant"]
 
 
 def test_frozen_backbone_leaves_the_backbone_bitwise_unchanged(tmp_path, promoters):
