@@ -139,6 +139,13 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelledSplit]:
     train, valid = train.take(tr, train.source), train.take(va, held)
   else:
     valid = LabelledSplit(test.inputs, test.labels, f"the test split ({test.source})")
+  if config.head.n_classes > 1:
+    present = np.unique(train.labels)
+    if len(present) < 2:
+      raise InputError(
+          f"the training rows of {d.train} hold one class only (label {present[0]}, "
+          f"{len(train)} rows): a classifier needs examples of at least two classes; check the "
+          "label column (and data.train_labels)")
   return {"train": train, "valid": valid, "test": test}
 
 
@@ -358,32 +365,50 @@ def _tx_and_schedule(config: ml_collections.ConfigDict, total_steps: int, frozen
 RESUME_SUBDIR = "resume"  # WORKDIR/resume/checkpoints/<step>/: the latest state (not the best)
 
 
+def _config_differences(saved: dict, config: ml_collections.ConfigDict,
+                        ignore: set[str]) -> list[tuple[str, Any, Any]]:
+  """(field, saved value, config value) of every field that differs, outside `ignore`."""
+  flat = lambda tree: traverse_util.flatten_dict(tree, sep=".")  # noqa: E731
+  old, new = flat(saved), flat(ckpt_lib.config_to_json(config))
+  return [(name, old.get(name), new.get(name)) for name in sorted((set(old) | set(new)) - ignore)
+          if old.get(name) != new.get(name)]
+
+
 def _check_same_run(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a workdir whose run had a different config; how a step is executed
   (train.EXECUTION_FIELDS) may change, as in pretraining."""
-  flat = lambda tree: traverse_util.flatten_dict(tree, sep=".")  # noqa: E731
-  old, new = flat(saved), flat(ckpt_lib.config_to_json(config))
   execution = {f"model.{name}" for name in train_lib.EXECUTION_FIELDS}
-  for name in sorted((set(old) | set(new)) - execution):
-    if old.get(name) != new.get(name):
-      raise InputError(
-          f"{workdir} holds a fine-tuning run with a different config: {name} was "
-          f"{old.get(name)!r}, the config says {new.get(name)!r}. Use a new --workdir, or pass "
-          f"--config.{name}={old.get(name)!r} to resume it")
+  for name, was, now in _config_differences(saved, config, execution)[:1]:
+    raise InputError(
+        f"{workdir} holds a fine-tuning run with a different config: {name} was {was!r}, the "
+        f"config says {now!r}. Use a new --workdir, or pass --config.{name}={was!r} to resume it")
 
 
 def _resume_state(workdir: str, config: ml_collections.ConfigDict
                   ) -> tuple[int | None, dict | None]:
   """(latest resume step, its progress) after checking that the workdir holds this run;
-  (None, None) for a fresh workdir."""
+  (None, None) for a fresh workdir, or for this run killed before its first resumable state."""
   resume_dir = storage.resolve(workdir) / RESUME_SUBDIR
   step = ckpt_lib.latest_step(resume_dir)
   if step is None:
-    if ckpt_lib.latest_step(workdir) is not None:
-      raise OutputExistsError(
-          f"{workdir} already holds a fine-tuning run (checkpoints/) without a resumable state "
-          f"({resume_dir}/ is missing: written by an older version, or killed before its first "
-          "evaluation); use a new --workdir")
+    best = ckpt_lib.latest_step(workdir)
+    if best is not None:
+      saved = ckpt_lib.read_json_item(workdir, best, "config")
+      # A best checkpoint records the architecture actually trained as "model": from a
+      # pretrained source that is the source's, not config.model.
+      different = [d for d in _config_differences(saved, config, set())
+                   if not (config.pretrained and d[0].startswith("model."))]
+      if different:
+        name, was, now = different[0]
+        raise OutputExistsError(
+            f"{workdir} already holds checkpoints of another run ({name} was {was!r}, the "
+            f"config says {now!r}); use a new --workdir")
+      # The same run, killed after saving a best checkpoint and before its resumable state:
+      # starting over recomputes the same steps, so nothing is lost but time.
+      logging.warning("%s holds a best checkpoint (step %d) of this run but no resumable state "
+                      "(it was stopped between the two saves): starting it over from step 0",
+                      workdir, best)
+      ckpt_lib.checkpoint_dir(workdir).rmtree()
     return None, None
   progress = ckpt_lib.read_json_item(resume_dir, step, "progress")
   _check_same_run(progress["config"], config, workdir)
@@ -627,6 +652,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
       "task": config.task, "metric": metric, "init": init,
       "test": test, "valid": valid, "predictions": predictions,
       "collapsed": predictions["valid"]["constant"], "constant_valid_steps": constant_steps,
+      "collapsed_on_test": predictions["test"]["constant"],
       "warnings": warnings, "linear_probe": probe, "best_step": best["step"], "steps": step,
       "epochs": step / max(steps_per_epoch, 1), "stopped_early": stopped_early,
       "train_seconds": round(train_seconds, 1),
