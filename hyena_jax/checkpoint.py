@@ -211,6 +211,16 @@ def verify_fingerprints(tree: Any, expected: Mapping[str, list[int]], what: str)
           f"{what}{path} does not match the checksum saved with it (flipped bytes on disk)")
 
 
+def verify_saved_params(workdir: str, step: int, params: Any) -> None:
+  """Checks restored parameters against the checksums saved with them (pretraining checkpoints
+  carry them; converted and fine-tuned ones have none); raises DamagedCheckpointError."""
+  if (step_dir(workdir, step) / "progress" / "metadata").exists():
+    expected = read_json_item(workdir, step, "progress").get("fingerprints", {}).get("params")
+    if expected is not None:
+      verify_fingerprints(params, expected,
+                          f"checkpoint step {step} is damaged: {step_dir(workdir, step)}/params")
+
+
 def restore_model(workdir: str, step: int | None = None, *, shardings: Any = None
                   ) -> tuple[HyenaLM | SequenceClassifier, dict, int]:
   """Restores only the parameters of a checkpoint into a freshly built model, in eval mode.
@@ -232,12 +242,7 @@ def restore_model(workdir: str, step: int | None = None, *, shardings: Any = Non
   with ocp.CheckpointManager(checkpoint_dir(workdir),
                              options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  # Pretraining checkpoints carry checksums of their arrays.
-  if (step_dir(workdir, step) / "progress" / "metadata").exists():
-    expected = read_json_item(workdir, step, "progress").get("fingerprints", {}).get("params")
-    if expected is not None:
-      verify_fingerprints(restored["params"], expected,
-                          f"checkpoint step {step} is damaged: {step_dir(workdir, step)}/params")
+  verify_saved_params(workdir, step, restored["params"])
   # The model holds only Params (dropout takes its key per call), so the restored parameters
   # are the whole state.
   graphdef, params_state = nnx.split(abstract_model, nnx.Param)

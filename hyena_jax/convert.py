@@ -43,9 +43,13 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike, *, shift: float 
   if pooling not in typing.get_args(Pooling):
     raise InputError(f"pooling must be one of {typing.get_args(Pooling)}, got {pooling!r}")
   storage.check_access(workdir, "--output")
-  existing = checkpoint.step_dir(os.fspath(workdir), step)
-  if existing.exists():  # checked again by save_model; failing early skips the load
-    raise OutputExistsError(f"{existing} already exists; choose another --output or --save_step")
+  # A converted checkpoint starts a new run: added to an existing one it would sit among steps of
+  # another architecture (and orbax silently skips a step older than the latest).
+  held = checkpoint.latest_step(os.fspath(workdir))
+  if held is not None:
+    raise OutputExistsError(f"{checkpoint.checkpoint_dir(os.fspath(workdir))} already holds "
+                            f"checkpoints (latest step {held}): convert writes a new run; choose "
+                            "an --output without checkpoints/")
   loaded = loading.load(src, shift=shift, config_path=config_path)
   if loaded.kind == "orbax":
     raise InputError(f"{src} is already an orbax run of this project; use it as it is")
@@ -55,6 +59,8 @@ def convert(src: str | os.PathLike, workdir: str | os.PathLike, *, shift: float 
   if n_classes:
     run_config["head"] = {"n_classes": int(n_classes), "pooling": pooling}
   out = checkpoint.save_model(os.fspath(workdir), model, run_config, step=step)
+  if not storage.resolve(out).exists():
+    raise OutputExistsError(f"orbax did not write {out}; choose an empty --output")
   return out, run_config
 
 

@@ -338,6 +338,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, dict, i
                              options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)))
+  checkpoint.verify_saved_params(workdir, step, restored["params"])
   return restored["params"], run_config, step
 
 

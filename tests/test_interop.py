@@ -17,7 +17,7 @@ from flax import nnx
 from conftest import shared_path
 import hyena_jax
 from hyena_jax import checkpoint, config as config_lib, convert, export, loading, weights
-from hyena_jax.errors import InputError
+from hyena_jax.errors import InputError, OutputExistsError
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 torch = pytest.importorskip("torch")
@@ -411,6 +411,13 @@ def test_convert_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match="pooling"):
     convert.convert(shared_path("parity", "tiny1k_classifier"), str(tmp_path / "run"),
                     pooling="max")
+  # Into a folder that holds checkpoints already (any step): refused, nothing added.
+  source = shared_path("parity", "tiny1k_classifier")
+  convert.convert(source, str(tmp_path / "run"), step=10)
+  for step in (0, 10, 20):
+    with pytest.raises(OutputExistsError, match=r"already holds checkpoints \(latest step 10\)"):
+      convert.convert(source, str(tmp_path / "run"), step=step)
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["10"]
 
 
 class _Opaque:

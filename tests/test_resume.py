@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from hyena_jax import checkpoint as ckpt_lib
-from hyena_jax import metrics_writer, train
+from hyena_jax import export, metrics_writer, train
 from hyena_jax.errors import InputError
 from test_train import tiny_config
 
@@ -168,6 +168,8 @@ def test_a_damaged_latest_checkpoint_is_named_and_can_be_skipped(two_checkpoints
     assert "does not match the checksum saved with it" in message, message
     with pytest.raises(ckpt_lib.DamagedCheckpointError, match="does not match the checksum"):
       ckpt_lib.restore_model(str(workdir), 2)           # as embed, score and generate load it
+    with pytest.raises(ckpt_lib.DamagedCheckpointError, match="does not match the checksum"):
+      export.restore_params(str(workdir), 2)            # as export reads it
   assert _snapshot(workdir) == before                      # refused, nothing changed
 
   caplog.set_level("WARNING")
