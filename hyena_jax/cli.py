@@ -20,6 +20,7 @@ a short flag (finetune and icl: --model for --config.pretrained).
 
 from __future__ import annotations
 
+import ast
 import difflib
 import logging as py_logging
 import os
@@ -103,6 +104,12 @@ def define_config_file(name: str, default: str | None, help_string: str) -> Any:
                       "config's fields and defaults.")
   help_string = (help_string.rstrip(". ") + f". Override any field with --{name}.FIELD=VALUE; "
                  "--print_config lists the fields and their values")
+  # With a default, ml_collections runs the file now: answer a broken file or a repeated
+  # override before it does.
+  message = _config_file_error(name, _flag_value(sys.argv, name) or default or "")
+  message = message or _repeated_override(sys.argv)
+  if message:
+    fail(message)
   try:
     holder = config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
     _key_flags_of_caller(name, "print_config")
@@ -130,6 +137,45 @@ def _override_error(argv: Sequence[str]) -> str | None:
       message = _missing_field(config, path)
       if message:
         return f"{arg}: {message}"
+  return None
+
+
+def _repeated_override(argv: Sequence[str]) -> str | None:
+  """The message for a `--<config>.path` given twice (ml_collections would join two tuples and
+  keep the last of two scalars: neither is what a user who repeated it by accident expects)."""
+  for name, _ in _CONFIG_FLAGS:
+    seen = set()
+    for flag, path in _override_paths(argv, name):
+      if path in seen:
+        return f"{flag} is given twice; give each config field once"
+      seen.add(path)
+  return None
+
+
+def _config_file_error(name: str, spec: str) -> str | None:
+  """Why the config file of `--name=path[:arg]` cannot be used (missing, a syntax error with its
+  line, no get_config), or None."""
+  if not spec:
+    return None
+  path = os.path.expanduser(spec.partition(":")[0])
+  if not os.path.isfile(path):
+    return (f"--{name}={spec}: no such config file; give the path of a config .py file (e.g. "
+            "configs/default.py), relative to the current folder or absolute")
+  try:
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), filename=path)
+  except SyntaxError as e:
+    return f"{path}:{e.lineno}: {e.msg} (a syntax error in the config file)"
+  except (OSError, UnicodeDecodeError) as e:
+    return f"--{name}={spec}: cannot read the config file: {e}"
+  defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+  defined |= {target.id for node in tree.body if isinstance(node, ast.Assign)
+              for target in node.targets if isinstance(target, ast.Name)}
+  defined |= {alias.asname or alias.name for node in tree.body
+              if isinstance(node, ast.ImportFrom) for alias in node.names}
+  if "get_config" not in defined:
+    return (f"{path} defines no get_config(): a config file returns its ConfigDict from a "
+            "function get_config()")
   return None
 
 
@@ -184,9 +230,9 @@ def _check_config_files() -> None:
       continue  # not given: a required flag, answered after --print_config
     spec = flags.FLAGS[name].config_filename if hasattr(flags.FLAGS[name], "config_filename") \
         else None
-    if spec and not os.path.isfile(os.path.expanduser(spec.partition(":")[0])):
-      fail(f"--{name}={spec}: no such config file; give the path of a config .py file (e.g. "
-           "configs/default.py), relative to the current folder or absolute")
+    message = _config_file_error(name, spec or "")
+    if message:
+      fail(message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,6 +328,13 @@ _HELP_FLAGS = ("-?", "-h", "-help", "--help", "--helpshort", "--helpfull", "--he
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  message = _repeated_override(argv)
+  if message:
+    fail(message)
+  for name, _ in _CONFIG_FLAGS:  # a config given as a flag is run during parsing
+    message = _config_file_error(name, _flag_value(argv, name) or "")
+    if message:
+      fail(message)
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no failure

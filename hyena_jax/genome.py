@@ -63,7 +63,8 @@ def read_bed(path: str | os.PathLike, sizes: dict[str, int], split: str | None =
   Skips blank lines and `#`, `track`, `browser` lines. With `split`, keeps rows whose 4th column
   equals it (HyenaDNA's `human-sequences.bed`: train/valid/test). Every bad row is an error
   naming the file and line: too few columns, non-integer or negative coordinates, end <= start,
-  a chromosome not in the FASTA, an end past the chromosome end, a missing split column.
+  a chromosome not in the FASTA, an end past the chromosome end, a missing or unknown split
+  column value (one of BED_SPLITS).
   """
   path = storage.require_local(path, "BED file", "intervals are read from a local disk")
   if not os.path.isfile(path):
@@ -96,6 +97,9 @@ def read_bed(path: str | os.PathLike, sizes: dict[str, int], split: str | None =
     if split is not None:
       if len(cols) < 4:
         raise InputError(f"{where}: no split column (4th) to select split={split!r}")
+      if cols[3] not in BED_SPLITS:  # a typo would otherwise drop its rows without a word
+        raise InputError(f"{where}: unknown split {cols[3]!r} in the 4th column; use one of "
+                         f"{', '.join(BED_SPLITS)} (as HyenaDNA's human-sequences.bed)")
       seen_splits[cols[3]] = seen_splits.get(cols[3], 0) + 1
       if cols[3] != split:
         continue

@@ -88,6 +88,22 @@ def test_unknown_config_key_gets_a_did_you_mean(tmp_path):
   result = _run(["-m", "hyena_jax.main", "--config=nope.py", "--workdir=runs/x"], tmp_path)
   assert _one_line_error(result).startswith("error: --config=nope.py: no such config file")
   assert sorted(os.listdir(tmp_path)) == []
+  # A field given twice (ml_collections would join two tuples), a config file that does not
+  # parse or has no get_config: one line each, naming the flag or file:line.
+  (tmp_path / "broken.py").write_text("def get_config():\n  return dict(a=1\n")
+  (tmp_path / "empty.py").write_text("CONFIG = 1\n")
+  cases = [(["-m", "hyena_jax.main", "--config.train.stages=((4,64,1),)",
+             "--config.train.stages=((4,128,1),)", "--workdir=runs/x"],
+            "error: --config.train.stages is given twice; give each config field once"),
+           (["-m", "hyena_jax.finetune", "--config=broken.py", "--workdir=ft"],
+            "error: broken.py:2: '(' was never closed (a syntax error in the config file)")]
+  for args, expected in cases:
+    assert _one_line_error(_run(args, tmp_path)) == expected
+  assert cli._config_file_error("config", str(tmp_path / "empty.py")).endswith(
+      "empty.py defines no get_config(): a config file returns its ConfigDict from a function "
+      "get_config()")
+  assert cli._config_file_error("config", os.path.join(ROOT, "configs", "1m.py")) is None
+  assert sorted(os.listdir(tmp_path)) == ["broken.py", "empty.py"]
   # The message builder on its own: a top-level typo and a field without a close match.
   config = run_config.base_config()
   assert "did you mean train?" in cli._missing_field(config, "trian.seed")

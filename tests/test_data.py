@@ -356,6 +356,8 @@ def test_pretraining_windows_crlf_and_bad_letters(tmp_path, fragments):
     ("{c}\t10", "got 2 column"),
     ("{c}\tten\t20\ttrain", "must be integers"),
     ("{c}\t10\t20", "no split column"),
+    ("{c}\t10\t20\ttraining", "unknown split 'training' in the 4th column; use one of train, "
+                              "valid, test"),
 ])
 def test_bed_problems_name_file_and_line(fragments, tmp_path, row, message):
   path, seqs = fragments
