@@ -404,6 +404,7 @@ def export(workdir: str, out_dir: str, step: int | None = None, layout: str = "h
     raise OutputExistsError(f"{out_dir} exists; choose another --output or pass --overwrite")
   if out_path.exists() and not out_path.is_dir():
     raise OutputExistsError(f"{out_dir} is a file, not a folder; choose another --output")
+  storage.check_writable(out_dir, "--output")  # the export is built beside it, then renamed
   run_config, step = checkpoint.read_run_config(workdir, step)
   cfg, n_classes, pooling = _model_of(run_config, workdir, step)
   if not include_head:

@@ -172,6 +172,9 @@ def check_local_output(path: str) -> None:
   refused before any compute."""
   storage.require_local(path, "--output", "outputs are streamed into a local file",
                         output=True)
+  if os.path.isdir(path):
+    raise InputError(f"--output {path} is a folder; name the file to write")
+  storage.check_writable(path, "--output")
 
 
 @contextlib.contextmanager

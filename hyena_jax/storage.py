@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from typing import Union
 
 from etils import epath
@@ -169,3 +170,19 @@ def require_local(path: PathLike, what: str, why: str, *, output: bool = False) 
     raise InputError(f"{what} {text} is a URL, but {why}: {fix}")
   return os.fspath(path)
 
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+  """Refuses, before any work, a local output whose folder exists but cannot take a new file
+  (read-only, /proc, ...). A real file is created and removed: os.access says yes to root and
+  to /proc. URLs and missing folders are left to the writer (it creates or names them)."""
+  if is_url(path):
+    return
+  parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+  if not os.path.isdir(parent):
+    return
+  try:
+    with tempfile.NamedTemporaryFile(dir=parent, prefix=".hyena_jax-write-check-"):
+      pass
+  except OSError as e:
+    raise InputError(f"{what} {os.fspath(path)}: cannot write in {parent} ({e.strerror or e}); "
+                     "choose a folder you can write to") from None

@@ -301,3 +301,18 @@ def test_usage_lines_keep_their_shell_continuations():
       continue
     written = source[source.index(doc.split("\n")[0]):].split('"""')[0]  # the docstring as typed
     assert doc.count("\\\n") == written.count("\\\n"), path
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+  """/proc takes no new file (os.access says it does, and says yes to root everywhere): embed,
+  score and export probe the folder with a real file first, and name it."""
+  from hyena_jax import export, storage
+  with pytest.raises(InputError, match=r"--output /proc/x\.npz: cannot write in /proc"):
+    inference.check_local_output("/proc/x.npz")
+  with pytest.raises(InputError, match="is a folder; name the file to write"):
+    inference.check_local_output(str(tmp_path))
+  inference.check_local_output(str(tmp_path / "ok.npz"))
+  storage.check_writable(str(tmp_path / "missing" / "x"), "--output")  # the writer names it
+  assert os.listdir(tmp_path) == []  # the probe file is gone
+  with pytest.raises(InputError, match=r"--output /proc/exported: cannot write in /proc"):
+    export.export(str(tmp_path / "no_run"), "/proc/exported")
