@@ -243,8 +243,15 @@ def load_into(model: nnx.Module, cfg: HyenaConfig, canonical: Mapping[str, np.nd
     if key in canonical:
       got = canonical[key]
       if got.shape != expected.shape:
+        # Which config field sizes the differing axis: deltas [1, 1, d_model],
+        # z [1, l_max, emb_dim], t [1, l_max, 1].
+        axis = next(i for i, (a, b) in enumerate(zip(got.shape, expected.shape)) if a != b) \
+            if len(got.shape) == len(expected.shape) else 1
+        field = ("d_model" if key.endswith("deltas") else
+                 "emb_dim" if key.endswith(".z") and axis == 2 else "l_max")
         raise InputError(f"{source}: {key} has shape {got.shape}, expected {expected.shape} for "
-                         f"l_max={cfg.l_max}; the config's l_max does not match the checkpoint")
+                         f"{field}={getattr(cfg, field)}; the config's {field} does not match "
+                         f"the checkpoint ({got.shape[axis]} there)")
       if not np.allclose(got, expected, rtol=1e-5, atol=1e-5):
         raise InputError(f"{source}: {key} differs from the deterministic buffer "
                          f"(max |diff| {np.abs(got - expected).max():.2e}); trained positional "

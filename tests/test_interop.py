@@ -411,6 +411,15 @@ def test_convert_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match="pooling"):
     convert.convert(shared_path("parity", "tiny1k_classifier"), str(tmp_path / "run"),
                     pooling="max")
+  # A config.json whose d_model disagrees with the weights names d_model (not l_max).
+  wrong = tmp_path / "wrong_d_model"
+  wrong.mkdir()
+  shutil.copy(shared_path("parity", "tiny1k_classifier", "weights.pt"), wrong)
+  config = json.loads(shared_path("parity", "tiny1k_classifier", "config.json").read_text())
+  (wrong / "config.json").write_text(json.dumps({**config, "d_model": 256, "d_inner": 1024}))
+  with pytest.raises(InputError, match=r"expected \(1, 1, 256\) for d_model=256; the config's "
+                                       r"d_model does not match the checkpoint \(128 there\)"):
+    convert.convert(wrong, str(tmp_path / "run"))
   # Into a folder that holds checkpoints already (any step): refused, nothing added.
   source = shared_path("parity", "tiny1k_classifier")
   convert.convert(source, str(tmp_path / "run"), step=10)
