@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import gzip
 import os
+import stat
 import zlib
 from typing import Any, Iterable, Iterator
 
@@ -53,6 +54,16 @@ class Record:
 # Text
 
 
+def require_file(path: str, kind: str) -> None:
+  """A readable regular file, or one line: not found, or not a regular file (a folder, FIFO,
+  device or a link to one: a streamed reader would block or read forever)."""
+  if not os.path.exists(path):
+    raise MissingInputError(f"{kind} not found: {path}")
+  if not os.path.isfile(path):
+    what = ("a folder" if os.path.isdir(path) else
+            "a FIFO" if stat.S_ISFIFO(os.stat(path).st_mode) else "a device or special file")
+    raise InputError(f"{kind} {path} is {what}, not a regular file; give a file")
+
 def compression(path: str | os.PathLike) -> str:
   """'plain', 'bgzip' or 'gzip', from the first block header (BGZF = gzip with a 'BC' field)."""
   with open(path, "rb") as f:
@@ -72,8 +83,7 @@ def text_lines(path: str | os.PathLike, *, encoding: str = "utf-8"
   or EOFError from deep inside the reader.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"{path} not found")
+  require_file(path, "file")
   gz = compression(path) != "plain"
   lineno = 0
   try:
@@ -115,8 +125,7 @@ def read_fasta(path: str | os.PathLike) -> Iterator[Record]:
   byte reaches that check instead of failing as undecodable.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"FASTA file not found: {path}")
+  require_file(path, "FASTA file")
   name, header_line, parts = None, 0, []
   seen: dict[str, int] = {}
 
@@ -186,6 +195,8 @@ def open_fasta(path: str | os.PathLike):
 
   path = storage.require_local(path, "FASTA file", "pyfaidx reads an indexed FASTA from a local "
                                "disk (random access to windows)")
+  if os.path.exists(path):
+    require_file(path, "FASTA file")
   if not os.path.isfile(path):
     raise MissingInputError(f"FASTA file {path} not found; set data.fasta to an existing file "
                             "(or '' for the bundled E. coli genome; launch/prepare_hg38.sh "
@@ -245,8 +256,7 @@ class Genome:
 
   def __init__(self, path: str | os.PathLike, *, in_memory_bytes: int = 256 << 20):
     self.path = os.fspath(path)
-    if not os.path.isfile(self.path):
-      raise MissingInputError(f"FASTA file not found: {self.path}")
+    require_file(self.path, "FASTA file")
     self._faidx, self._seqs = None, None
     if compression(self.path) == "plain" and os.path.getsize(self.path) > in_memory_bytes:
       self._faidx = open_fasta(self.path)  # checks names, empty records, binary
@@ -327,8 +337,7 @@ def read_table(path: str | os.PathLike, column: int | str = 0, *, name_column: i
   `row<N>` (N = 1-based data row). Errors name the file and line.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"table file not found: {path}")
+  require_file(path, "table file")
   named = isinstance(column, str) or isinstance(name_column, str)
   if header is False and named:
     raise InputError("columns given by name need a header row; pass indices or header=True")
@@ -527,8 +536,7 @@ def read_vcf(path: str | os.PathLike) -> Iterator[Variant]:
   (<DEL>, *, ., breakends) and non-ACGTN letters are refused with the file and line.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise MissingInputError(f"VCF file not found: {path}")
+  require_file(path, "VCF file")
   for where, cols, _ in column_rows(path, encoding="latin-1"):
     if len(cols) < 5:
       raise InputError(f"{where}: expected at least 5 columns CHROM POS ID REF ALT, got "

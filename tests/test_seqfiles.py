@@ -1,6 +1,7 @@
 """hyena_jax.seqfiles: one test per file-format edge case, each naming the file and line."""
 
 import gzip
+import os
 
 import pytest
 
@@ -74,6 +75,22 @@ def test_missing_files_are_missing_input_errors(tmp_path):
                lambda: seqfiles.read_labelled_sequences(missing), lambda: seqfiles.Genome(missing)):
     with pytest.raises(MissingInputError, match="nope.fa"):
       read()
+
+
+def test_a_fifo_a_folder_or_a_device_is_not_a_regular_file(tmp_path):
+  """They exist, so "not found" would be wrong; a streamed reader would block on a FIFO or read
+  /dev/zero forever."""
+  os.mkfifo(tmp_path / "pipe.fa")
+  (tmp_path / "zero.fa").symlink_to("/dev/zero")
+  (tmp_path / "folder.fa").mkdir()
+  for name, what in (("pipe.fa", "a FIFO"), ("zero.fa", "a device or special file"),
+                     ("folder.fa", "a folder")):
+    path = tmp_path / name
+    for read in (lambda: list(seqfiles.read_fasta(path)), lambda: seqfiles.open_fasta(path),
+                 lambda: list(seqfiles.read_table(path)), lambda: list(seqfiles.read_vcf(path)),
+                 lambda: seqfiles.Genome(path)):
+      with pytest.raises(InputError, match=f"{name} is {what}, not a regular file"):
+        read()
 
 
 # ------------------------------------------------------------------------------------------------
