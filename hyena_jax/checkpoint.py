@@ -17,8 +17,10 @@ every array in `progress` and verifies it on resume (`fingerprints`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -31,7 +33,8 @@ from flax import nnx
 from hyena_jax import config as config_lib
 from hyena_jax import storage
 from hyena_jax.config import HyenaConfig
-from hyena_jax.errors import InputError, MissingInputError, OutputExistsError
+from hyena_jax.errors import (InputError, MissingInputError, OutputExistsError,
+                              is_storage_failure)
 from hyena_jax.model import HyenaLM, SequenceClassifier
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -43,6 +46,43 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   save after minutes of training) and unchanged when a URL (gs://): every orbax path in the
   project is built here."""
   return storage.resolve(workdir) / CHECKPOINT_SUBDIR
+
+
+class CheckpointSaveError(InputError):
+  """A checkpoint could not be written (disk full, permissions): the run stops at once."""
+
+
+def save_failure(error: BaseException, workdir: str) -> CheckpointSaveError | None:
+  """The one-line error for a failed checkpoint save, when an OSError caused it (else None: a
+  bug, left to its traceback). Names the folder, the free space and the newest complete step."""
+  cause, seen = error, set()
+  while cause is not None and not is_storage_failure(cause) and id(cause) not in seen:
+    seen.add(id(cause))
+    cause = cause.__cause__ or cause.__context__
+  if cause is None or not is_storage_failure(cause):
+    return None
+  folder = checkpoint_dir(workdir)
+  try:
+    newest = latest_step(workdir)
+  except Exception:  # pylint: disable=broad-except  (the disk is in trouble; say what we can)
+    newest = None
+  kept = (f"the newest complete checkpoint is step {newest}, and the same command resumes from "
+          "it" if newest is not None else "no checkpoint is complete yet")
+  free = ""
+  if not storage.is_url(folder):
+    try:
+      free = f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)"
+    except OSError:
+      pass
+  if getattr(cause, "errno", None) == errno.ENOSPC or any(
+      mark in str(cause) for mark in ("No space left", "RESOURCE_EXHAUSTED")):
+    return CheckpointSaveError(
+        f"saving a checkpoint to {storage.display(folder)} failed: no space left on the device"
+        f"{free}; {kept}. Free space (or lower checkpoint.keep_last), then run it again")
+  return CheckpointSaveError(
+      f"saving a checkpoint to {storage.display(folder)} failed: "
+      f"{getattr(cause, 'strerror', None) or cause}{free};"
+      f" {kept}. Fix the folder (permissions, mount), then run it again")
 
 
 class DamagedCheckpointError(InputError):

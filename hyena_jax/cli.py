@@ -26,6 +26,7 @@ import logging as py_logging
 import os
 import runpy
 import sys
+import threading
 from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app, flags, logging
@@ -60,6 +61,9 @@ class _QuietLibraries(py_logging.Filter):
   warnings."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    from_orbax = "/orbax/" in record.pathname or record.name.startswith("orbax")
+    if from_orbax and record.exc_info and errors.is_storage_failure(record.exc_info[1]):
+      return False  # a failed background save: train reports it as one `error:` line
     if record.levelno >= py_logging.WARNING:
       return True
     if "/orbax/" in record.pathname or record.name.startswith(("orbax", "gcsfs", "fsspec")):
@@ -73,11 +77,27 @@ _FILTER = _QuietLibraries()
 
 
 def quiet_logs() -> None:
-  """Installs the library filter on absl's handler and the root logger's handlers (idempotent)."""
+  """Installs the library filter on absl's handler and the root logger's handlers, and keeps a
+  background thread's OSError (a TensorBoard writer on a full disk) to one debug line: the
+  main thread meets the same error and reports it (idempotent)."""
   handlers = [logging.get_absl_handler()] + list(py_logging.getLogger().handlers)
   for handler in handlers:
     if _FILTER not in handler.filters:
       handler.addFilter(_FILTER)
+  if threading.excepthook is not _thread_excepthook:
+    _default_thread_excepthook[0] = threading.excepthook
+    threading.excepthook = _thread_excepthook
+
+
+_default_thread_excepthook: list[Callable[..., Any]] = [threading.excepthook]
+
+
+def _thread_excepthook(args: Any) -> None:
+  if args.exc_value is not None and errors.is_storage_failure(args.exc_value):
+    logging.debug("background thread %s stopped: %s", getattr(args.thread, "name", "?"),
+                  args.exc_value)
+    return
+  _default_thread_excepthook[0](args)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,3 +20,13 @@ class OutputExistsError(InputError, FileExistsError):
 
 class MissingDependencyError(InputError, ImportError):
   """An optional package is not installed; the message names the pip command that adds it."""
+
+
+def is_storage_failure(error: BaseException) -> bool:
+  """A write that the storage refused (disk full, permissions), raised as an OSError by Python
+  or as a RESOURCE_EXHAUSTED/PERMISSION_DENIED ValueError by tensorstore (orbax's arrays)."""
+  if isinstance(error, OSError):
+    return True
+  text = str(error)
+  return isinstance(error, ValueError) and any(
+      mark in text for mark in ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "No space left"))

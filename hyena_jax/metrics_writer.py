@@ -69,7 +69,15 @@ class MetricsWriter:
     if not self.enabled:
       return
     if self._tb is not None:
-      self._tb.close()
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError:
+        # tensorboardX retries an unclosed writer at exit, with a traceback; its file is as
+        # lost now as then (a full disk), so mark it closed and let the caller report once.
+        for writer in tb.all_writers.values():
+          writer.event_writer._closed = True  # pylint: disable=protected-access
+        raise
     if plot:
       plot_curves(self.path, self.workdir / "curves.png", loss_label)
 

@@ -4,6 +4,7 @@ mesh -> input -> model and optimizer (initialised sharded) -> step -> checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -511,13 +512,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
       resumed = _resume(mngr, run, allow_changed, skip_damaged_checkpoints)
       if resumed is not None and resumed.step >= run.total_steps:
-        return _finished(run, final_path)
-      if jax.process_index() == 0 and final_path.exists():
-        final_path.unlink()  # left by an older version when interrupted: not final
-      return _train(run, mngr, resumed, preemption, stop_after_steps, final_path)
-    finally:
-      mngr.wait_until_finished()  # a save in flight completes even when a step raised
+        result = _finished(run, final_path)
+      else:
+        if jax.process_index() == 0 and final_path.exists():
+          final_path.unlink()  # left by an older version when interrupted: not final
+        result = _train(run, mngr, resumed, preemption, stop_after_steps, final_path)
+    except BaseException:
+      # A save in flight completes even when a step raised; its own failure must not hide the
+      # error already on its way.
+      with contextlib.suppress(Exception):
+        mngr.wait_until_finished()
+      with contextlib.suppress(Exception):
+        mngr.close()
+      raise
+    with _saving(workdir, mngr):
+      mngr.wait_until_finished()
       mngr.close()
+    return result
+
+
+@contextlib.contextmanager
+def _saving(workdir: str, mngr: ocp.CheckpointManager):
+  """Turns a storage failure of a checkpoint save (disk full, permissions), raised now or by the
+  background save it surfaces from, into one CheckpointSaveError line."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except
+    if ckpt_lib.save_failure(error, workdir) is None:
+      raise
+    with contextlib.suppress(Exception):  # saves still in flight decide the newest complete step
+      mngr.wait_until_finished()
+    raise ckpt_lib.save_failure(error, workdir) from error
 
 
 def _finished(run: Run, final_path: epath.Path) -> dict[str, Any]:
@@ -598,6 +623,9 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
   stop_requested = False
   try:
     while step < run.total_steps and not stop_requested:
+      if last_saved is not None:
+        with _saving(workdir, mngr):  # a background save that failed stops the run before more work
+          mngr.check_for_errors()
       stage = stage_of(run, step)
       if stage != compiled_stage:  # one compilation per stage, none inside it
         _, seq_len, accum = config.train.stages[stage]
@@ -656,15 +684,20 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
         if not _params_finite(state):
           raise _diverged("parameters became non-finite (no checkpoint was written)", step,
                           last_saved, config)
-        save_checkpoint(mngr, run, state, data_iter if keep_iter else None,
-                        stage if keep_iter else -1, metrics=eval_metrics, force=stopping,
-                        config_changes=history)
+        with _saving(workdir, mngr):
+          save_checkpoint(mngr, run, state, data_iter if keep_iter else None,
+                          stage if keep_iter else -1, metrics=eval_metrics, force=stopping,
+                          config_changes=history)
         last_saved = step
       if stopping:
         break
-  finally:
-    writer.close(plot=step == run.total_steps)
-  mngr.wait_until_finished()
+  except BaseException:
+    with contextlib.suppress(OSError):  # a full disk fails the metrics files too: say it once
+      writer.close(plot=False)
+    raise
+  writer.close(plot=step == run.total_steps)
+  with _saving(workdir, mngr):
+    mngr.wait_until_finished()
   if step < run.total_steps:
     result = {"status": "interrupted", "step": step}
     if preemption.requested:
