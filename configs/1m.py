@@ -4,13 +4,13 @@ Run (after launch/prepare_hg38.sh has written data/hg38/):
   python -m hyena_jax.main --config=configs/1m.py --workdir=gs://BUCKET/run   # every host
 Hardware: 8 x 80 GB GPUs (one 1M sequence per GPU per micro-batch, bf16 compute, float32 FFTs,
 remat per block) or a TPU v5p-16. Check memory first without hardware:
-  python launch/aot_compile.py --config=configs/1m.py
+  python -m hyena_jax.aot --config=configs/1m.py
 The paper's recipe: warm-up from 64 bases doubling to 1M, global batch fixed by accumulation,
 AdamW 6e-4 with cosine decay. Expect validation perplexity ~2.7-2.8 on hg38 after ~20k steps.
 l_max stays the release's 1,000,002: the filter's positional grid depends on it, so changing it
 would no longer match the released large-1m weights. A stage of 2^20 = 1,048,576 tokens (the
 power-of-two lengths of the memory tables) needs --config.model.l_max=1048578, for a run that
-does not start from the released checkpoint; launch/aot_compile.py --seq_len raises it itself.
+does not start from the released checkpoint; python -m hyena_jax.aot --seq_len raises it itself.
 """
 
 from hyena_jax import run_config

@@ -4,16 +4,53 @@ With the accelerator wheels installed (`pip install -e .[tpu]` / `.[cuda12]`) th
 GPU compilers run on any CPU host, deviceless: `target_devices("v5e-4")` describes a TPU slice
 (libtpu) or an NVIDIA GPU (XLA:GPU with Triton and ptxas from the nvidia wheels, configured by a
 GpuTargetConfig proto in hyena_jax/gpu_targets/). Set `JAX_PLATFORMS=cpu` and
-`TPU_SKIP_MDS_QUERY=1` before jax is imported (launch/aot_compile.py does), so that libtpu does
+`TPU_SKIP_MDS_QUERY=1` before jax is imported (`python -m hyena_jax.aot` does), so that libtpu does
 not look for TPU hardware. `compile_for_target` then reports what the compiler says: per-device
 memory against the chip's HBM, compile time, and which custom kernels the program holds.
+
+As a program (launch/aot_compile.py is a thin launcher of the same):
+  # large-1m's last stage on a v5p-8 slice and on one H100 (real compilers, deviceless):
+  python -m hyena_jax.aot --config=configs/1m.py --target=v5p-8,h100
+  # the long convolution alone (forward + backward), pallas, 131k tokens, as JSON:
+  python -m hyena_jax.aot --config=configs/1m.py --target=v5e-1 --kernel_only --json \
+      --config.model.conv_impl=pallas --seq_len=131072
+  # on this host's own devices (an XLA:CPU plan, not an accelerator's):
+  python -m hyena_jax.aot --config=configs/1m.py --devices=8 --platform=cpu
+Targets: TPU slices (v4-8, v5e-4, v5p-8, v6e-8, ... or a topology such as v5p:2x2x2) and GPUs
+(h100, h200, h100x8, h200x8); an unknown name lists the known ones. By default the last
+(longest) stage is compiled; --stage picks another, --seq_len overrides its length (l_max is
+raised to match). GPU compiles run ptxas on every kernel: minutes per kernel at long lengths.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+
+def _deviceless_environment(argv: list[str]) -> None:
+  """Flags that must act before jax is imported: fake CPU devices, a forced platform, and for
+  --target the CPU as jax's own platform (the accelerator compilers run as libraries)."""
+  for arg in argv:
+    if arg.startswith("--devices=") and arg != "--devices=0":
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 f" --xla_force_host_platform_device_count={arg.split('=')[1]}")
+    if arg.startswith("--platform=") and arg != "--platform=":
+      os.environ["JAX_PLATFORMS"] = arg.split("=")[1]
+  if any(a.startswith("--target=") for a in argv):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compile-only libtpu touches no chip, so several such processes may share the host.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+if __name__ == "__main__":  # only as a program: a library import leaves the environment alone
+  _deviceless_environment(sys.argv)
+
 import dataclasses
 import functools
 import importlib.resources
+import json
 import math
 import re
 import time
@@ -289,3 +326,52 @@ def compile_train_step(config: ml_collections.ConfigDict, *, stage: int = -1,
     return report
   report.update(memory_report(lowered.compile()))
   return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str]) -> None:
+  """Compiles the config's train step (or one long convolution) and prints the reports."""
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  config = f.config
+  if f.seq_len:
+    with config.unlocked():
+      stages = list(config.train.stages)
+      steps, _, accum = stages[f.stage]
+      stages[f.stage] = (steps, f.seq_len, accum)
+      config.train.stages = tuple(stages)
+      config.model.l_max = max(config.model.l_max, f.seq_len + 2)
+  if not f.target:
+    report = compile_train_step(config, stage=f.stage, lower_only=f.lower_only)
+    print(json.dumps(report) if f.json else
+          "\n".join(f"{k:>32}: {v}" for k, v in report.items()))
+    return
+  targets = [get_target(name) for name in f.target]  # every name checked before compiling
+  reports = []
+  for target in targets:
+    reports.append(compile_for_target(config, target, stage=f.stage, kernel_only=f.kernel_only))
+    if f.json:
+      print(json.dumps(reports[-1]), flush=True)
+  if not f.json:
+    print(format_table(reports))
+
+
+if __name__ == "__main__":
+  from absl import flags
+  from hyena_jax import cli
+  cli.define_config_file("config", None, "Training config file, e.g. configs/1m.py")
+  flags.DEFINE_list("target", [], "Comma-separated compile targets (see the module docstring).")
+  flags.DEFINE_integer("devices", 0, "Fake CPU devices to create (no --target); 0 = real.")
+  flags.DEFINE_string("platform", "", "Force a JAX platform for --devices (cpu, ...).")
+  flags.DEFINE_integer("stage", -1, "Which train.stages entry to compile.")
+  flags.DEFINE_integer("seq_len", 0, "Override the stage's sequence length (0 = keep).")
+  flags.DEFINE_bool("kernel_only", False, "Compile one long convolution only.")
+  flags.DEFINE_bool("json", False, "Print the reports as JSON instead of a table.")
+  flags.DEFINE_bool("lower_only", False, "Stop after lowering (no --target).")
+  cli.mark_required(["config"])
+  cli.run(main)

@@ -316,3 +316,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
   assert os.listdir(tmp_path) == []  # the probe file is gone
   with pytest.raises(InputError, match=r"--output /proc/exported: cannot write in /proc"):
     export.export(str(tmp_path / "no_run"), "/proc/exported")
+
+
+def test_the_aot_tool_follows_the_cli_conventions(tmp_path):
+  """`python -m hyena_jax.aot` (and its launcher): --help exits 0; no --config and an unknown
+  target are one `error:` line each, exit 2."""
+  assert _run(["-m", "hyena_jax.aot", "--help"], tmp_path).returncode == 0
+  assert _one_line_error(_run(["-m", "hyena_jax.aot"], tmp_path)) == (
+      "error: --config is required; see --help")
+  line = _one_line_error(_run([os.path.join(ROOT, "launch", "aot_compile.py"),
+                               f"--config={os.path.join(ROOT, 'configs', 'default.py')}",
+                               "--target=h1000"], tmp_path))
+  assert line.startswith("error: unknown target 'h1000'; known: ") and "h100" in line
