@@ -11,6 +11,7 @@ import os
 from typing import Mapping
 
 import jax
+import numpy as np
 from absl import logging
 
 from hyena_jax import storage
@@ -135,6 +136,25 @@ def read_rows(path: storage.PathLike, text: str | None = None) -> list[dict]:
   return rows
 
 
+def clipped_y_range(points: list[tuple[int, float]]) -> tuple[tuple[float, float] | None, str]:
+  """(y limits, title) that keep an outlier from flattening the trend: the axis spans the bulk of
+  the (step, loss) points (up to the 90th percentile, plus a margin); points above it are named
+  in the title. (None, "") when nothing needs clipping."""
+  values = np.array([v for _, v in points], np.float64)
+  values = values[np.isfinite(values)]
+  if values.size < 4:
+    return None, ""
+  low, high = np.percentile(values, [0, 90])
+  pad = 0.15 * max(high - low, 1e-6)
+  top = high + pad
+  outside = [(step, v) for step, v in points if v > top]
+  if not outside:
+    return None, ""
+  step, worst = max(outside, key=lambda point: point[1])
+  return (low - pad, top), (f"y axis clipped at {top:.3g}; {len(outside)} point(s) above it, "
+                            f"the highest {worst:.3g} at step {step}")
+
+
 def plot_curves(metrics_path: storage.PathLike, out_path: storage.PathLike,
                 loss_label: str = "cross-entropy (nats/base)") -> str:
   """Training and validation loss against step, from metrics.jsonl, as a PNG."""
@@ -146,10 +166,15 @@ def plot_curves(metrics_path: storage.PathLike, out_path: storage.PathLike,
   train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
   valid = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
   fig, ax = plt.subplots(figsize=(7, 4))
-  if train:
-    ax.plot(*zip(*train), label="train loss")
+  if train:  # markers too, so that a short run's few points show
+    ax.plot(*zip(*train), ".-" if len(train) < 30 else "-", label="train loss")
   if valid:
     ax.plot(*zip(*valid), "o-", label="valid loss")
+  ylim, title = clipped_y_range(train + valid)
+  if ylim is not None:
+    ax.set_ylim(*ylim)
+  if title:
+    ax.set_title(title, fontsize=9)
   ax.set_xlabel("step")
   ax.set_ylabel(loss_label)
   ax.grid(alpha=0.3)

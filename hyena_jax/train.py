@@ -617,7 +617,7 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
   last_saved = start if resumed is not None else None
   final_metrics: dict[str, Any] = {}
   compiled_stage, train_step = -1, None
-  tokens_since, time_since = 0, time.perf_counter()
+  tokens_since, time_since, step_at_line = 0, time.perf_counter(), start
   steps_this_call = 0
   last_finite = start
   stop_requested = False
@@ -659,13 +659,15 @@ def _train(run: Run, mngr: ocp.CheckpointManager, resumed: Resumed | None, preem
         last_finite = step
         elapsed = time.perf_counter() - time_since
         tokens_per_s = tokens_since / max(elapsed, 1e-9)
-        eta = (run.total_steps - step) * elapsed / max(config.train.log_every_steps, 1)
+        # From the steps since the last line: a stop (Ctrl-C) logs after fewer than
+        # log_every_steps of them.
+        eta = (run.total_steps - step) * elapsed / max(step - step_at_line, 1)
         writer.write(step, {**{k: float(v) for k, v in metrics.items()},
                             "tokens_per_s": tokens_per_s})
         logging.info("step %d/%d  loss %.4f  acc %.3f  lr %.2e  %.0f tok/s  ETA %s", step,
                      run.total_steps, metrics["loss"], metrics["accuracy"],
                      metrics["learning_rate"], tokens_per_s, _format_eta(eta))
-        tokens_since, time_since = 0, time.perf_counter()
+        tokens_since, time_since, step_at_line = 0, time.perf_counter(), step
 
       eval_now = last or (config.eval.every_steps and step % config.eval.every_steps == 0)
       eval_metrics = None

@@ -14,7 +14,10 @@ import pytest  # noqa: E402
 
 # Tests build the same small programs many times (every training run compiles its steps anew):
 # a persistent compilation cache for the session turns repeats into cache hits.
-_CACHE = os.environ.get("HYENA_JAX_TEST_COMPILE_CACHE", "/tmp/hyena_jax_test_compile_cache")
+# Kept per checkout, in pytest's own cache folder (ignored by git), so that a fresh clone runs
+# cold and two checkouts on one machine never share entries.
+_CACHE = os.environ.get("HYENA_JAX_TEST_COMPILE_CACHE", str(
+    pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla_compile_cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -225,3 +225,16 @@ def test_1m_config_train_step_lowers_on_cpu():
   lowered = aot.lower_train_step(config)          # abstract inputs: nothing is allocated
   text = lowered.as_text()
   assert "1000000" in text and "fft" in text.lower()
+
+
+def test_curves_keep_the_trend_visible_past_an_outlier():
+  """The default run's shape: train loss logged from step 25 near 1.4, a first validation at
+  the final length (step 100) far above it. The axis keeps the bulk and the title names the
+  point above it; a run without outliers is left alone."""
+  from hyena_jax import metrics_writer
+  train = [(s, 1.45 - 0.0003 * s) for s in range(25, 301, 25)]
+  valid = [(100, 1.615), (200, 1.37), (300, 1.36)]
+  (low, top), title = metrics_writer.clipped_y_range(train + valid)
+  assert low < min(v for _, v in train + valid) and max(v for _, v in train) < top < 1.615
+  assert title.endswith("1 point(s) above it, the highest 1.61 at step 100")
+  assert metrics_writer.clipped_y_range(train) == (None, "")
