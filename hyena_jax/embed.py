@@ -235,6 +235,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("add_eos", False, "append [SEP] as the -hf tokenizer does")
   flags.DEFINE_bool("truncate", False, "keep the first bases of overlong sequences")
   flags.DEFINE_integer("pad_to", None, "left-pad to this length (official fine-tuning input)")
+  flags.DEFINE_enum("format", "auto", ["auto", "fasta", "table"],
+                    "--input's format; auto = by its suffix (FASTA: .fa/.fasta/.fna, tables: "
+                    ".tsv/.csv/.txt, each optionally .gz)")
   flags.DEFINE_string("column", "0", "table: sequence column (index or header name)")
   flags.DEFINE_string("name_column", None, "table: name column (index or header name)")
   flags.mark_flags_as_required(["model", "input", "output"])
@@ -244,7 +247,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   model = inference.model_from_flags()
-  summary = embed_file(model, FLAGS.input, FLAGS.output,
+  summary = embed_file(model, FLAGS.input, FLAGS.output, fmt=FLAGS.format,
                        column=inference.parse_column(FLAGS.column),
                        name_column=inference.parse_column(FLAGS.name_column),
                        layers=FLAGS.layers, pooling=FLAGS.pooling,

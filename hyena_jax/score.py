@@ -312,6 +312,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("context_token", None, "token prepended so the first base is scored "
                        "(e.g. 1 = [SEP]); default: first base unscored")
   flags.DEFINE_bool("truncate", False, "--input: keep the first bases of overlong sequences")
+  flags.DEFINE_enum("format", "auto", ["auto", "fasta", "table"],
+                    "--input's format; auto = by its suffix (FASTA: .fa/.fasta/.fna, tables: "
+                    ".tsv/.csv/.txt, each optionally .gz)")
   flags.DEFINE_string("column", "0", "table: sequence column (index or header name)")
   flags.DEFINE_string("name_column", None, "table: name column (index or header name)")
   flags.mark_flags_as_required(["model", "output"])
@@ -329,7 +332,7 @@ def main(argv: Sequence[str]) -> None:
     summary = score_vcf_file(model, FLAGS.vcf, FLAGS.fasta, FLAGS.output, window=FLAGS.window,
                              batch_size=FLAGS.batch_size, context_token=FLAGS.context_token)
   else:
-    summary = score_file(model, FLAGS.input, FLAGS.output,
+    summary = score_file(model, FLAGS.input, FLAGS.output, fmt=FLAGS.format,
                          column=inference.parse_column(FLAGS.column),
                          name_column=inference.parse_column(FLAGS.name_column),
                          context_token=FLAGS.context_token, truncate=FLAGS.truncate,

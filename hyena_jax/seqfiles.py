@@ -396,8 +396,10 @@ def read_sequences(path: str | os.PathLike, *, fmt: str = "auto", column: int | 
     fmt = ("fasta" if low.endswith(FASTA_SUFFIXES) else
            "table" if low.endswith(TABLE_SUFFIXES) else "")
     if not fmt:
-      raise InputError(f"cannot tell the format of {path} from its suffix; pass fmt='fasta' or "
-                       f"'table' (FASTA: {FASTA_SUFFIXES}, tables: {TABLE_SUFFIXES})")
+      raise InputError(
+          f"cannot tell the format of {path} from its suffix (FASTA: {', '.join(FASTA_SUFFIXES)};"
+          f" tables: {', '.join(TABLE_SUFFIXES)}): name it on the command line with "
+          "--format=fasta or --format=table (in Python: fmt='fasta' or 'table')")
   if fmt == "fasta":
     return read_fasta(path)
   if fmt == "table":

@@ -291,7 +291,10 @@ def test_vcf_problems_name_the_line(tmp_path, line, message):
 
 
 def test_format_by_suffix(tmp_path):
-  with pytest.raises(InputError, match="cannot tell the format of .*x.bam"):
+  with pytest.raises(InputError, match="cannot tell the format of .*x.bam .*: name it on the "
+                     "command line with --format=fasta or --format=table"):
     seqfiles.read_sequences(_write(tmp_path / "x.bam", ""))
+  fasta = _write(tmp_path / "x.dat", ">a\nACGT\n")
+  assert [r.seq for r in seqfiles.read_sequences(fasta, fmt="fasta")] == ["ACGT"]
   table = _write(tmp_path / "x.tsv.gz", "ACGT\n")
   assert [r.seq for r in seqfiles.read_sequences(table)] == ["ACGT"]  # plain, despite .gz
