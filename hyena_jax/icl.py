@@ -319,7 +319,14 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   logging.info("before tuning: valid acc %.4f, test acc %.4f", before["valid"]["accuracy"],
                before["test"]["accuracy"])
   best = {"epoch": 0, "accuracy": before["valid"]["accuracy"], "trainable": trainable}
-  micro, start = 0, time.perf_counter()
+  per_epoch = len(tune_set) // batch
+  total = per_epoch * config.train.epochs
+  logging.info("rows: tuning %d / valid %d / test %d; %d epoch(s) of %d micro-steps (%d per "
+               "optimizer step): %d micro-steps", len(tune_set),
+               *(len(next(iter(eval_sets[name].values()))) for name in ("valid", "test")),
+               config.train.epochs, per_epoch, icl.grad_accum,
+               total)
+  micro, start, first_done = 0, time.perf_counter(), None
   for epoch in range(1, config.train.epochs + 1):
     contexts = make_contexts(tune_set, tune_set, n_classes=n_classes, shots=icl.shots,
                              seed=config.train.seed + 1000 * epoch, pool_is_queries=True)
@@ -330,10 +337,16 @@ def icl_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[st
       state, metrics = train_step(state, {k: v[rows] for k, v in contexts.items()})
       micro += 1
       losses.append(metrics["loss"])
-      if micro % config.train.log_every_steps == 0:
-        logging.info("epoch %d micro-step %d  loss %.4f  %.1f s", epoch, micro,
+      # As finetune: the first micro-step shows once compiled; the ETA leaves the compile out.
+      if micro == 1 or micro % config.train.log_every_steps == 0 or micro == total:
+        now = time.perf_counter()
+        if micro == 1:
+          first_done, eta = now, "(the first micro-step includes compiling it)"
+        else:
+          eta = f"ETA {(now - first_done) / (micro - 1) * (total - micro):.0f} s"
+        logging.info("micro-step %d/%d (epoch %d)  loss %.4f  %.1f s  %s", micro, total, epoch,
                      float(np.mean(jax.device_get(losses[-config.train.log_every_steps:]))),
-                     time.perf_counter() - start)
+                     now - start, eta)
     if not losses:
       raise InputError(f"{len(tune_set)} tuning rows do not fill one batch of "
                        f"icl.batch_size={batch}")

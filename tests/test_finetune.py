@@ -454,13 +454,23 @@ def test_soft_prompting_changes_only_the_prompt(tmp_path, promoters):
                             state["trainable"]["prompt"]["embedding"])
 
 
-def test_instruction_tuning_end_to_end(tmp_path, promoters):
+def test_instruction_tuning_end_to_end(tmp_path, promoters, caplog):
   train = _write_rows(tmp_path / "train.tsv", promoters[:16])
   test = _write_rows(tmp_path / "test.tsv", promoters[64:72])
   config = _icl_config(train, test, "instruction")
   config.icl.train_examples = 8
-  results = icl.icl_and_evaluate(config, str(tmp_path / "run"))
+  with caplog.at_level("INFO"):
+    results = icl.icl_and_evaluate(config, str(tmp_path / "run"))
   assert results["tuning_rows"] == 8 and results["n_soft"] == 0
+  # Progress as finetune's: row counts, then micro-steps out of the total with an ETA.
+  logged = [r.getMessage() for r in caplog.records]
+  per_epoch = 8 // config.icl.batch_size
+  total = per_epoch * config.train.epochs
+  assert any(m.startswith(f"rows: tuning 8 / valid ") and f": {total} micro-steps" in m
+             for m in logged), logged
+  progress = [m for m in logged if m.startswith("micro-step ")]
+  assert progress[0].startswith(f"micro-step 1/{total} ") and "includes compiling" in progress[0]
+  assert progress[-1].startswith(f"micro-step {total}/{total} ") and "ETA 0 s" in progress[-1]
   for split in ("before", "after"):
     assert 0.0 <= results[split]["test"]["accuracy"] <= 1.0
     assert np.isfinite(results[split]["test"]["label_loss"])
