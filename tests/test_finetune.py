@@ -466,7 +466,7 @@ def test_instruction_tuning_end_to_end(tmp_path, promoters, caplog):
   logged = [r.getMessage() for r in caplog.records]
   per_epoch = 8 // config.icl.batch_size
   total = per_epoch * config.train.epochs
-  assert any(m.startswith(f"rows: tuning 8 / valid ") and f": {total} micro-steps" in m
+  assert any(m.startswith("rows: tuning 8 / valid ") and f": {total} micro-steps" in m
              for m in logged), logged
   progress = [m for m in logged if m.startswith("micro-step ")]
   assert progress[0].startswith(f"micro-step 1/{total} ") and "includes compiling" in progress[0]
