@@ -131,6 +131,8 @@ def neural_config(data: dict, arm: str, seed: int, pooling: str, args, shared: p
     config.optim.learning_rate = SCRATCH_LR
   if args.lr:
     config.optim.learning_rate = args.lr
+  if args.metric:
+    config.eval.metric = args.metric
   config.eval.batch_size = 64
   config.mesh.data = 1
   return config
@@ -271,6 +273,8 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=3, help="neural arms, when --steps is 0")
   parser.add_argument("--steps", type=int, default=None, help="optimizer steps (0 = --epochs)")
   parser.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0 = recipe's)")
+  parser.add_argument("--metric", default="", choices=["", "accuracy", "mcc", "loss"],
+                      help="validation selection of the neural arms ('' = the recipe's)")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--shared", default=os.environ.get(
       "HYENA_JAX_SHARED", str(ROOT.parent / "shared")))
@@ -294,7 +298,8 @@ def main() -> None:
              "HYENA_JAX_SHARED or --shared, or run only --arms scratch cnn kmer")
   tag = (f"rows{args.rows}_trim{args.trim}_" + (f"steps{args.steps}" if args.steps
                                                 else f"epochs{args.epochs}")
-         + (f"_lr{args.lr:g}" if args.lr else ""))
+         + (f"_lr{args.lr:g}" if args.lr else "") + (f"_select_{args.metric}" if args.metric
+                                                        else ""))
   root = pathlib.Path(args.workdir_root) / tag
 
   import jax
@@ -333,7 +338,8 @@ def main() -> None:
         table[name][label] = summarise(results)
       print(f"{name}: {arm} done ({time.perf_counter() - bench_start:.0f} s)", flush=True)
 
-  recipe = (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + " of batch 32"
+  recipe = ((f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + " of batch 32"
+            + f", best checkpoint by validation {args.metric or 'accuracy (the recipe)'}")
   print(f"recipe: {recipe}, peak lr {args.lr or 'of small_data'}; seeds {args.seeds}")
   print(f"{'set':<24} {'arm':<26} {'test acc %':>12} {'test MCC':>15} {'valid acc %':>12} "
         f"{'collapsed':>9} {'wall s':>7}")

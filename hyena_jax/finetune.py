@@ -288,6 +288,11 @@ def evaluate(predict_fn: Callable, params: Any, split: LabelledSplit, n_classes:
 # The loop
 
 
+def selection_score(metrics: dict[str, float], metric: str) -> float:
+  """Higher is better: the metric itself, or minus the loss for eval.metric = "loss"."""
+  return -metrics["loss"] if metric == "loss" else metrics[metric]
+
+
 def _fit_probe(graphdef: nnx.GraphDef, params: Any, splits: dict[str, LabelledSplit],
                config: ml_collections.ConfigDict, batch_sharding) -> tuple[dict, dict]:
   """(head params, report) of the linear probe on the starting backbone's pooled features."""
@@ -311,7 +316,7 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:
   if config.head.n_classes < 1:
     errors.append(f"head.n_classes must be >= 1 (1 = regression), got {config.head.n_classes}")
   regression = config.head.n_classes == 1
-  allowed = METRICS[3:] if regression else METRICS[:3]
+  allowed = (METRICS[3:] if regression else METRICS[:3]) + ("loss",)
   if config.eval.metric not in allowed:
     errors.append(f"eval.metric={config.eval.metric!r} does not suit "
                   f"{'regression' if regression else 'classification'}: use one of {allowed}")
@@ -555,16 +560,17 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
       if len(constant_steps) == 1:  # once in the log; every such step goes to results.json
         warnings.append(collapse_message(summary, "validation", step))
         logging.warning("%s", warnings[-1])
-    if (not summary["constant"], valid[metric]) > (not best["constant"], best["score"]):
-      best = {"step": step, "score": valid[metric], "constant": summary["constant"]}
+    score = selection_score(valid, metric)
+    if (not summary["constant"], score) > (not best["constant"], best["score"]):
+      best = {"step": step, "score": score, "constant": summary["constant"]}
       since_best = 0
-      save(step, state["params"], valid[metric], summary["constant"])
+      save(step, state["params"], score, summary["constant"])
       return False
     since_best += 1
     if config.train.patience and since_best >= config.train.patience:
       logging.info("early stop at step %d: valid %s has not improved for %d evaluations "
-                   "(best %.4f at step %d)", step, metric, since_best, best["score"],
-                   best["step"])
+                   "(best %.4f at step %d)", step, metric, since_best,
+                   abs(best["score"]) if metric == "loss" else best["score"], best["step"])
       return True
     return False
 
@@ -665,8 +671,8 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
   storage.write_atomically(storage.resolve(workdir) / "results.json",
                            json.dumps(results, indent=1))
   logging.info("test %s (best valid %s %.4f at step %d)",
-               "  ".join(f"{k} {v:.4f}" for k, v in test.items()), metric, best["score"],
-               best["step"])
+               "  ".join(f"{k} {v:.4f}" for k, v in test.items()), metric,
+               abs(best["score"]) if metric == "loss" else best["score"], best["step"])
   return results
 
 

@@ -48,7 +48,7 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, n_classes: int, l2
 def fit_probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray],
                  n_classes: int, metric: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The head fitted on features["train"] [N, d] with the L2 strength of PROBE_L2 that scores
-  best on features["valid"] by `metric`. Features are standardised by the training rows' mean
+  best on features["valid"] by `metric` (a task metric, or "loss": the smallest). Features are standardised by the training rows' mean
   and sd for the fit, and the scaling is folded back into the head, which therefore applies to
   the raw pooled features. Returns ({"kernel": [d, C], "bias": [C]} float32, report)."""
   mean = features["train"].mean(0, dtype=np.float64)
@@ -59,10 +59,13 @@ def fit_probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray],
     kernel, bias = fit_linear_head(standard(features["train"]), labels["train"],
                                    n_classes, l2)
     kernel, bias = kernel / scale[:, None], bias - (mean / scale) @ kernel
-    valid = task_metrics.task_metrics(features["valid"] @ kernel + bias, labels["valid"], n_classes)
+    valid = task_metrics.task_metrics(features["valid"] @ kernel + bias, labels["valid"],
+                                      n_classes)
+    # Higher is better; eval.metric = "loss" picks the smallest validation loss.
+    score = -valid["loss"] if metric == "loss" else valid[metric]
     scores[f"{l2:g}"] = valid[metric]
-    if best is None or valid[metric] > best[0][metric]:
-      best = (valid, l2, kernel, bias)
-  valid, l2, kernel, bias = best
+    if best is None or score > best[0]:
+      best = (score, l2, kernel, bias)
+  _, l2, kernel, bias = best
   head = {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
   return head, {"l2": l2, f"valid_{metric}_by_l2": scores}
