@@ -1,4 +1,4 @@
-"""Ahead-of-time lowering and compilation of the train step (no parameters are allocated).
+r"""Ahead-of-time lowering and compilation of the train step (no parameters are allocated).
 
 With the accelerator wheels installed (`pip install -e .[tpu]` / `.[cuda12]`) the real TPU and
 GPU compilers run on any CPU host, deviceless: `target_devices("v5e-4")` describes a TPU slice

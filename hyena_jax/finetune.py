@@ -139,14 +139,17 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, LabelledSplit]:
     train, valid = train.take(tr, train.source), train.take(va, held)
   else:
     valid = LabelledSplit(test.inputs, test.labels, f"the test split ({test.source})")
-  if config.head.n_classes > 1:
-    present = np.unique(train.labels)
-    if len(present) < 2:
-      raise InputError(
-          f"the training rows of {d.train} hold one class only (label {present[0]}, "
-          f"{len(train)} rows): a classifier needs examples of at least two classes; check the "
-          "label column (and data.train_labels)")
   return {"train": train, "valid": valid, "test": test}
+
+
+def check_trainable(train: LabelledSplit, config: ml_collections.ConfigDict) -> None:
+  """Refuses to train a classifier on rows of one class (evaluating one is fine)."""
+  present = np.unique(train.labels)
+  if config.head.n_classes > 1 and len(present) < 2:
+    raise InputError(
+        f"the training rows of {config.data.train} hold one class only (label {present[0]}, "
+        f"{len(train)} rows): a classifier needs examples of at least two classes; check the "
+        "label column (and data.train_labels)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,6 +456,8 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
   n_devices = mesh.shape["data"]
   validate_config(config, n_devices)
   splits = load_splits(config)
+  if config.train.epochs or config.train.num_steps:
+    check_trainable(splits["train"], config)
   n_classes = config.head.n_classes
   model, init = build_classifier(config)
   if config.data.max_length > model.config.l_max:

@@ -385,7 +385,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path, promoters):
   (tmp_path / "one.tsv").write_text("".join(f"{s}\t1\n" for s, _ in promoters[:20]))
   config = _config(str(tmp_path / "one.tsv"), "")
   with pytest.raises(InputError, match=r"one\.tsv hold one class only \(label 1, 16 rows\)"):
-    finetune.load_splits(config)
+    finetune.finetune_and_evaluate(config, str(tmp_path / "one_class_run"))
+  assert not (tmp_path / "one_class_run").exists()
 
 
 def test_regression_targets_are_read_as_floats(tmp_path, promoters):
