@@ -302,16 +302,20 @@ def _fit_probe(graphdef: nnx.GraphDef, params: Any, splits: dict[str, LabelledSp
   start = time.perf_counter()
   features_fn = jax.jit(make_features_fn(graphdef))
   features = {name: predict(features_fn, params, splits[name].inputs, config.eval.batch_size,
-                            batch_sharding) for name in ("train", "valid")}
+                            batch_sharding) for name in ("train", "valid", "test")}
   head, report = linear_probe.fit_probe(
       features, {name: splits[name].labels for name in ("train", "valid")},
       config.head.n_classes, config.eval.metric)
+  # Reported only (never used to choose): what the probe alone scores, beside the fine-tuned
+  # model's test metrics in results.json.
+  for name in ("valid", "test"):
+    report[name] = task_metrics(features[name] @ head["kernel"] + head["bias"],
+                                splits[name].labels, config.head.n_classes)
   report["seconds"] = round(time.perf_counter() - start, 1)
   logging.info("linear probe: head fitted to %d rows of frozen features (l2 %g, valid %s by "
                "l2 %s) in %.1f s", len(splits["train"]), report["l2"], config.eval.metric,
                report[f"valid_{config.eval.metric}_by_l2"], report["seconds"])
   return head, report
-
 
 
 def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> None:

@@ -206,16 +206,16 @@ def test_recommended_recipe_keeps_what_the_linear_probe_has_on_real_data(tmp_pat
   config.eval.batch_size = 40
   config.mesh.data = 1
   results = finetune.finetune_and_evaluate(config, str(tmp_path / "run"))
-  config.train.update(epochs=0)  # the probe alone
-  probe = finetune.finetune_and_evaluate(config, str(tmp_path / "probe"))
+  probe = results["linear_probe"]  # the probe alone, on the same split (reported, not chosen)
   labels = finetune.load_splits(config)["test"].labels
   majority = np.bincount(labels).max() / len(labels)
   assert results["rows"] == {"train": 432, "valid": 48, "test": 120}
   assert results["steps"] == 39 and "backbone of" in results["init"]
-  assert probe["steps"] == 0 and probe["linear_probe"]["l2"] == results["linear_probe"]["l2"]
   assert not results["collapsed"] and not results["warnings"]
   assert results["test"]["accuracy"] >= probe["test"]["accuracy"] - 3 / 120, (results, probe)
   assert results["test"]["accuracy"] >= majority + 0.10, (results["test"], majority)
+  if results["best_step"] == 0:  # the probe kept: the same head, so the same test metrics
+    assert results["test"] == pytest.approx(probe["test"], abs=1e-6)
 
 
 def test_mean_nonpad_pooling_averages_only_the_sequence_own_positions():
