@@ -155,6 +155,18 @@ def run_neural(data, arm, seed, pooling, args, shared, root) -> dict:
   return results
 
 
+def run_cnn(splits, n_classes: int, seed: int, folder: pathlib.Path) -> dict:
+  """The CNN baseline of one seed; its results are kept, so that a rerun reuses them."""
+  path = folder / f"cnn_seed{seed}.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  import cnn_baseline  # pylint: disable=g-import-not-at-top  (benchmarks/ is on sys.path)
+  result = cnn_baseline.train_cnn(splits, n_classes, seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1))
+  return result
+
+
 def kmer_counts(inputs: np.ndarray, k: int) -> np.ndarray:
   """int32 token rows [N, L] (left [PAD]) -> k-mer frequencies [N, 4^k]; windows holding any
   non-ACGT token (pad, N) are skipped."""
@@ -305,7 +317,6 @@ def main() -> None:
   import jax
   from hyena_jax import finetune
   sys.path.insert(0, str(ROOT / "benchmarks"))
-  import cnn_baseline  # pylint: disable=g-import-not-at-top
   bench_start = time.perf_counter()
   table, runs, majority, sets = {}, {}, {}, {}
   for name, (train, test) in parse_data(args.data, shared).items():
@@ -324,7 +335,7 @@ def main() -> None:
           runs[name][f"kmer{k}"], table[name][f"kmer{k}"] = [result], summarise([result])
         continue
       if arm == "cnn":
-        results = [cnn_baseline.train_cnn(splits, n_classes, seed) for seed in args.seeds]
+        results = [run_cnn(splits, n_classes, seed, root / name) for seed in args.seeds]
         runs[name]["cnn"], table[name]["cnn"] = results, summarise(results)
         continue
       for pooling in args.pooling:
