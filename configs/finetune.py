@@ -4,9 +4,10 @@ Pick a task (and optionally a recipe) after a colon:
   python -m hyena_jax.finetune --config=configs/finetune.py:TASK[:RECIPE] --workdir=DIR \
       --config.data.train=train.tsv --config.data.test=test.tsv [--model=PRETRAINED]
 RECIPE is "official" (default; SPEC 6.1: mean pooling, AdamW 6e-4, batch 128, 100 epochs, 1%
-warm-up; a GPU recipe) or "small_data" (CPUs and up to a few thousand rows: a linear probe, then
-fine-tuning at batch 32, AdamW 5e-4, 3 epochs; finetune_config.small_data).
-`python -m hyena_jax.finetune --config=configs/finetune.py:TASK --print_config` prints every field. ICL configs stay in configs/finetune/icl_*.py.
+warm-up; a GPU recipe) or "small_data" (CPUs and up to a few thousand rows: a linear probe,
+then fine-tuning at batch 32, AdamW 5e-4, 3 epochs, best validation loss;
+finetune_config.small_data). `python -m hyena_jax.finetune --config=configs/finetune.py:TASK
+--print_config` prints every field. ICL configs stay in configs/finetune/icl_*.py.
 
 Data: each task's train/test split as TSV `seq<TAB>label`.
 

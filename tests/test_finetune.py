@@ -75,32 +75,6 @@ def test_metrics_match_hand_computed_values():
 # Fine-tuning
 
 
-def test_finetuning_lowers_the_loss_and_keeps_the_best_checkpoint(tmp_path, promoters):
-  train = _write_rows(tmp_path / "train.tsv", promoters[:64])
-  test = _write_rows(tmp_path / "test.tsv", promoters[64:])
-  config = _config(train, test, epochs=5)
-  workdir = tmp_path / "run"
-  results = finetune.finetune_and_evaluate(config, str(workdir))
-  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  losses = [r["loss"] for r in rows if "loss" in r]
-  assert len(losses) == 20
-  assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
-  # Best = highest validation accuracy among non-constant predictors (earliest on ties).
-  valid = [(r["step"], r["valid_accuracy"], r["valid_constant"]) for r in rows
-           if "valid_accuracy" in r]
-  assert results["best_step"] == max(valid, key=lambda v: (not v[2], v[1], -v[0]))[0]
-  assert results["rows"] == {"train": 64, "valid": 16, "test": 16}
-  assert set(results["test"]) == {"loss", "accuracy", "mcc", "macro_f1"}
-  saved = json.load(open(workdir / "results.json"))
-  assert saved["test"] == results["test"]
-  # The kept checkpoint is the best one, restorable as a classifier, and gave the test outputs.
-  model, run_config, step = ckpt_lib.restore_model(str(workdir), results["best_step"])
-  assert step == results["best_step"] and ckpt_lib.head_of(run_config) == (2, "mean")
-  split = finetune.read_split(test, max_length=128, n_classes=2, truncate=True)
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(split.inputs))),
-                             np.load(workdir / "test_outputs.npy"), rtol=1e-5, atol=1e-5)
-
-
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, promoters):
   train = _write_rows(tmp_path / "train.tsv", promoters[:64])
   test = _write_rows(tmp_path / "test.tsv", promoters[64:])
@@ -137,6 +111,20 @@ def test_a_stopped_finetune_resumes_bitwise_and_a_finished_one_changes_nothing(t
   read = lambda run: [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
   assert read("resumed") == read("whole")  # no step twice, none missing
   assert [r["step"] for r in read("whole") if "valid_accuracy" in r] == [0, 3, 6, 9, 12]
+  # Best = highest validation accuracy among non-constant predictors (earliest on ties).
+  valid = [(r["step"], r["valid_accuracy"], r["valid_constant"]) for r in read("whole")
+           if "valid_accuracy" in r]
+  assert whole["best_step"] == max(valid, key=lambda v: (not v[2], v[1], -v[0]))[0]
+  assert whole["rows"] == {"train": 64, "valid": 16, "test": 16}
+  assert set(whole["test"]) == {"loss", "accuracy", "mcc", "macro_f1"}
+  assert json.load(open(tmp_path / "whole" / "results.json"))["test"] == whole["test"]
+  # The kept checkpoint is the best one, restorable as a classifier, and gave the test outputs.
+  model, run_config, step = ckpt_lib.restore_model(str(tmp_path / "whole"), whole["best_step"])
+  assert step == whole["best_step"] and ckpt_lib.head_of(run_config) == (2, "mean")
+  split = finetune.read_split(test, max_length=128, n_classes=2, truncate=True)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(split.inputs))),
+                             np.load(tmp_path / "whole" / "test_outputs.npy"), rtol=1e-5,
+                             atol=1e-5)
   np.testing.assert_array_equal(np.load(tmp_path / "resumed" / "test_outputs.npy"),
                                 np.load(tmp_path / "whole" / "test_outputs.npy"))
   best = [ckpt_lib.restore_model(str(tmp_path / run), whole["best_step"])[0]

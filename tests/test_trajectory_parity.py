@@ -1,4 +1,4 @@
-"""Pretraining trains like the official recipe, end to end: 20 optimizer steps of hyena_jax against
+"""Pretraining trains like the official recipe, end to end: 12 optimizer steps of hyena_jax against
 PyTorch with the official optimizer setup (benchmarks/trajectory_parity.py; its docstring says
 what each side runs), from one initialisation, on the same batches, across a sequence-length
 stage boundary with gradient accumulation 2 in the second stage."""
@@ -29,20 +29,20 @@ def _bench():
   return module
 
 
-def test_twenty_steps_follow_the_official_recipe_and_each_ingredient_matters():
+def test_twelve_steps_follow_the_official_recipe_and_each_ingredient_matters():
   bench = _bench()
-  args = types.SimpleNamespace(steps=20, d_model=32, n_layer=2, seq_len=64, batch=4, lr=2e-3,
-                               warmup_fraction=0.1, seed=0)
+  args = types.SimpleNamespace(steps=12, d_model=32, n_layer=2, seq_len=64, batch=4, lr=2e-3,
+                               warmup_fraction=0.2, seed=0)
   cfg = bench.model_config(args)
   config = bench.run_config(args, cfg)
-  assert [tuple(s) for s in config.train.stages] == [(10, 64, 1), (10, 128, 2)]
+  assert [tuple(s) for s in config.train.stages] == [(6, 64, 1), (6, 128, 2)]
   batches = bench.token_batches(config.train.stages, args.batch, args.seed, SHARED)
   state = bench.torch_initial_state(cfg, args.seed)
   torch_losses, torch_final = bench.run_torch(cfg, state, batches, config)
   jax_losses, jax_final = bench.run_jax(cfg, state, batches, config)
   relative = np.abs(np.subtract(jax_losses, torch_losses)) / np.abs(torch_losses)
   assert relative.max() < LOSS_RTOL, relative
-  assert torch_losses[-1] < torch_losses[0] - 0.2  # it learns: not a trivial agreement
+  assert torch_losses[-1] < torch_losses[0] - 0.1  # it learns: not a trivial agreement
   params = bench.compare(cfg, torch_final, jax_final)
   assert params["max_rel"] < PARAM_RTOL, params
 
