@@ -16,8 +16,9 @@ pytest.importorskip("torch", reason="the PyTorch side needs torch: pip install -
 from conftest import SHARED  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Measured with 20 steps: 7.8e-7 (losses), 2.0e-5 (parameters, the filter MLP's last Linear). float32
-# rounding differs between the frameworks and Adam's normalisation carries it into every update.
+# Measured with 20 steps: 7.8e-7 (losses), 2.0e-5 (parameters, the filter MLP's last Linear).
+# float32 rounding differs between the frameworks and Adam's normalisation carries it into every
+# update.
 LOSS_RTOL, PARAM_RTOL = 1e-5, 2e-4
 
 
