@@ -48,7 +48,8 @@ from hyena_jax import checkpoint as ckpt_lib
 from hyena_jax import config as config_lib
 from hyena_jax import data as data_lib
 from hyena_jax import linear_probe, metrics_writer, optim, sharding, storage
-from hyena_jax.task_metrics import collapse_message, prediction_summary, task_metrics
+from hyena_jax.task_metrics import (collapse_message, prediction_summary, selection_score,
+                                    task_metrics)
 from hyena_jax import run_config as run_config_lib
 from hyena_jax import tokenizer as tok
 from hyena_jax import train as train_lib
@@ -289,11 +290,6 @@ def evaluate(predict_fn: Callable, params: Any, split: LabelledSplit, n_classes:
 
 # ------------------------------------------------------------------------------------------------
 # The loop
-
-
-def selection_score(metrics: dict[str, float], metric: str) -> float:
-  """Higher is better: the metric itself, or minus the loss for eval.metric = "loss"."""
-  return -metrics["loss"] if metric == "loss" else metrics[metric]
 
 
 def _fit_probe(graphdef: nnx.GraphDef, params: Any, splits: dict[str, LabelledSplit],

@@ -61,8 +61,7 @@ def fit_probe(features: dict[str, np.ndarray], labels: dict[str, np.ndarray],
     kernel, bias = kernel / scale[:, None], bias - (mean / scale) @ kernel
     valid = task_metrics.task_metrics(features["valid"] @ kernel + bias, labels["valid"],
                                       n_classes)
-    # Higher is better; eval.metric = "loss" picks the smallest validation loss.
-    score = -valid["loss"] if metric == "loss" else valid[metric]
+    score = task_metrics.selection_score(valid, metric)
     scores[f"{l2:g}"] = valid[metric]
     if best is None or score > best[0]:
       best = (score, l2, kernel, bias)

@@ -104,3 +104,9 @@ def collapse_message(summary: dict[str, Any], split: str, step: int) -> str:
   return (f"collapsed to a constant predictor on {split} at step {step}: {what}. On small data "
           "start from a pretrained backbone (--config.pretrained), use the small_data recipe "
           "(--config=configs/finetune.py:TASK:small_data) or train longer")
+
+
+def selection_score(metrics: dict[str, float], metric: str) -> float:
+  """How a checkpoint (or a probe's L2) ranks by eval.metric, higher better: the metric itself,
+  or minus the loss for metric = "loss"."""
+  return -metrics["loss"] if metric == "loss" else metrics[metric]
