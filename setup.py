@@ -49,7 +49,6 @@ setup(
         # PyTorch pickles (.ckpt/.pt/.bin, the lightning/standalone export layouts) and
         # torch_reference.
         "torch": ["torch>=2.1,<3"],
-        "hub": [],  # kept so that older instructions still install: huggingface_hub is a dependency
         # gs:// workdirs and models: gcsfs serves epath (run files, orbax metadata, TensorBoard
         # events); google-cloud-storage makes the one-request access check before a run starts.
         # Orbax's arrays go through tensorstore, which speaks GCS itself.

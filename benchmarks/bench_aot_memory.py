@@ -25,7 +25,8 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hyena_jax import aot, run_config  # noqa: E402
+from hyena_jax.training import aot  # noqa: E402
+from hyena_jax.training import run_config
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "aot_memory.json")
 
@@ -119,4 +120,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

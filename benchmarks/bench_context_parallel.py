@@ -3,7 +3,7 @@
 For each device count N (default 1, 2, 4, 8) a subprocess starts with its own
 XLA_FLAGS=--xla_force_host_platform_device_count=N (N fake CPU devices, or set --real_devices on
 a GPU/TPU host), builds a data=1 x fsdp=1 x sequence=N mesh and, for each context length,
-compiles the context-parallel train step (loss + gradients, `context_parallel.memory_report`):
+compiles the context-parallel train step (loss + gradients, `context_parallel.plan_memory`):
 the planned bytes per device come from `compiled.memory_analysis()` (no allocation). Lengths up
 to --run_max_len are also run to time the step. The longest context whose planned peak fits
 --budget_gib per device is reported per N.
@@ -31,7 +31,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "context_paralle
 
 
 def _model_config(name: str):
-  from hyena_jax.config import HyenaConfig, released
+  from hyena_jax.model.config import HyenaConfig, released
   if name == "smoke":
     return HyenaConfig(d_model=16, n_layer=2, d_inner=64, filter_order=8, l_max=64)
   return released(name)
@@ -43,8 +43,8 @@ def worker(args) -> None:
   import numpy as np
   from flax import nnx
 
-  from hyena_jax import context_parallel as cp
-  from hyena_jax.model import HyenaLM
+  from hyena_jax.model.hyenadna import HyenaLM
+  from hyena_jax.training import context_parallel as cp
 
   n = args.worker
   cfg = _model_config(args.model)
@@ -53,7 +53,7 @@ def worker(args) -> None:
     row = {"devices": n, "seq_len": length, "batch": args.batch, "backend": jax.default_backend()}
     try:
       t0 = time.perf_counter()
-      rep = cp.memory_report(cfg, seq_len=length, batch=args.batch, sequence=n,
+      rep = cp.plan_memory(cfg, seq_len=length, batch=args.batch, sequence=n,
                              dtype=args.dtype, remat=args.remat, return_compiled=True)
       row["compile_s"] = time.perf_counter() - t0
       compiled, run_cfg = rep.pop("compiled"), rep.pop("config")
@@ -158,4 +158,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

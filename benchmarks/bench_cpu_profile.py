@@ -53,7 +53,8 @@ def _kind_torch(name: str) -> str | None:
 
 def _child_jax(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from hyena_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  from hyena_jax.model import config as config_lib  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.released(args.model, l_max=max(args.length, 1026))
   params, forward, loss_fn = cpu_models.jax_lm(cfg)
@@ -83,7 +84,8 @@ def _child_jax(args) -> dict:
 def _child_torch(args) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from torch.profiler import ProfilerActivity, profile  # pylint: disable=g-import-not-at-top
-  from hyena_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  from hyena_jax.model import config as config_lib  # pylint: disable=g-import-not-at-top
 
   cfg = config_lib.released(args.model, l_max=max(args.length, 1026))
   model = cpu_models.torch_lm(cfg)
@@ -167,4 +169,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

@@ -21,7 +21,7 @@ import time
 
 def measure(seq_len: int, workers: int, tokens_per_batch: int, seconds: float,
             read_threads: int) -> dict:
-  from hyena_jax import data  # pylint: disable=g-import-not-at-top
+  from hyena_jax.data import pretraining as data  # pylint: disable=g-import-not-at-top
 
   cfg = data.default_config()
   cfg.num_workers, cfg.read_threads = workers, read_threads

@@ -17,7 +17,9 @@ import time
 from absl import app, flags
 from flax import nnx
 
-from hyena_jax import checkpoint, config as config_lib, convert, export
+from hyena_jax.interop import convert, export
+from hyena_jax.model import config as config_lib
+from hyena_jax.training import checkpoint
 
 flags.DEFINE_list("models", ["tiny-1k", "small-32k", "large-1m"], "Released configs to export.")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results", "export.json"),
@@ -55,4 +57,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   app.run(main)

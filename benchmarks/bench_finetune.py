@@ -110,7 +110,7 @@ def prepare(name: str, train: str, test: str, args, root: pathlib.Path) -> dict:
 
 
 def neural_config(data: dict, arm: str, seed: int, pooling: str, args, shared: pathlib.Path):
-  from hyena_jax import finetune_config
+  from hyena_jax.downstream import finetune_config
   config = finetune_config.task_config(data["name"], max_length=data["max_length"],
                                        n_classes=data["n_classes"], metric="accuracy",
                                        recipe="small_data")
@@ -139,7 +139,7 @@ def neural_config(data: dict, arm: str, seed: int, pooling: str, args, shared: p
 
 
 def run_neural(data, arm, seed, pooling, args, shared, root) -> dict:
-  from hyena_jax import finetune
+  from hyena_jax.downstream import finetune
   workdir = root / data["name"] / f"{arm}_{pooling}_seed{seed}"
   if (workdir / "results.json").exists():  # finished earlier: an interrupted benchmark resumes
     results = json.loads((workdir / "results.json").read_text())
@@ -170,7 +170,7 @@ def run_cnn(splits, n_classes: int, seed: int, folder: pathlib.Path) -> dict:
 def kmer_counts(inputs: np.ndarray, k: int) -> np.ndarray:
   """int32 token rows [N, L] (left [PAD]) -> k-mer frequencies [N, 4^k]; windows holding any
   non-ACGT token (pad, N) are skipped."""
-  from hyena_jax import tokenizer as tok
+  from hyena_jax.data import tokenizer as tok
   code = np.full(max(tok.A, tok.C, tok.G, tok.T) + 16, -1, np.int64)
   code[[tok.A, tok.C, tok.G, tok.T]] = np.arange(4)
   codes = code[inputs]
@@ -192,7 +192,8 @@ def class_scores(model, x: np.ndarray, n_classes: int) -> np.ndarray:
 def run_kmer(splits, k: int, n_classes: int) -> dict:
   from sklearn.linear_model import LogisticRegression
   from sklearn.preprocessing import StandardScaler
-  from hyena_jax import task_metrics
+
+  from hyena_jax.downstream import task_metrics
   start = time.perf_counter()
   x = {name: kmer_counts(split.inputs, k) for name, split in splits.items()}
   scaler = StandardScaler().fit(x["train"])
@@ -315,14 +316,15 @@ def main() -> None:
   root = pathlib.Path(args.workdir_root) / tag
 
   import jax
-  from hyena_jax import finetune
+
   sys.path.insert(0, str(ROOT / "benchmarks"))
   bench_start = time.perf_counter()
   table, runs, majority, sets = {}, {}, {}, {}
   for name, (train, test) in parse_data(args.data, shared).items():
     data = prepare(name, train, test, args, root / "data")
     config = neural_config(data, "scratch", 0, "mean", args, shared)
-    splits = finetune.load_splits(config)
+    from hyena_jax.data import labelled  # pylint: disable=g-import-not-at-top
+    splits = labelled.load_splits(config)
     n_classes = data["n_classes"]
     data["rows"] = {k: len(v) for k, v in splits.items()}
     sets[name] = data
@@ -385,4 +387,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

@@ -15,14 +15,13 @@ import os
 import platform
 import time
 
-from absl import app, flags
-
 import jax
+from absl import app, flags
 from flax import nnx
 
-from hyena_jax import generate
-from hyena_jax.config import HyenaConfig
-from hyena_jax.model import HyenaLM
+from hyena_jax.inference import generate
+from hyena_jax.model.config import HyenaConfig
+from hyena_jax.model.hyenadna import HyenaLM
 
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "4096", "16384"], "buffer lengths T")
 _NUM_NEW = flags.DEFINE_integer("num_new", 64, "generated bases per timed run")
@@ -81,4 +80,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   app.run(main)

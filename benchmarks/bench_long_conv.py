@@ -26,7 +26,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from hyena_jax import fftconv, pallas_conv
+from hyena_jax.model import fftconv
+from hyena_jax.model.kernels import pallas_conv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -207,5 +208,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   main()

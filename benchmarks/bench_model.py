@@ -13,13 +13,12 @@ import json
 import os
 import time
 
+import cpu_models  # benchmarks/cpu_models.py
 import jax
 import optax
 
-from hyena_jax import config as config_lib  # also applies the CPU settings (cpu_runtime.py)
-from hyena_jax import optim
-
-import cpu_models  # benchmarks/cpu_models.py
+from hyena_jax.model import config as config_lib
+from hyena_jax.training import optim
 
 
 def _time(fn, args, repeats: int) -> float:
@@ -87,4 +86,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

@@ -28,11 +28,11 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from bench_long_conv import device_info, int_list, is_oom, save
 from flax import nnx
 
-from bench_long_conv import device_info, int_list, is_oom, save
-from hyena_jax.config import HyenaConfig
-from hyena_jax.model import HyenaLM
+from hyena_jax.model.config import HyenaConfig
+from hyena_jax.model.hyenadna import HyenaLM
 
 VOCAB = 16
 
@@ -193,4 +193,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

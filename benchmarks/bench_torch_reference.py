@@ -12,11 +12,10 @@ import json
 import os
 import time
 
+import cpu_models  # benchmarks/cpu_models.py
 import torch
 
-from hyena_jax import config as config_lib
-
-import cpu_models  # benchmarks/cpu_models.py
+from hyena_jax.model import config as config_lib
 
 
 def main():
@@ -54,4 +53,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

@@ -108,14 +108,15 @@ def _time_cold_warm(call, count: int) -> dict:
 
 
 def _child_jax(args, modes) -> dict:
-  import hyena_jax  # pylint: disable=g-import-not-at-top  # first: the package may set XLA_FLAGS
-  from hyena_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from hyena_jax import embed as embed_lib  # pylint: disable=g-import-not-at-top
-  from hyena_jax import score as score_lib  # pylint: disable=g-import-not-at-top
-  from hyena_jax.model import HyenaLM  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  import hyena_jax  # pylint: disable=g-import-not-at-top  # first: the package may set XLA_FLAGS
+  from hyena_jax.inference import embed as embed_lib  # pylint: disable=g-import-not-at-top
+  from hyena_jax.inference import score as score_lib  # pylint: disable=g-import-not-at-top
+  from hyena_jax.model import config as config_lib  # pylint: disable=g-import-not-at-top
+  from hyena_jax.model.hyenadna import HyenaLM  # pylint: disable=g-import-not-at-top
 
   out = {"impl": "jax", "versions": {"jax": jax.__version__,
                                      "jaxlib": importlib.metadata.version("jaxlib"),
@@ -155,8 +156,9 @@ def _child_torch(args, modes) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from hyena_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from hyena_jax import tokenizer as tok  # pylint: disable=g-import-not-at-top
+
+  from hyena_jax.data import tokenizer as tok  # pylint: disable=g-import-not-at-top
+  from hyena_jax.model import config as config_lib  # pylint: disable=g-import-not-at-top
 
   out = {"impl": "torch", "versions": {"torch": torch.__version__},
          "threads": torch.get_num_threads(), "results": []}
@@ -419,4 +421,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

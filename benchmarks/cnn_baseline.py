@@ -26,8 +26,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hyena_jax import finetune, task_metrics
-from hyena_jax import tokenizer as tok
+from hyena_jax.data import labelled
+from hyena_jax.data import tokenizer as tok
+from hyena_jax.downstream import task_metrics
 
 
 class CNN(nnx.Module):
@@ -56,7 +57,7 @@ class CNN(nnx.Module):
     return self.lin2(self.lin1(x.reshape(x.shape[0], -1)))
 
 
-def train_cnn(splits: dict[str, finetune.LabelledSplit], n_classes: int, seed: int, *,
+def train_cnn(splits: dict[str, labelled.LabelledSplit], n_classes: int, seed: int, *,
               epochs: int = 10, batch_size: int = 64, learning_rate: float = 1e-3,
               metric: str = "accuracy") -> dict[str, Any]:
   """Trains on splits["train"], keeps the epoch best on splits["valid"] by `metric`, evaluates

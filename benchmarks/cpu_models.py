@@ -15,8 +15,9 @@ def jax_lm(cfg) -> tuple[dict, Callable[[Any, Any], Any], Callable[[Any, Any], A
   next-token NLL as in training), both unjitted; ids [B, L] int."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from hyena_jax import train  # pylint: disable=g-import-not-at-top
-  from hyena_jax.model import HyenaLM  # pylint: disable=g-import-not-at-top
+
+  from hyena_jax.model.hyenadna import HyenaLM  # pylint: disable=g-import-not-at-top
+  from hyena_jax.training import steps  # pylint: disable=g-import-not-at-top
 
   model = HyenaLM(cfg, rngs=nnx.Rngs(0))
   model.eval()
@@ -27,14 +28,14 @@ def jax_lm(cfg) -> tuple[dict, Callable[[Any, Any], Any], Callable[[Any, Any], A
 
   def loss(p, ids):
     logits = forward(p, ids)
-    return train.lm_loss_terms(logits, ids, jnp.ones(ids.shape, jnp.float32))["loss_sum"]
+    return steps.lm_loss_terms(logits, ids, jnp.ones(ids.shape, jnp.float32))["loss_sum"]
 
   return nnx.to_pure_dict(params), forward, loss
 
 
 def torch_lm(cfg):
   """The PyTorch reference (`hyena_jax.torch_reference`) with cfg's architecture."""
-  from hyena_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from hyena_jax.interop import torch_reference  # pylint: disable=g-import-not-at-top
   return torch_reference.HyenaDNAForCausalLM({
       "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_inner": cfg.d_inner,
       "max_seq_len": cfg.l_max, "vocab_size": cfg.vocab_size, "emb_dim": cfg.emb_dim,

@@ -13,8 +13,8 @@ What is compared (SPEC 5 and 4; float32, dropout off on both sides, so nothing r
     1e-6 over 1% of the steps, cosine to 0.1 x peak, stepped per optimizer step),
     clip_grad_norm_(1.0), and Lightning-style gradient accumulation (each micro-batch's mean
     loss divided by the accumulation, gradients summed) in the second stage;
-  * the JAX side is hyena_jax itself: `train.build_run` (the optimizer and schedule of the run
-    config), `train.make_train_step` per stage and `train.stage_of`, with the parameters
+  * the JAX side is hyena_jax itself: `run_lib.build_run` (the optimizer and schedule of the run
+    config), `steps.make_train_step` per stage and `run_lib.stage_of`, with the parameters
     imported from the PyTorch initial state dict through `weights.load_into`;
   * two sequence-length stages (seq_len, then 2 x seq_len with grad_accum 2 at the same global
     batch), as the official sequence-length warm-up; the batches are windows of real human DNA
@@ -52,7 +52,7 @@ def timm_cosine(step: int, *, peak: float, total: int, warmup: int, init: float 
 
 def token_batches(stages, global_batch: int, seed: int, shared: pathlib.Path) -> list[np.ndarray]:
   """One int32 array [global_batch, seq_len + 1] per optimizer step: windows of real DNA."""
-  from hyena_jax import tokenizer as tok
+  from hyena_jax.data import tokenizer as tok
   fasta = shared / "data" / "human" / "pim1.hg19.fa"
   rng = np.random.default_rng(seed)
   if fasta.is_file():
@@ -69,7 +69,7 @@ def token_batches(stages, global_batch: int, seed: int, shared: pathlib.Path) ->
 
 
 def model_config(args):
-  from hyena_jax import config as config_lib
+  from hyena_jax.model import config as config_lib
   return config_lib.from_dict(dict(
       d_model=args.d_model, n_layer=args.n_layer, d_inner=4 * args.d_model,
       l_max=2 * args.seq_len + 2, shift=0.0, embed_dropout=0.0, resid_dropout=0.0,
@@ -78,7 +78,8 @@ def model_config(args):
 
 def run_config(args, cfg):
   import dataclasses
-  from hyena_jax import run_config as run_config_lib
+
+  from hyena_jax.training import run_config as run_config_lib
   config = run_config_lib.base_config()
   config.model.update(dataclasses.asdict(cfg))
   config.train.global_batch_size = args.batch
@@ -94,9 +95,10 @@ def torch_initial_state(cfg, seed: int) -> dict:
   """A PyTorch initial state dict (numpy) drawn as the official `_init_weights` does (SPEC 2.5),
   for both sides to start from."""
   import torch
-  from hyena_jax import export, torch_reference
+
+  from hyena_jax.interop import formats, torch_reference
   torch.manual_seed(seed)
-  model = torch_reference.HyenaDNAForCausalLM({**export.hf_config(cfg), "shift": cfg.shift})
+  model = torch_reference.HyenaDNAForCausalLM({**formats.hf_config(cfg), "shift": cfg.shift})
   model.lm_head.weight = model.hyena.backbone.embeddings.word_embeddings.weight  # tied
   with torch.no_grad():
     for name, module in model.named_modules():
@@ -113,9 +115,10 @@ def torch_initial_state(cfg, seed: int) -> dict:
 
 def run_torch(cfg, state: dict, batches, config) -> tuple[list[float], dict]:
   import torch
-  from hyena_jax import export, torch_reference
+
+  from hyena_jax.interop import formats, torch_reference
   torch.manual_seed(0)
-  model = torch_reference.HyenaDNAForCausalLM({**export.hf_config(cfg), "shift": cfg.shift})
+  model = torch_reference.HyenaDNAForCausalLM({**formats.hf_config(cfg), "shift": cfg.shift})
   model.lm_head.weight = model.hyena.backbone.embeddings.word_embeddings.weight
   torch_reference.load_weights(model, {k: torch.from_numpy(v) for k, v in state.items()})
   model.train()
@@ -154,9 +157,12 @@ def run_torch(cfg, state: dict, batches, config) -> tuple[list[float], dict]:
 def run_jax(cfg, state: dict, batches, config) -> tuple[list[float], dict]:
   import jax
   from flax import nnx
-  from hyena_jax import train, weights
-  from hyena_jax.model import HyenaLM
-  run = train.build_run(config, devices=jax.devices()[:1])
+
+  from hyena_jax.interop import weights
+  from hyena_jax.model.hyenadna import HyenaLM
+  from hyena_jax.training import run as run_lib
+  from hyena_jax.training import steps as steps_lib
+  run = run_lib.build_run(config, devices=jax.devices()[:1])
   canonical, _, _ = weights.canonicalize(
       {"hyena." + k if not k.startswith(("hyena.", "lm_head")) else k: v
        for k, v in state.items()})
@@ -164,14 +170,14 @@ def run_jax(cfg, state: dict, batches, config) -> tuple[list[float], dict]:
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   train_state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params,
                  "opt_state": run.tx.init(params)}
-  steps = [jax.jit(train.make_train_step(run.graphdef, run.tx, run.schedule, grad_accum=accum,
-                                         seed=0))
+  step_fns = [jax.jit(steps_lib.make_train_step(run.graphdef, run.tx, run.schedule,
+                                                grad_accum=accum, seed=0))
            for _, _, accum in config.train.stages]
   losses = []
   for step, batch in enumerate(batches):
     host = {"inputs": batch[:, :-1], "targets": batch[:, 1:],
             "loss_mask": np.ones(batch[:, 1:].shape, np.float32)}
-    train_state, metrics = steps[train.stage_of(run, step)](train_state, host)
+    train_state, metrics = step_fns[run_lib.stage_of(run, step)](train_state, host)
     losses.append(float(metrics["loss"]))
   final = {e.torch_key: e.to_torch(np.asarray(_get(train_state["params"], e.path)))
            for e in weights.key_map(cfg)}
@@ -185,7 +191,7 @@ def _get(tree, path):
 
 
 def compare(cfg, torch_final: dict, jax_final: dict) -> dict:
-  from hyena_jax import weights
+  from hyena_jax.interop import weights
   canonical, _, _ = weights.canonicalize(torch_final)
   worst = {"max_abs": 0.0, "max_rel": 0.0, "key": ""}
   for key, value in jax_final.items():
@@ -252,4 +258,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from hyena_jax import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.configure()  # the CPU settings the command-line tools apply
   main()

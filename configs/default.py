@@ -10,7 +10,7 @@ first stage is worse (about 1.6): it runs at the final length 1024, 4x longer th
 model has seen yet. Writes checkpoints, metrics.jsonl, TensorBoard events and curves.png.
 """
 
-from hyena_jax import run_config
+from hyena_jax.training import run_config
 
 
 def get_config():

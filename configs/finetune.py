@@ -7,7 +7,7 @@ RECIPE is "official" (default; SPEC 6.1: mean pooling, AdamW 6e-4, batch 128, 10
 warm-up; a GPU recipe) or "small_data" (CPUs and up to a few thousand rows: a linear probe,
 then fine-tuning at batch 32, AdamW 5e-4, 3 epochs, best validation loss;
 finetune_config.small_data). `python -m hyena_jax.finetune --config=configs/finetune.py:TASK
---print_config` prints every field. ICL configs stay in configs/finetune/icl_*.py.
+--print_config` prints every field. ICL configs are configs/icl.py.
 
 Data: each task's train/test split as TSV `seq<TAB>label`.
 
@@ -34,7 +34,8 @@ promoter_no_tata / promoter_tata (up to 300 bp) and splice_sites_acceptors / _do
 
 import difflib
 
-from hyena_jax import errors, finetune_config
+from hyena_jax import errors
+from hyena_jax.downstream import finetune_config
 
 _GB = dict(n_classes=2, metric="accuracy", model="tiny-1k")
 _NT = dict(n_classes=2, metric="mcc", model="tiny-1k-d256")

@@ -1,28 +1,11 @@
-r"""Ahead-of-time lowering and compilation of the train step (no parameters are allocated).
+"""Deviceless compilation of a config's train step for TPUs and GPUs you don't have
+(`hyena_jax.training.aot`; its docstring lists the targets and examples).
 
-With the accelerator wheels installed (`pip install -e .[tpu]` / `.[cuda12]`) the real TPU and
-GPU compilers run on any CPU host, deviceless: `target_devices("v5e-4")` describes a TPU slice
-(libtpu) or an NVIDIA GPU (XLA:GPU with Triton and ptxas from the nvidia wheels, configured by a
-GpuTargetConfig proto in hyena_jax/gpu_targets/). Set `JAX_PLATFORMS=cpu` and
-`TPU_SKIP_MDS_QUERY=1` before jax is imported (`python -m hyena_jax.aot` does), so that libtpu does
-not look for TPU hardware. `compile_for_target` then reports what the compiler says: per-device
-memory against the chip's HBM, compile time, and which custom kernels the program holds.
+    python -m hyena_jax.aot --config=configs/1m.py --target=v5p-8,h100
 
-As a program (launch/aot_compile.py is a thin launcher of the same):
-  # large-1m's last stage on a v5p-8 slice and on one H100 (real compilers, deviceless):
-  python -m hyena_jax.aot --config=configs/1m.py --target=v5p-8,h100
-  # the long convolution alone (forward + backward), pallas, 131k tokens, as JSON:
-  python -m hyena_jax.aot --config=configs/1m.py --target=v5e-1 --kernel_only --json \
-      --config.model.conv_impl=pallas --seq_len=131072
-  # on this host's own devices (an XLA:CPU plan, not an accelerator's):
-  python -m hyena_jax.aot --config=configs/1m.py --devices=8 --platform=cpu
-Targets: TPU slices (v4-8, v5e-4, v5p-8, v6e-8, ... or a topology such as v5p:2x2x2) and GPUs
-(h100, h200, h100x8, h200x8); an unknown name lists the known ones. By default the last
-(longest) stage is compiled; --stage picks another, --seq_len overrides its length (l_max is
-raised to match). GPU compiles run ptxas on every kernel: minutes per kernel at long lengths.
+Exit status: 0 when every program compiled, 2 for a usage error (an unknown target, a missing
+--config).
 """
-
-from __future__ import annotations
 
 import os
 import sys
@@ -44,334 +27,57 @@ def _deviceless_environment(argv: list[str]) -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-if __name__ == "__main__":  # only as a program: a library import leaves the environment alone
-  _deviceless_environment(sys.argv)
+_deviceless_environment(sys.argv)  # this module is only imported to be run
 
-import dataclasses
-import functools
-import importlib.resources
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
-import math
-import re
-import time
-from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
+from absl import app, flags
 
-from hyena_jax import errors, sharding, train
+from hyena_jax import cli
+from hyena_jax.training import aot
 
-GIB = 2.0 ** 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """A compile target: `platform` 'tpu' or 'cuda', its topology, and per-chip HBM in GiB."""
-  name: str
-  platform: str
-  topology: str
-  hbm_gib: float
-  gpu_config: str = ""     # file in hyena_jax/gpu_targets/ (GPU only)
-
-
-# Per-chip HBM of each TPU generation (Google Cloud TPU documentation).
-TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
-_GPU_CONFIGS = {"h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb"}
-
-
-def _gpu_target(name: str, chip: str, count: int) -> Target:
-  text = _gpu_config_text(_GPU_CONFIGS[chip])
-  hbm = int(re.search(r"device_memory_size:\s*(\d+)", text).group(1)) / GIB
-  return Target(name, "cuda", f"1x1x{count}", round(hbm, 2), _GPU_CONFIGS[chip])
-
-
-def _known_targets() -> dict[str, Target]:
-  tpu = {
-      # Cloud names: v4 and v5p count TensorCores (2 per chip), v5e and v6e count chips.
-      "v4-8": ("v4", "2x2x1"), "v4-16": ("v4", "2x2x2"), "v4-32": ("v4", "2x2x4"),
-      "v5e-1": ("v5e", "1x1"), "v5e-4": ("v5e", "2x2"), "v5e-8": ("v5e", "2x4"),
-      "v5e-16": ("v5e", "4x4"),
-      "v5p-2": ("v5p", "1x1x1"), "v5p-8": ("v5p", "2x2x1"), "v5p-16": ("v5p", "2x2x2"),
-      "v5p-32": ("v5p", "2x2x4"),
-      "v6e-1": ("v6e", "1x1"), "v6e-4": ("v6e", "2x2"), "v6e-8": ("v6e", "2x4"),
-  }
-  targets = {name: Target(name, "tpu", f"{gen}:{topo}", TPU_HBM_GIB[gen])
-             for name, (gen, topo) in tpu.items()}
-  for chip in _GPU_CONFIGS:
-    for count in (1, 8):
-      name = chip if count == 1 else f"{chip}x{count}"
-      targets[name] = functools.partial(_gpu_target, name, chip, count)
-  return targets
-
-
-def known_target_names() -> list[str]:
-  return list(_known_targets())
-
-
-def get_target(name: str) -> Target:
-  """A known name (`v5e-4`, `v5p-8`, `h100`, `h200x8`, ...) or a TPU topology such as
-  `v5p:2x2x2` / `v6e:4x4`."""
-  targets = _known_targets()
-  if name in targets:
-    t = targets[name]
-    return t() if callable(t) else t
-  gen, _, topo = name.partition(":")
-  if gen in TPU_HBM_GIB and re.fullmatch(r"\d+(x\d+){1,2}", topo):
-    return Target(name, "tpu", name, TPU_HBM_GIB[gen])
-  raise errors.InputError(
-      f"unknown target {name!r}; known: {', '.join(targets)}, or a TPU topology "
-      f"'<{'|'.join(TPU_HBM_GIB)}>:AxB[xC]' such as v5p:2x2x2")
-
-
-def _gpu_config_text(filename: str) -> str:
-  return importlib.resources.files("hyena_jax").joinpath("gpu_targets", filename).read_text()
-
-
-def target_devices(target: Target) -> list:
-  """The target's devices as the deviceless compiler describes them (no hardware needed)."""
-  from jax.experimental import topologies
-  if target.platform == "tpu":
-    chips = math.prod(int(x) for x in target.topology.partition(":")[2].split("x"))
-    # A single chip is a host of its own (the default host is 2x2 chips).
-    kwargs = {"chips_per_host_bounds": [1, 1, 1]} if chips == 1 else {}
-    try:
-      return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                                **kwargs).devices)
-    except Exception as e:  # libtpu missing or not loadable: say how to get it
-      raise errors.InputError(
-          f"cannot describe TPU topology {target.topology!r} ({type(e).__name__}: {e}); install "
-          "libtpu with `pip install -e .[tpu]` and run with JAX_PLATFORMS=cpu "
-          "TPU_SKIP_MDS_QUERY=1") from e
-  try:
-    return list(topologies.get_topology_desc(
-        platform="cuda", target_config=_gpu_config_text(target.gpu_config),
-        topology=target.topology).devices)
-  except Exception as e:
-    raise errors.InputError(
-        f"cannot describe GPU target {target.name!r} ({type(e).__name__}: {e}); install the "
-        "CUDA plugin with `pip install -e .[cuda12]`") from e
-
-
-def lower_train_step(config: ml_collections.ConfigDict, *, stage: int = -1,
-                     devices: list | None = None):
-  """Lowers stage `stage`'s train step on abstract, sharded inputs; returns jax's Lowered."""
-  run = train.build_run(config, devices=devices)
-  _, seq_len, accum = config.train.stages[stage]
-  batch_sharding = sharding.batch_sharding(run.mesh)
-  batch = {k: jax.ShapeDtypeStruct((config.train.global_batch_size, seq_len), dtype,
-                                   sharding=batch_sharding)
-           for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
-                            ("loss_mask", jnp.float32))}
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       run.abstract_state, run.state_shardings)
-  step = jax.jit(train.make_train_step(run.graphdef, run.tx, run.schedule, grad_accum=accum,
-                                       seed=config.train.seed, forward=run.forward),
-                 in_shardings=(run.state_shardings, batch_sharding),
-                 out_shardings=(run.state_shardings, None), donate_argnums=0)
-  # The mesh in context tells custom kernels (pallas_conv) the target devices and the axes to
-  # shard_map over.
-  with jax.set_mesh(run.mesh):
-    return step.lower(state, batch)
-
-
-def lower_long_conv(config: ml_collections.ConfigDict, *, stage: int = -1,
-                    devices: list | None = None):
-  """Lowers one layer's long convolution alone, forward and backward, as the train step runs it:
-  [micro-batch, d_model, seq_len] in the compute dtype, the filter in float32, batch sharded over
-  the (data, fsdp) mesh of `devices`."""
-  from hyena_jax import fftconv, pallas_conv
-  run = train.build_run(config, devices=devices)
-  _, seq_len, accum = config.train.stages[stage]
-  batch, d = config.train.global_batch_size // accum, config.model.d_model
-  dtype = jnp.dtype(config.model.dtype)
-  batch_sharding = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(
-      sharding.BATCH_AXES))
-  replicated = sharding.replicated(run.mesh)
-  conv = (pallas_conv.long_conv if config.model.conv_impl == "pallas"
-          else fftconv.fft_long_conv)
-
-  def loss(u, k, d_bias, gate):
-    return jnp.sum(conv(u, k, d_bias, gate).astype(jnp.float32))
-
-  args = (jax.ShapeDtypeStruct((batch, d, seq_len), dtype, sharding=batch_sharding),
-          jax.ShapeDtypeStruct((d, seq_len), jnp.float32, sharding=replicated),
-          jax.ShapeDtypeStruct((d,), jnp.float32, sharding=replicated),
-          jax.ShapeDtypeStruct((batch, d, seq_len), dtype, sharding=batch_sharding))
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
-  with jax.set_mesh(run.mesh):
-    return step.lower(*args)
-
-
-def memory_report(compiled) -> dict[str, float]:
-  """Per-device GiB from the compiler's memory analysis; peak = arguments + outputs + temporaries
-  - aliased (donated) buffers."""
-  memory = compiled.memory_analysis()
-  if memory is None:
-    return {}
-  report = {name.replace("_in_bytes", "_gib"): round(getattr(memory, name, 0) / GIB, 3)
-            for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                         "generated_code_size_in_bytes", "alias_size_in_bytes")}
-  report["peak_gib"] = round(
-      (memory.argument_size_in_bytes + memory.output_size_in_bytes
-       + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / GIB, 3)
-  return report
-
-
-# Custom calls that custom kernels compile to, by kind, as they appear in compiled HLO text.
-_KERNEL_MARKERS = {"mosaic": 'custom_call_target="tpu_custom_call"',
-                   "triton": 'custom_call_target="__gpu$xla.gpu.triton"'}
-
-
-def custom_kernels(hlo_text: str) -> dict[str, int]:
-  """How many Mosaic (TPU Pallas) and Triton (GPU Pallas) kernel calls an HLO text holds."""
-  return {kind: hlo_text.count(marker) for kind, marker in _KERNEL_MARKERS.items()}
-
-
-def fit_advice(peak_gib: float, hbm_gib: float, config: ml_collections.ConfigDict) -> str:
-  """'' when `peak_gib` fits in `hbm_gib`; otherwise by how much it does not, and what to try."""
-  if peak_gib <= hbm_gib:
-    return ""
-  tips = []
-  if config.model.remat == "none":
-    tips.append("model.remat='block' (recompute each block in the backward)")
-  if not config.model.scan_layers:
-    tips.append("model.scan_layers=True (one block's temporaries live at a time)")
-  tips.append("context parallelism (mesh.sequence > 1 splits each sequence over devices)")
-  tips.append("a larger grad_accum in train.stages (fewer sequences per micro-batch)")
-  return (f"needs {peak_gib - hbm_gib:.1f} GiB more than the {hbm_gib:g} GiB of HBM per chip; "
-          "try " + ", or ".join(tips))
-
-
-def compile_for_target(config: ml_collections.ConfigDict, target: Target | str, *,
-                       stage: int = -1, kernel_only: bool = False) -> dict[str, Any]:
-  """Compiles the stage's train step (or, with `kernel_only`, one long convolution) for `target`
-  with the real compiler, deviceless. Never raises for a compiler error: the report says it."""
-  target = get_target(target) if isinstance(target, str) else target
-  _, seq_len, accum = config.train.stages[stage]
-  report: dict[str, Any] = {
-      "target": target.name, "topology": target.topology, "what": "long_conv" if kernel_only
-      else "train_step", "seq_len": seq_len, "global_batch_size":
-      config.train.global_batch_size, "grad_accum": accum, "conv_impl": config.model.conv_impl,
-      "remat": config.model.remat, "scan_layers": config.model.scan_layers,
-      "dtype": config.model.dtype, "hbm_gib": target.hbm_gib}
-  devices = target_devices(target)
-  report["devices"] = len(devices)
-  if target.platform == "tpu":
-    # Compile-only v4 topologies expose each TensorCore as a device (no megacore): HBM per
-    # device is the chip's divided among its devices.
-    chips = math.prod(int(x) for x in target.topology.partition(":")[2].split("x"))
-    target = dataclasses.replace(target, hbm_gib=target.hbm_gib * chips / len(devices))
-    report["hbm_gib"] = target.hbm_gib
-  start = time.perf_counter()
-  try:
-    lower = lower_long_conv if kernel_only else lower_train_step
-    compiled = lower(config, stage=stage, devices=devices).compile()
-  except errors.InputError:
-    raise
-  except Exception as e:  # the compiler's verdict is the result, e.g. a Mosaic/ptxas rejection
-    report.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
-                  compile_s=round(time.perf_counter() - start, 1))
-    # The TPU compiler refuses programs over HBM, naming what the temporaries need: a lower
-    # bound on the peak, so the report can still say by how much it does not fit.
-    oom = re.search(r"temporaries \(([\d.]+)([KMG])\) exceeds available HBM", str(e))
-    if oom:
-      need = float(oom.group(1)) / {"K": 2 ** 20, "M": 2 ** 10, "G": 1}[oom.group(2)]
-      report.update(temp_size_gib=need, peak_gib_at_least=need, fits=False,
-                    advice=fit_advice(need, target.hbm_gib, config))
-    return report
-  report.update(ok=True, compile_s=round(time.perf_counter() - start, 1))
-  report.update(memory_report(compiled))
-  report.update(custom_kernels(compiled.as_text()))
-  if "peak_gib" in report:
-    report["fits"] = report["peak_gib"] <= target.hbm_gib
-    report["advice"] = fit_advice(report["peak_gib"], target.hbm_gib, config)
-  return report
-
-
-def format_table(reports: list[dict[str, Any]]) -> str:
-  """One line per report: target, length, settings, verdict, GiB, compile seconds, kernels."""
-  head = (f"{'target':>9} {'what':>10} {'L':>9} {'conv':>6} {'remat':>5} {'ok':>3} "
-          f"{'arg':>6} {'temp':>6} {'peak':>6} {'HBM':>5} {'fits':>4} {'compile_s':>9} "
-          f"{'mosaic':>6} {'triton':>6}")
-  lines = [head]
-  for r in reports:
-    if not r.get("ok"):
-      lines.append(f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
-                   f"{r['remat']:>5} {'no':>3}  {r.get('error', '')}")
-      if r.get("advice"):
-        lines.append(f"{'':>9} {r['advice']}")
-      continue
-    lines.append(
-        f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
-        f"{r['remat']:>5} {'yes':>3} {r.get('argument_size_gib', math.nan):>6.2f} "
-        f"{r.get('temp_size_gib', math.nan):>6.2f} {r.get('peak_gib', math.nan):>6.2f} "
-        f"{r['hbm_gib']:>5.0f} {('yes' if r.get('fits') else 'NO'):>4} {r['compile_s']:>9.1f} "
-        f"{r['mosaic']:>6} {r['triton']:>6}")
-    if r.get("advice"):
-      lines.append(f"{'':>9} {r['advice']}")
-  return "\n".join(lines)
-
-
-def compile_train_step(config: ml_collections.ConfigDict, *, stage: int = -1,
-                       devices: list | None = None, lower_only: bool = False) -> dict[str, Any]:
-  """Compiles the step on `devices` (default: this host's) and reports memory per device, GiB."""
-  lowered = lower_train_step(config, stage=stage, devices=devices)
-  _, seq_len, accum = config.train.stages[stage]
-  report: dict[str, Any] = {
-      "devices": len(devices) if devices is not None else jax.device_count(),
-      "seq_len": seq_len, "global_batch_size": config.train.global_batch_size,
-      "grad_accum": accum, "dtype": config.model.dtype, "remat": config.model.remat}
-  if lower_only:
-    return report
-  report.update(memory_report(lowered.compile()))
-  return report
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
+_CONFIG = cli.define_config_file("config", None, "Training config file, e.g. configs/1m.py")
+_TARGET = flags.DEFINE_list("target", [], "Comma-separated compile targets (see "
+                            "hyena_jax.training.aot).")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Fake CPU devices to create (no --target); 0 = real.")
+_PLATFORM = flags.DEFINE_string("platform", "", "Force a JAX platform for --devices (cpu, ...).")
+_STAGE = flags.DEFINE_integer("stage", -1, "Which train.stages entry to compile.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Override the stage's sequence length (0 = keep).")
+_KERNEL_ONLY = flags.DEFINE_bool("kernel_only", False, "Compile one long convolution only.")
+_JSON = flags.DEFINE_bool("json", False, "Print the reports as JSON instead of a table.")
+_LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Stop after lowering (no --target).")
+flags.adopt_module_key_flags(cli)
+cli.mark_required(["config"])
 
 
 def main(argv: list[str]) -> None:
   """Compiles the config's train step (or one long convolution) and prints the reports."""
-  from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  config = f.config
-  if f.seq_len:
+  config = _CONFIG.value
+  if _SEQ_LEN.value:
     with config.unlocked():
       stages = list(config.train.stages)
-      steps, _, accum = stages[f.stage]
-      stages[f.stage] = (steps, f.seq_len, accum)
+      steps, _, accum = stages[_STAGE.value]
+      stages[_STAGE.value] = (steps, _SEQ_LEN.value, accum)
       config.train.stages = tuple(stages)
-      config.model.l_max = max(config.model.l_max, f.seq_len + 2)
-  if not f.target:
-    report = compile_train_step(config, stage=f.stage, lower_only=f.lower_only)
-    print(json.dumps(report) if f.json else
+      config.model.l_max = max(config.model.l_max, _SEQ_LEN.value + 2)
+  if not _TARGET.value:
+    report = aot.compile_train_step(config, stage=_STAGE.value, lower_only=_LOWER_ONLY.value)
+    print(json.dumps(report) if _JSON.value else
           "\n".join(f"{k:>32}: {v}" for k, v in report.items()))
     return
-  targets = [get_target(name) for name in f.target]  # every name checked before compiling
+  targets = [aot.get_target(name) for name in _TARGET.value]  # every name checked first
   reports = []
   for target in targets:
-    reports.append(compile_for_target(config, target, stage=f.stage, kernel_only=f.kernel_only))
-    if f.json:
+    reports.append(aot.compile_for_target(config, target, stage=_STAGE.value,
+                                          kernel_only=_KERNEL_ONLY.value))
+    if _JSON.value:
       print(json.dumps(reports[-1]), flush=True)
-  if not f.json:
-    print(format_table(reports))
+  if not _JSON.value:
+    print(aot.format_table(reports))
 
 
 if __name__ == "__main__":
-  from absl import flags
-  from hyena_jax import cli
-  cli.define_config_file("config", None, "Training config file, e.g. configs/1m.py")
-  flags.DEFINE_list("target", [], "Comma-separated compile targets (see the module docstring).")
-  flags.DEFINE_integer("devices", 0, "Fake CPU devices to create (no --target); 0 = real.")
-  flags.DEFINE_string("platform", "", "Force a JAX platform for --devices (cpu, ...).")
-  flags.DEFINE_integer("stage", -1, "Which train.stages entry to compile.")
-  flags.DEFINE_integer("seq_len", 0, "Override the stage's sequence length (0 = keep).")
-  flags.DEFINE_bool("kernel_only", False, "Compile one long convolution only.")
-  flags.DEFINE_bool("json", False, "Print the reports as JSON instead of a table.")
-  flags.DEFINE_bool("lower_only", False, "Stop after lowering (no --target).")
-  cli.mark_required(["config"])
   cli.run(main)

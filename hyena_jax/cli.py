@@ -27,11 +27,11 @@ import os
 import runpy
 import sys
 import threading
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, NamedTuple, NoReturn, Sequence
 
 from absl import app, flags, logging
 
-from hyena_jax import errors
+from hyena_jax import cpu_runtime, errors
 
 EXIT_INPUT_ERROR = 2
 
@@ -131,9 +131,7 @@ def define_config_file(name: str, default: str | None, help_string: str) -> Any:
   if message:
     fail(message)
   try:
-    holder = config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
-    _key_flags_of_caller(name, "print_config")
-    return holder
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
   except (KeyError, AttributeError):
     message = _override_error(sys.argv)
     if message is None:
@@ -256,49 +254,82 @@ def _check_config_files() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Renamed flags
+# Flags shared by the tools
 
-# The one convention of every tool: --model names any model source (hyena_jax.load), --output
-# any output, --config an ml_collections file. Older names stay as deprecated aliases.
-
-
-def define_deprecated_alias(old: str, new: str, define: Callable[..., Any] = flags.DEFINE_string
-                            ) -> None:
-  """Defines flag --`old` (a string unless `define` says otherwise) as a deprecated alias of
-  --`new`; read the pair with `aliased(new, old)`."""
-  define(old, None, f"Deprecated: use --{new}.")
+# One meaning per flag in every tool: --model is any model source (`hyena_jax.load`), --step the
+# checkpoint of an orbax run to read, --output what the tool writes, --config an ml_collections
+# file. Each tool's module defines its flags at import (it is only imported to be run), calls
+# these for the shared ones, and ends with `flags.adopt_module_key_flags(cli)` so that its --help
+# lists them.
 
 
-def aliased(new: str, old: str, *, required: bool = True) -> Any:
-  """The value of --`new`, else of its deprecated alias --`old` (with a warning on stderr).
-
-  Both given is a usage error; neither is one when `required`.
-  """
-  f = flags.FLAGS
-  if f[old].present:
-    if f[new].present:
-      raise app.UsageError(f"--{old} is the deprecated name of --{new}: pass only --{new}")
-    sys.stderr.write(f"warning: --{old} is deprecated; use --{new}\n")
-    return f[old].value
-  if required and f[new].value is None:
-    raise app.UsageError(f"--{new} is required")
-  return f[new].value
+class ModelFlags(NamedTuple):
+  model: Any
+  step: Any
+  revision: Any
+  shift: Any
 
 
-def _key_flags_of_caller(*names: str) -> None:
-  """Lists flags defined here among the key flags of the tool that asked for them (the module
-  two frames up), so that its --help shows them next to its own."""
-  module = sys._getframe(2).f_globals.get("__name__", "")
-  module = sys.argv[0] if module == "__main__" else module  # how absl names the main module
-  for name in names:
-    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+def define_model_flags(model_help: str = "orbax run, official weights file or folder, or Hub "
+                       "repo id ORG/NAME (see hyena_jax.load)") -> ModelFlags:
+  """--model, --step, --revision, --shift: the arguments of `hyena_jax.load`."""
+  return ModelFlags(
+      flags.DEFINE_string("model", None, model_help),
+      flags.DEFINE_integer("step", None, "orbax run: checkpoint step to read (default: latest)"),
+      flags.DEFINE_string("revision", None, "Hub repo id: branch, tag or commit (default: main)"),
+      flags.DEFINE_float("shift", None, "official weights: modulation shift (default 0.05)"))
+
+
+def load_model(model_flags: ModelFlags) -> Any:
+  """`hyena_jax.load` of the --model/--step/--revision/--shift flags (a `Loaded`)."""
+  from hyena_jax.interop import loading  # pylint: disable=g-import-not-at-top
+  return loading.load(model_flags.model.value, step=model_flags.step.value,
+                      revision=model_flags.revision.value, shift=model_flags.shift.value)
+
+
+def define_tuning_flags(config_help: str, workdir_help: str) -> tuple[Any, Any]:
+  """--config, --workdir and --model (short for --config.pretrained) of the tools that tune a
+  pretrained model (finetune, icl); returns the holders of --config and --workdir."""
+  config = define_config_file("config", None, config_help)
+  workdir = flags.DEFINE_string("workdir", None, workdir_help)
+  define_config_alias("model", "config", "pretrained", "Starting weights: any source "
+                      "hyena_jax.load reads (a released model folder or Hub id, an orbax run, a "
+                      "weights file)")
+  mark_required(["config", "workdir"])
+  return config, workdir
+
+
+class SequenceInputFlags(NamedTuple):
+  format: Any
+  column: Any
+  name_column: Any
+
+
+def define_sequence_input_flags() -> SequenceInputFlags:
+  """--format, --column, --name_column: how to read --input (FASTA or a table)."""
+  return SequenceInputFlags(
+      flags.DEFINE_enum("format", "auto", ["auto", "fasta", "table"],
+                        "--input's format; auto = by its suffix (FASTA: .fa/.fasta/.fna, tables: "
+                        ".tsv/.csv/.txt, each optionally .gz)"),
+      flags.DEFINE_string("column", "0", "table: sequence column (index or header name)"),
+      flags.DEFINE_string("name_column", None, "table: name column (index or header name)"))
+
+
+def sequence_input(input_flags: SequenceInputFlags) -> dict[str, Any]:
+  """The reader arguments (fmt, column, name_column) of `define_sequence_input_flags`' flags."""
+  return {"fmt": input_flags.format.value, "column": _column(input_flags.column.value),
+          "name_column": _column(input_flags.name_column.value)}
+
+
+def _column(value: str | None) -> int | str | None:
+  """A table column flag: an integer index or a header name."""
+  return None if value is None else int(value) if value.lstrip("-").isdigit() else value
 
 
 def define_config_alias(flag: str, config: str, path: str, help_string: str) -> None:
   """Defines string flag --`flag` as a short name for --`config`.`path` (e.g. --model for
   --config.pretrained); giving both with different values is a usage error."""
   flags.DEFINE_string(flag, None, f"{help_string} (sets --{config}.{path})")
-  _key_flags_of_caller(flag)
   _ALIASES.append((flag, config, path))
 
 
@@ -393,7 +424,8 @@ def enable_compilation_cache() -> str | None:
   if setting.lower() in _OFF:
     return None
   import jax  # pylint: disable=g-import-not-at-top
-  from hyena_jax import data  # pylint: disable=g-import-not-at-top
+
+  from hyena_jax.data import pretraining as data  # pylint: disable=g-import-not-at-top
   path = setting or jax.config.jax_compilation_cache_dir or str(data.cache_dir() / "xla")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -404,6 +436,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)` with quiet library logs, one-line answers to input errors (exit 2) and
   the persistent compilation cache."""
   def wrapped(argv: list[str]) -> Any:
+    cpu_runtime.configure()  # before the first computation creates JAX's CPU backend
     quiet_logs()
     enable_compilation_cache()
     _check_config_files()

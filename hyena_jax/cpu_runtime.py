@@ -1,8 +1,9 @@
-"""Process-wide CPU settings, applied once when `hyena_jax` is imported (the one place they live).
+"""Process-wide CPU settings: `configure()` is called by every command-line tool (`cli.run`) and
+by library users who want them (`hyena_jax.configure_cpu()`); importing hyena_jax applies nothing.
 
 XLA:CPU reads its flags when JAX creates the CPU backend (the first computation, not `import
-jax`), so importing any `hyena_jax` module before running JAX code is enough; entry points and
-benchmarks set nothing themselves. Set `HYENA_JAX_CPU_TUNING=0` to leave the process untouched.
+jax`), so `configure()` must run before any JAX computation; later it changes nothing. Set
+`HYENA_JAX_CPU_TUNING=0` to leave the process untouched.
 
 1. `XLA_FLAGS` gets `--xla_cpu_experimental_ynn_fusion_type=-reduce` unless it already names a
    YNN fusion type: XLA's YNNPACK reduction fusions made the model's backward several times

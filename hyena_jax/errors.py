@@ -30,3 +30,8 @@ def is_storage_failure(error: BaseException) -> bool:
   text = str(error)
   return isinstance(error, ValueError) and any(
       mark in text for mark in ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "No space left"))
+
+
+class DivergedError(InputError, FloatingPointError):
+  """Training produced NaN/Inf (pretraining, fine-tuning or ICL); the message says how to go on,
+  e.g. resume with a lower learning rate."""

@@ -14,7 +14,9 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from hyena_jax import cli, distributed, train
+from hyena_jax import cli
+from hyena_jax.training import distributed
+from hyena_jax.training import pretrain as train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "default.py")
@@ -35,13 +37,18 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Join a multi-process run with jax.distributed.initialize(): the cluster comes from "
     "HYENA_JAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID when set (launch/local_cluster.py), else "
     "JAX detects it (TPU VMs, SLURM, Open MPI).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100,
+    "--distributed: seconds without a heartbeat after which the coordination service declares a "
+    "process dead and the others exit (non-zero), instead of waiting in a collective.")
+flags.adopt_module_key_flags(cli)  # --config and --print_config in --help
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
-    distributed.initialize()
+    distributed.initialize(heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   if jax.process_index() != 0:

@@ -25,6 +25,7 @@ from hyena_jax.errors import InputError, MissingDependencyError, MissingInputErr
 
 try:
   import fsspec.config  # pylint: disable=g-import-not-at-top
+
   # gcsfs caches folder listings forever by default; processes of a multi-host run (and orbax's
   # `reload`) must see steps other processes wrote or moved, so listings are always fresh.
   for _protocol in ("gs", "gcs"):
@@ -141,6 +142,7 @@ def write_atomically(path: PathLike, data: str | bytes) -> None:
 def save_npy(path: PathLike, array) -> None:
   """np.save to a local file or an object, written atomically."""
   import io  # pylint: disable=g-import-not-at-top
+
   import numpy as np  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   np.save(buffer, np.asarray(array))

@@ -1,5 +1,5 @@
 """Launcher of `python -m hyena_jax.aot` (same flags): compile a config's train step for TPUs or
-GPUs you don't have, deviceless, and print what it needs. See hyena_jax/aot.py's docstring.
+GPUs you don't have, deviceless, and print what it needs. See hyena_jax/training/aot.py's docstring.
 
   python launch/aot_compile.py --config=configs/1m.py --target=v5p-8,h100
 """

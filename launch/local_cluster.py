@@ -10,7 +10,7 @@ Every process gets the environment a cluster launcher would give a host (read by
   HYENA_JAX_COORDINATOR=localhost:PORT (a free port unless --port), HYENA_JAX_NUM_PROCESSES=N,
   HYENA_JAX_PROCESS_ID=i, plus JAX_PLATFORMS=cpu and XLA_FLAGS with
   --xla_force_host_platform_device_count=K (K fake CPU devices per process).
-Output lines are prefixed [p0], [p1], ... SIGTERM or Ctrl-C to the launcher is forwarded to every
+Output lines are prefixed [p0], [p1], ... (gloo's connection reports are dropped). SIGTERM or Ctrl-C to the launcher is forwarded to every
 process (a training run then saves one checkpoint and exits 143 or 130). If a process fails
 (a non-zero exit, or killed; after a forwarded signal, any other exit than that signal's), the
 others are sent SIGTERM and, --grace_s seconds later, SIGKILL: they would otherwise wait forever
@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The variables `--distributed` reads (no jax import: the launcher starts at once).
-from hyena_jax.distributed import COORDINATOR, NUM_PROCESSES, PROCESS_ID  # noqa: E402
+from hyena_jax.training.distributed import COORDINATOR, NUM_PROCESSES, PROCESS_ID  # noqa: E402
 
 
 def free_port() -> int:
@@ -56,9 +56,16 @@ def process_env(base: dict, index: int, num_processes: int, devices: int, port: 
   return env
 
 
+# gloo's connection report, one line per process per collective group (a dozen per run, two
+# processes' lines sometimes interleaved mid-line): noise on a screen that shows progress.
+_GLOO_CHATTER = b"[Gloo] Rank "
+
+
 def _pump(index: int, stream, lock: threading.Lock) -> None:
   prefix = f"[p{index}] ".encode()
   for line in iter(stream.readline, b""):
+    if line.startswith(_GLOO_CHATTER):
+      continue
     with lock:
       sys.stdout.buffer.write(prefix + line)
       sys.stdout.buffer.flush()

@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from hyena_jax import checkpoint as ckpt_lib
+from hyena_jax.training import checkpoint as ckpt_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 10

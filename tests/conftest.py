@@ -8,6 +8,10 @@ os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=-reduce")
 
+from hyena_jax import cpu_runtime  # noqa: E402
+
+cpu_runtime.configure()  # as the command-line tools do (malloc settings; the flag is set above)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -20,7 +20,9 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chi
 
 import jax  # noqa: E402
 
-from hyena_jax import aot, run_config  # noqa: E402
+from hyena_jax.training import aot  # noqa: E402
+from hyena_jax.training import memory as memory_lib  # noqa: E402
+from hyena_jax.training import run_config
 
 N_LAYER, SEQ_LEN, BATCH = 2, 256, 4
 
@@ -65,7 +67,7 @@ def test_train_step_compiles_for_v5e_with_mosaic_kernels_per_device(compiled):
   shapes = re.findall(r"= (\w+)\[(\d+),128,\d+,\d+\][^\n]*custom_call_target=\"tpu_custom_call\"",
                       hlo)
   assert shapes and {int(b) for _, b in shapes} == {BATCH // 4}, shapes
-  memory = aot.memory_report(executable)
+  memory = memory_lib.in_gib(memory_lib.memory_report(executable))
   assert 0 < memory["peak_gib"] < aot.TPU_HBM_GIB["v5e"]
 
 

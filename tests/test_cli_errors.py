@@ -17,10 +17,16 @@ import pytest
 from flax import nnx
 
 import hyena_jax
-from hyena_jax import cli, config as config_lib, inference, run_config, seqfiles
-from hyena_jax import finetune, finetune_config, tokenizer, train, weights
+from hyena_jax import cli
+from hyena_jax.data import seqfiles, tokenizer
+from hyena_jax.downstream import finetune, finetune_config
 from hyena_jax.errors import InputError, MissingDependencyError
-from hyena_jax.model import HyenaLM
+from hyena_jax.inference import batching as inference
+from hyena_jax.interop import formats
+from hyena_jax.model import config as config_lib
+from hyena_jax.model.hyenadna import HyenaLM
+from hyena_jax.training import pretrain as train
+from hyena_jax.training import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +45,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
   return lines[0]
 
 
-TOOLS = ("main", "finetune", "icl", "convert", "export", "embed", "score", "generate")
+TOOLS = ("main", "finetune", "icl", "convert", "export", "embed", "score", "generate", "aot")
 MODEL_TOOLS = ("convert", "export", "embed", "score", "generate")  # finetune, icl: --model too
 
 
@@ -111,6 +117,22 @@ def test_unknown_config_key_gets_a_did_you_mean(tmp_path):
   assert cli._missing_field(config, "optim.b1") is None
 
 
+def test_init_from_another_architecture_names_the_fields(tmp_path):
+  """checkpoint.init_from with a different architecture: an InputError (one `error:` line from
+  the CLI) naming each field that differs, not a ValueError with two whole configs."""
+  from hyena_jax.training import checkpoint
+  lm = _tiny_lm()
+  checkpoint.save_model(str(tmp_path / "source"), lm, {"model": lm.config.to_dict()})
+  config = run_config.release_config("tiny-1k")
+  config.model.update(lm.config.to_dict(), d_model=16, dtype="bfloat16", embed_dropout=0.0)
+  config.train.update(global_batch_size=2, stages=((1, 32, 1),))
+  config.mesh.data = 1
+  config.checkpoint.init_from = str(tmp_path / "source")
+  with pytest.raises(InputError, match=r"holds another architecture \(model.d_model: 8 there, "
+                     r"16 in the config\): set those fields"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def test_config_validation_happens_before_compile(tmp_path):
   cases = [
       ({"checkpoint.every_steps": 0}, "checkpoint.every_steps must be an int >= 1, got 0"),
@@ -175,7 +197,7 @@ def test_missing_safetensors_names_the_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "safetensors.numpy", None)  # import fails as if absent
   with pytest.raises(MissingDependencyError, match=r"safetensors package \(a dependency of "
                                                    r"hyena_jax\): pip install safetensors"):
-    weights.read_state_dict(str(tmp_path / "w.safetensors"))
+    formats.read_state_dict(str(tmp_path / "w.safetensors"))
 
 
 def _truncated_gz(path, text: str):
@@ -195,7 +217,7 @@ def test_finetune_refuses_damaged_data_before_creating_its_workdir(tmp_path):
 
 
 def test_inference_help_lists_model_and_input_errors_leave_no_output(tmp_path):
-  from hyena_jax import checkpoint
+  from hyena_jax.training import checkpoint
   helped = _run(["-m", "hyena_jax.embed", "--help"], tmp_path)
   assert "--model:" in helped.stdout and "--input:" in helped.stdout  # not only --helpfull
   lm = _tiny_lm()
@@ -210,12 +232,12 @@ def test_inference_help_lists_model_and_input_errors_leave_no_output(tmp_path):
 
 def test_every_cli_help_runs_and_names_model_and_output(tmp_path):
   """One convention: --help exits 0; --model is the model source, --output the output; the old
-  names are deprecated aliases, and passing both spellings is a usage error."""
+  names (export's --workdir, convert's --from) are gone: one error line names the flag."""
   env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
   runs = {tool: subprocess.Popen([sys.executable, "-m", f"hyena_jax.{tool}", "--help"], cwd=tmp_path,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for tool in TOOLS}
-  both = _run(["-m", "hyena_jax.export", "--workdir=a", "--model=b", "--output=c"], tmp_path)
+  old = _run(["-m", "hyena_jax.export", "--workdir=a", "--output=c"], tmp_path)
   for tool, proc in runs.items():
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, (tool, err[-2000:])
@@ -223,14 +245,14 @@ def test_every_cli_help_runs_and_names_model_and_output(tmp_path):
     if tool in MODEL_TOOLS:
       assert "--model:" in out and "--output:" in out, (tool, out)
       assert "--out:" not in out and "--from:" not in out and "--workdir:" not in out, tool
-  assert "--workdir is the deprecated name of --model: pass only --model" in _one_line_error(both)
+  assert "workdir" in _one_line_error(old) and old.returncode == 2
 
 
 def test_print_config_shows_fields_and_model_sets_pretrained(tmp_path):
   """--help points at --print_config, which prints the resolved config (overrides and --model
   applied) and exits 0 without a --workdir; --model and a different --config.pretrained clash."""
   table = os.path.join(ROOT, "configs", "finetune.py")
-  icl_file = os.path.join(ROOT, "configs", "finetune", "icl_soft_prompt.py")
+  icl_file = os.path.join(ROOT, "configs", "icl.py")
   env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
   commands = {
       "main": ["-m", "hyena_jax.main", "--print_config", "--config.optim.learning_rate=0.125"],
@@ -292,7 +314,7 @@ def test_usage_lines_keep_their_shell_continuations():
   showed the next line's indentation as a run of spaces inside the command."""
   import ast
   import glob
-  for path in sorted(glob.glob(os.path.join(ROOT, "hyena_jax", "*.py")) +
+  for path in sorted(glob.glob(os.path.join(ROOT, "hyena_jax", "**", "*.py"), recursive=True) +
                      glob.glob(os.path.join(ROOT, "launch", "*.py"))):
     source = open(path).read()
     doc = ast.get_docstring(ast.parse(source), clean=False)
@@ -305,7 +327,8 @@ def test_usage_lines_keep_their_shell_continuations():
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
   """/proc takes no new file (os.access says it does, and says yes to root everywhere): embed,
   score and export probe the folder with a real file first, and name it."""
-  from hyena_jax import export, storage
+  from hyena_jax import storage
+  from hyena_jax.interop import export
   with pytest.raises(InputError, match=r"--output /proc/x\.npz: cannot write in /proc"):
     inference.check_local_output("/proc/x.npz")
   with pytest.raises(InputError, match="is a folder; name the file to write"):
@@ -324,6 +347,6 @@ def test_the_aot_tool_follows_the_cli_conventions(tmp_path):
   assert _run(["-m", "hyena_jax.aot", "--help"], tmp_path).returncode == 0
   assert _one_line_error(_run(["-m", "hyena_jax.aot"], tmp_path)) == (
       "error: --config is required; see --help")
-  from hyena_jax import aot
+  from hyena_jax.training import aot
   with pytest.raises(InputError, match="unknown target 'h1000'"):
     aot.get_target("h1000")

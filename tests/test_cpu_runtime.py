@@ -1,4 +1,5 @@
-"""hyena_jax.cpu_runtime: the process-wide CPU settings applied when hyena_jax is imported."""
+"""hyena_jax.cpu_runtime: the process-wide CPU settings the tools apply (and hyena_jax.configure_cpu()),
+never an import."""
 
 import json
 import os
@@ -32,10 +33,14 @@ def _child(code: str, **env) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-_FLAGS = "import os, json, hyena_jax; print(json.dumps({'flags': os.environ.get('XLA_FLAGS')}))"
+_IMPORT = ("import os, json, hyena_jax, hyena_jax.embed; "
+           "print(json.dumps({'flags': os.environ.get('XLA_FLAGS')}))")
+_FLAGS = ("import os, json, hyena_jax; hyena_jax.configure_cpu(); "
+          "print(json.dumps({'flags': os.environ.get('XLA_FLAGS')}))")
 
 
-def test_importing_the_package_sets_the_flags_unless_disabled():
+def test_importing_changes_nothing_and_configure_cpu_sets_the_flags_unless_disabled():
+  assert _child(_IMPORT)["flags"] is None  # not even importing a command-line tool's module
   assert _child(_FLAGS)["flags"] == f"{YNN}=-reduce"
   assert _child(_FLAGS, XLA_FLAGS="--xla_dump_to=/tmp/x")["flags"] == (
       f"--xla_dump_to=/tmp/x {YNN}=-reduce")
@@ -45,7 +50,9 @@ def test_importing_the_package_sets_the_flags_unless_disabled():
 # A jitted call whose temporaries (a 32 MiB complex spectrum) exceed glibc's largest mmap
 # threshold: the fewest page faults of five calls after ten (the heap settles within a few).
 _FAULTS = """
-import json, resource, hyena_jax, jax, jax.numpy as jnp
+import json, resource, hyena_jax
+applied = hyena_jax.configure_cpu()
+import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.abs(jnp.fft.rfft(x)).sum())
 x = jnp.ones((64, 131072), jnp.float32)
 temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
@@ -58,7 +65,7 @@ for _ in range(5):
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 faults = min(faults)
 print(json.dumps({"temp": temp, "faults": faults,
-                  "applied": hyena_jax.cpu_runtime.configure()}))
+                  "applied": applied}))
 """
 
 

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from hyena_jax import data, genome, seqfiles
-from hyena_jax import tokenizer as tok
+from hyena_jax.data import genome, labelled
+from hyena_jax.data import pretraining as data
+from hyena_jax.data import seqfiles
+from hyena_jax.data import tokenizer as tok
+from hyena_jax.errors import InputError
 
 # ---------------------------------------------------------------------------------------------
 # Reference: the official construction written out on Python strings.
@@ -313,7 +316,8 @@ def test_worker_error_reaches_the_caller(tmp_path):
 
 def test_to_global_batch_shards_rows():
   import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batch = {"inputs": np.arange(8 * 5, dtype=np.int32).reshape(8, 5),
@@ -411,21 +415,22 @@ def test_akita_bed_splits():
 
 def test_genomic_benchmarks_tsv_and_encoding():
   path = shared_path("data", "genomic_benchmarks", "human_nontata_promoters.test.tsv")
-  seqs, labels = seqfiles.read_labelled_sequences(path)
+  seqs, labels = labelled.read_labelled_sequences(path)
   lines = path.read_text().splitlines()
   assert len(seqs) == len(lines) - 1 and set(labels.tolist()) == {0, 1}
   assert seqs[5] == lines[6].split("\t")[0] and labels[5] == int(lines[6].split("\t")[1])
-  enc = data.encode_classification(seqs[:50], labels[:50], 260, tok.CharacterTokenizer())
-  assert enc["inputs"].shape == (50, 260) and enc["inputs"].dtype == np.int32
+  split = labelled.read_split(str(path), max_length=260, n_classes=2)
+  assert split.inputs.shape == (len(seqs), 260) and split.inputs.dtype == np.int32
   ref = [4] * (260 - len(seqs[0])) + [_REF_IDS[c] for c in seqs[0].upper()]
-  np.testing.assert_array_equal(enc["inputs"][0], ref)  # left pad, no [SEP]
-  assert not (enc["inputs"] == tok.SEP).any()
-  with pytest.raises(ValueError, match="do not fit"):
-    data.encode_classification(seqs[:2], labels[:2], 100, tok.CharacterTokenizer())
-  cut = data.encode_classification(seqs[:2], labels[:2], 100, tok.CharacterTokenizer(), True)
-  assert cut["inputs"][0].tolist() == [_REF_IDS[c] for c in seqs[0][:100].upper()]
-  tr, te = data.split_train_test(len(seqs), 0.2, seed=1)
-  tr2, te2 = data.split_train_test(len(seqs), 0.2, seed=1)
+  np.testing.assert_array_equal(split.inputs[0], ref)  # left pad, no [SEP]
+  assert not (split.inputs == tok.SEP).any()
+  np.testing.assert_array_equal(split.labels, labels)
+  with pytest.raises(InputError, match="exceeds data.max_length=100"):
+    labelled.read_split(str(path), max_length=100, n_classes=2)
+  cut = labelled.read_split(str(path), max_length=100, n_classes=2, truncate=True)
+  assert cut.inputs[0].tolist() == [_REF_IDS[c] for c in seqs[0][:100].upper()]
+  tr, te = labelled.split_train_test(len(seqs), 0.2, seed=1)
+  tr2, te2 = labelled.split_train_test(len(seqs), 0.2, seed=1)
   assert np.array_equal(te, te2) and len(te) == round(0.2 * len(seqs))
   assert sorted(np.concatenate([tr, te]).tolist()) == list(range(len(seqs)))
-  assert not np.array_equal(te, data.split_train_test(len(seqs), 0.2, seed=2)[1])
+  assert not np.array_equal(te, labelled.split_train_test(len(seqs), 0.2, seed=2)[1])

@@ -15,12 +15,15 @@ import pytest
 from flax import nnx
 
 from conftest import shared_path
-from hyena_jax import checkpoint as ckpt_lib
-from hyena_jax import config as config_lib
-from hyena_jax import finetune, finetune_config, icl, linear_probe, task_metrics
-from hyena_jax import tokenizer as tok
+from hyena_jax.data import labelled
+from hyena_jax.data import tokenizer as tok
+from hyena_jax.downstream import (classifier, finetune, finetune_config, icl, linear_probe,
+                                  task_metrics)
 from hyena_jax.errors import InputError, OutputExistsError
-from hyena_jax.model import HyenaLM, SequenceClassifier
+from hyena_jax.model import config as config_lib
+from hyena_jax.model.hyenadna import HyenaLM, SequenceClassifier
+from hyena_jax.training import checkpoint as ckpt_lib
+from hyena_jax.training import resume, steps
 
 TINY = dict(d_model=32, n_layer=2, d_inner=64, filter_order=16, l_max=256)
 
@@ -121,7 +124,7 @@ def test_a_stopped_finetune_resumes_bitwise_and_a_finished_one_changes_nothing(t
   # The kept checkpoint is the best one, restorable as a classifier, and gave the test outputs.
   model, run_config, step = ckpt_lib.restore_model(str(tmp_path / "whole"), whole["best_step"])
   assert step == whole["best_step"] and ckpt_lib.head_of(run_config) == (2, "mean")
-  split = finetune.read_split(test, max_length=128, n_classes=2, truncate=True)
+  split = labelled.read_split(test, max_length=128, n_classes=2, truncate=True)
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(split.inputs))),
                              np.load(tmp_path / "whole" / "test_outputs.npy"), rtol=1e-5,
                              atol=1e-5)
@@ -131,7 +134,7 @@ def test_a_stopped_finetune_resumes_bitwise_and_a_finished_one_changes_nothing(t
           for run in ("whole", "resumed")]
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(best[0], nnx.Param)),
                nnx.to_pure_dict(nnx.state(best[1], nnx.Param)))
-  final = [ckpt_lib.read_json_item(os.path.join(tmp_path, run, finetune.RESUME_SUBDIR), 12,
+  final = [ckpt_lib.read_json_item(os.path.join(tmp_path, run, resume.RESUME_SUBDIR), 12,
                                    "progress")["fingerprints"] for run in ("whole", "resumed")]
   assert final[0] == final[1]  # the last params and optimizer state, bit for bit
   # A finished run: rerunning it returns its results and writes nothing.
@@ -142,7 +145,7 @@ def test_a_stopped_finetune_resumes_bitwise_and_a_finished_one_changes_nothing(t
   # rerun starts over and ends as the uninterrupted run; another run's checkpoints are refused.
   window = str(tmp_path / "window")
   assert finetune.finetune_and_evaluate(config, window, stop_after_steps=4)["step"] == 4
-  shutil.rmtree(os.path.join(window, finetune.RESUME_SUBDIR))
+  shutil.rmtree(os.path.join(window, resume.RESUME_SUBDIR))
   config.train.seed += 1
   with pytest.raises(OutputExistsError, match=r"checkpoints of another run \(train.seed was"):
     finetune.finetune_and_evaluate(config, window)
@@ -195,7 +198,7 @@ def test_recommended_recipe_keeps_what_the_linear_probe_has_on_real_data(tmp_pat
   config.mesh.data = 1
   results = finetune.finetune_and_evaluate(config, str(tmp_path / "run"))
   probe = results["linear_probe"]  # the probe alone, on the same split (reported, not chosen)
-  labels = finetune.load_splits(config)["test"].labels
+  labels = labelled.load_splits(config)["test"].labels
   majority = np.bincount(labels).max() / len(labels)
   assert results["rows"] == {"train": 432, "valid": 48, "test": 120}
   assert results["steps"] == 39 and "backbone of" in results["init"]
@@ -232,7 +235,7 @@ def test_mean_nonpad_pooling_averages_only_the_sequence_own_positions():
   config = finetune_config.base_config()
   config.head.pooling = "max"
   with pytest.raises(InputError, match="head.pooling='max'"):
-    finetune.validate_config(config, 1)
+    finetune_config.validate_config(config, 1)
 
 
 def test_linear_probe_fits_the_head_to_raw_features():
@@ -296,13 +299,14 @@ def test_collapse_detector_warns_in_the_log_and_results(tmp_path, caplog):
 def test_frozen_backbone_leaves_the_backbone_bitwise_unchanged(tmp_path, promoters):
   config = _config("", "", epochs=1)
   config.train.freeze_backbone = True
-  model, _ = finetune.build_classifier(config)
+  model, _ = classifier.build_classifier(config)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  frozen = finetune.frozen_mask(params, True)
-  tx, schedule = finetune._tx_and_schedule(config, 3, frozen)
-  step = jax.jit(finetune.make_train_step(graphdef, tx, schedule, finetune.classification_loss,
-                                          seed=0, frozen=frozen))
+  frozen = classifier.frozen_mask(params, True)
+  tx, schedule = classifier.optimizer_and_schedule(config, 3, frozen)
+  step = jax.jit(classifier.make_train_step(graphdef, tx, schedule,
+                                            classifier.classification_loss, seed=0,
+                                            frozen=frozen))
   inputs = tok.CharacterTokenizer().encode_batch([r[0] for r in promoters[:16]], 128,
                                                  add_eos=False, truncate=True)
   batch = {"inputs": inputs, "labels": np.array([int(r[1]) for r in promoters[:16]], np.int32)}
@@ -321,7 +325,7 @@ def test_fixture_classifier_through_the_evaluation_path(tmp_path):
   folder = shared_path("parity", "tiny1k_classifier")
   seqs = (folder / "sequences.txt").read_text().split()
   data = _write_rows(tmp_path / "fixture.tsv", [(s, 1) for s in seqs])  # 8 enhancer sequences
-  split = finetune.read_split(data, max_length=512, n_classes=2)
+  split = labelled.read_split(data, max_length=512, n_classes=2)
   np.testing.assert_array_equal(split.inputs, np.load(folder / "tokens.npy"))
   config = finetune_config.base_config()
   config.pretrained = str(folder / "weights.pt")
@@ -338,7 +342,7 @@ def test_fixture_classifier_through_the_evaluation_path(tmp_path):
   config.keep_pretrained_head = True
   config.head.n_classes = 3
   with pytest.raises(ValueError, match="2-class head"):
-    finetune.build_classifier(config)
+    classifier.build_classifier(config)
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path, promoters):
@@ -352,24 +356,24 @@ def test_bad_inputs_raise_clear_errors(tmp_path, promoters):
   for text, message in cases:
     (tmp_path / "bad.tsv").write_text(text)
     with pytest.raises(ValueError, match=message):
-      finetune.read_split(str(tmp_path / "bad.tsv"), max_length=251, n_classes=2)
+      labelled.read_split(str(tmp_path / "bad.tsv"), max_length=251, n_classes=2)
   (tmp_path / "bad.tsv").write_text(f"{seq}A\t1\n")
-  cut = finetune.read_split(str(tmp_path / "bad.tsv"), max_length=251, n_classes=2,
+  cut = labelled.read_split(str(tmp_path / "bad.tsv"), max_length=251, n_classes=2,
                             truncate=True)
   assert cut.inputs.shape == (1, 251)
   (tmp_path / "x.fa").write_text(f">a\n{seq}\n")
   with pytest.raises(ValueError, match="is FASTA: give its labels"):
-    finetune.read_split(str(tmp_path / "x.fa"), max_length=251, n_classes=2)
+    labelled.read_split(str(tmp_path / "x.fa"), max_length=251, n_classes=2)
   (tmp_path / "x.labels").write_text("b\t1\n")
   with pytest.raises(ValueError, match=r"x\.fa:1: record 'a' has no label"):
-    finetune.read_split(str(tmp_path / "x.fa"), str(tmp_path / "x.labels"), max_length=251,
+    labelled.read_split(str(tmp_path / "x.fa"), str(tmp_path / "x.labels"), max_length=251,
                         n_classes=2)
   with pytest.raises(ValueError, match="no data file given"):
-    finetune.read_split("", max_length=251, n_classes=2)
+    labelled.read_split("", max_length=251, n_classes=2)
   config = _config("", "")
   config.eval.metric = "r2"
   with pytest.raises(ValueError, match="does not suit classification"):
-    finetune.validate_config(config, 1)
+    finetune_config.validate_config(config, 1)
   (tmp_path / "one.tsv").write_text("".join(f"{s}\t1\n" for s, _ in promoters[:20]))
   config = _config(str(tmp_path / "one.tsv"), "")
   with pytest.raises(InputError, match=r"one\.tsv hold one class only \(label 1, 16 rows\)"):
@@ -380,12 +384,12 @@ def test_bad_inputs_raise_clear_errors(tmp_path, promoters):
 def test_regression_targets_are_read_as_floats(tmp_path, promoters):
   seq = promoters[0][0]
   (tmp_path / "r.csv").write_text(f"sequence,label\n{seq},0.5\n{seq},-1.25\n")
-  split = finetune.read_split(str(tmp_path / "r.csv"), max_length=251, n_classes=1)
+  split = labelled.read_split(str(tmp_path / "r.csv"), max_length=251, n_classes=1)
   assert split.labels.dtype == np.float32 and split.labels.tolist() == [0.5, -1.25]
   (tmp_path / "r.csv").write_text(f"{seq},0.5\n{seq},abc\n")
   with pytest.raises(ValueError, match=r"r\.csv:2: label 'abc' is not a number"):
-    finetune.read_split(str(tmp_path / "r.csv"), max_length=251, n_classes=1)
-  loss = finetune.regression_loss(jnp.array([[1.0], [2.0]]), jnp.array([0.0, 0.0]))
+    labelled.read_split(str(tmp_path / "r.csv"), max_length=251, n_classes=1)
+  loss = classifier.regression_loss(jnp.array([[1.0], [2.0]]), jnp.array([0.0, 0.0]))
   assert float(loss) == pytest.approx(2.5)
 
 
@@ -420,7 +424,7 @@ def test_soft_prompting_changes_only_the_prompt(tmp_path, promoters):
   train = _write_rows(tmp_path / "train.tsv", promoters[:16])
   test = _write_rows(tmp_path / "test.tsv", promoters[64:72])
   config = _icl_config(train, test, "soft_prompt")
-  splits = finetune.load_splits(config)
+  splits = labelled.load_splits(config)
   contexts = icl.make_contexts(splits["train"], splits["train"], n_classes=2, shots=1, seed=0,
                                pool_is_queries=True)
   assert contexts["inputs"].shape == (16, icl.context_length(24, 2, 1))

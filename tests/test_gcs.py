@@ -19,14 +19,15 @@ import sys
 import time
 import urllib.request
 
+import cluster
 import numpy as np
 import pytest
-
-import cluster
 from cluster import ROOT, STEPS
-from hyena_jax import checkpoint as ckpt_lib
-from hyena_jax import seqfiles, storage
+
+from hyena_jax import storage
+from hyena_jax.data import seqfiles
 from hyena_jax.errors import InputError
+from hyena_jax.training import checkpoint as ckpt_lib
 
 BUCKET = "hyena-test-bucket"  # tensorstore needs a valid bucket name
 CLOSED_PORT = "127.0.0.1:9"   # discard: nothing listens there
@@ -247,7 +248,7 @@ def test_data_files_in_a_bucket_are_refused_with_the_reason():
                                        r"an indexed FASTA from a local disk .*gcloud storage cp"):
     seqfiles.open_fasta("gs://b/hg38.fa")
   with pytest.raises(InputError, match="--output gs://b/e.npz is a URL, but outputs are streamed"):
-    from hyena_jax import inference
+    from hyena_jax.inference import batching as inference
     inference.check_local_output("gs://b/e.npz")
 
 
@@ -266,7 +267,8 @@ def test_paths_local_stay_relative_to_the_cwd_urls_stay_urls(tmp_path, monkeypat
 
 def test_a_finetune_in_the_bucket_resumes_like_one_on_local_disk(gcs, tmp_path, promoters):
   from test_finetune import _config, _write_rows
-  from hyena_jax import finetune
+
+  from hyena_jax.downstream import finetune
   train = _write_rows(tmp_path / "train.tsv", promoters[:64])
   test = _write_rows(tmp_path / "test.tsv", promoters[64:])
   config = _config(train, test, epochs=1, eval_every_steps=2)

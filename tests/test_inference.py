@@ -9,14 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import shared_path
 from flax import nnx
 
 import hyena_jax
-from hyena_jax import embed, generate, inference, score
-from hyena_jax import tokenizer as tok
-from hyena_jax.config import HyenaConfig
-from hyena_jax.model import HyenaLM
+from conftest import shared_path
+from hyena_jax.data import tokenizer as tok
+from hyena_jax.inference import batching as inference
+from hyena_jax.inference import embed, generate, score
+from hyena_jax.model.config import HyenaConfig
+from hyena_jax.model.hyenadna import HyenaLM
 
 TOKENIZER = tok.CharacterTokenizer()
 # Shared lengths and settings keep the number of distinct compiled shapes small.
@@ -352,7 +353,7 @@ def test_score_file_outputs(model, tmp_path):
 
 def test_cli_generate_reproduces_the_function(model, tmp_path):
   """`python -m hyena_jax.generate` on an orbax workdir gives the function's samples."""
-  from hyena_jax import checkpoint
+  from hyena_jax.training import checkpoint
   workdir = tmp_path / "run"
   checkpoint.save_model(str(workdir), model, {"model": model.config.to_dict()})
   out_fa = tmp_path / "gen.fa"

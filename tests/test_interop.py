@@ -14,14 +14,16 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import shared_path
 import hyena_jax
-from hyena_jax import checkpoint, config as config_lib, convert, export, loading, weights
+from conftest import shared_path
 from hyena_jax.errors import InputError, OutputExistsError
-from hyena_jax.model import HyenaLM, SequenceClassifier
+from hyena_jax.interop import convert, export, formats, loading, weights
+from hyena_jax.model import config as config_lib
+from hyena_jax.model.hyenadna import HyenaLM, SequenceClassifier
+from hyena_jax.training import checkpoint
 
 torch = pytest.importorskip("torch")
-from hyena_jax import torch_reference  # noqa: E402  (needs torch)
+from hyena_jax.interop import torch_reference  # noqa: E402  (needs torch)
 
 torch.set_num_threads(2)
 
@@ -152,7 +154,7 @@ def test_classifier_round_trip_and_refusals(trained_run, tmp_path):
     out = export.export(workdir, str(tmp_path / layout), layout=layout)
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["layer"]["shift"] == 0.0 and config["n_classes"] == 3
-    sd = weights.read_state_dict(os.path.join(out, export.WEIGHT_FILES[layout]))
+    sd = formats.read_state_dict(os.path.join(out, formats.WEIGHT_FILE_OF_LAYOUT[layout]))
     head = "decoder.0" if layout == "lightning" else "head"
     assert sd[f"{head}.output_transform.bias"].shape == (3,)
     np.testing.assert_allclose(_torch_out(torch_reference.from_pretrained(out), tokens),
@@ -164,7 +166,7 @@ def test_classifier_round_trip_and_refusals(trained_run, tmp_path):
     _assert_trees_equal(_params(checkpoint.restore_model(back)[0]), _params(model))
   backbone_only = export.export(workdir, str(tmp_path / "lm"), layout="lightning",
                                 include_head=False)
-  assert "model.lm_head.weight" in weights.read_state_dict(os.path.join(backbone_only,
+  assert "model.lm_head.weight" in formats.read_state_dict(os.path.join(backbone_only,
                                                                         "weights.ckpt"))
 
 
@@ -210,11 +212,11 @@ def test_torch_reference_reproduces_fixture(name):
 def test_fixture_convert_then_export_reproduces_state_dict(name, tmp_path):
   folder = shared_path("parity", name)
   layout, mixer_level = FIXTURES[name]
-  original = weights.read_state_dict(loading.find_weights(folder))
+  original = formats.read_state_dict(loading.find_weights(folder))
   convert.convert(folder, str(tmp_path / "run"))
   out = export.export(str(tmp_path / "run"), str(tmp_path / "out"), layout=layout,
                       checkpoint_mixer=mixer_level)
-  exported = weights.read_state_dict(os.path.join(out, export.WEIGHT_FILES[layout]))
+  exported = formats.read_state_dict(os.path.join(out, formats.WEIGHT_FILE_OF_LAYOUT[layout]))
   # Documented aliasing: the pickle layouts also list implicit_filter.3/.5.freq (== .1.freq).
   aliases = {k for k in exported if k.endswith((".3.freq", ".5.freq"))}
   assert set(exported) - aliases == set(original) - aliases
@@ -226,6 +228,13 @@ def test_fixture_convert_then_export_reproduces_state_dict(name, tmp_path):
       np.testing.assert_array_equal(exported[key], value, err_msg=key)
   for key in aliases:
     np.testing.assert_array_equal(exported[key], exported[key[:-6] + "1.freq"])
+  # export's --model is any hyena_jax.load source: the release itself, with no convert step.
+  direct = export.export(folder, str(tmp_path / "direct"), layout=layout,
+                         checkpoint_mixer=mixer_level)
+  again = formats.read_state_dict(os.path.join(direct, formats.WEIGHT_FILE_OF_LAYOUT[layout]))
+  assert set(again) == set(exported)
+  for key, value in exported.items():
+    np.testing.assert_array_equal(again[key], value, err_msg=key)
   # ... and the exported files run in the PyTorch module with the official outputs.
   reference = torch_reference.from_pretrained(out)
   expected = np.load(folder / ("class_logits.npy" if name == "tiny1k_classifier" else "logits.npy"))
@@ -242,13 +251,10 @@ def test_convert_cli_on_an_hf_release_directory(trained_run, tmp_path):
   config = json.load(open(repo / "config.json"))
   config.update(transformers_version="4.39.0", _name_or_path="LongSafari/hyenadna-tiny-seqlen-hf")
   (repo / "config.json").write_text(json.dumps(config))
-  # --from/--out: the deprecated names of --model/--output still work, with a warning.
   result = subprocess.run(
-      [sys.executable, "-m", "hyena_jax.convert", f"--from={repo}", f"--out={tmp_path / 'run'}"],
+      [sys.executable, "-m", "hyena_jax.convert", f"--model={repo}", f"--output={tmp_path / 'run'}"],
       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "warning: --from is deprecated; use --model" in result.stderr
-  assert "warning: --out is deprecated; use --output" in result.stderr
   restored, run_config, step = checkpoint.restore_model(str(tmp_path / "run"))
   assert step == 0 and checkpoint.model_config(run_config) == TINY
   _assert_trees_equal(_params(restored), _params(model))
@@ -286,7 +292,7 @@ def test_large_1m_export_plan_is_linear_and_lazy():
   cfg = config_lib.released("large-1m")
   abstract = nnx.eval_shape(lambda: HyenaLM(cfg, rngs=nnx.Rngs(0)))
   params = checkpoint.abstract_params(abstract)
-  tensors = export.state_dict_from_params(params, cfg, layout="hf")
+  tensors = weights.state_dict_from_params(params, cfg, layout="hf")
   assert len(tensors) == 1 + 26 * cfg.n_layer + 2 + 1
   shapes = {t.key: t.shape for t in tensors}
   prefix = "hyena.backbone.layers.7.mixer."
@@ -302,7 +308,7 @@ def test_large_1m_export_plan_is_linear_and_lazy():
 
 def test_export_bad_inputs(trained_run, tmp_path):
   workdir, model, _, _ = trained_run
-  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+  with pytest.raises(FileNotFoundError, match="no such file or folder"):
     export.export(str(tmp_path / "empty"), str(tmp_path / "a"))
   with pytest.raises(FileNotFoundError, match=r"step 7 .*available: \[0, 3\]"):
     export.export(workdir, str(tmp_path / "a"), step=7)
@@ -376,14 +382,14 @@ def test_export_leaves_nothing_behind_on_failure(trained_run, tmp_path, monkeypa
       f.write(b"partial")
     raise OSError("disk full")
 
-  monkeypatch.setattr(export, "write_safetensors", broken)
+  monkeypatch.setattr(formats, "write_safetensors", broken)
   with pytest.raises(OSError, match="disk full"):
     export.export(workdir, str(tmp_path / "out"))
   assert list(tmp_path.iterdir()) == []
 
 
 def test_convert_bad_inputs(tmp_path):
-  good = weights.read_state_dict(shared_path("parity", "tiny1k_classifier", "weights.pt"))
+  good = formats.read_state_dict(shared_path("parity", "tiny1k_classifier", "weights.pt"))
 
   def write(name, obj):
     path = tmp_path / name

@@ -12,9 +12,9 @@ from flax import nnx
 
 import hyena_jax
 from conftest import shared_path
-from hyena_jax import convert, inference, loading, weights
 from hyena_jax.errors import InputError, MissingInputError
-from hyena_jax.model import HyenaLM, SequenceClassifier
+from hyena_jax.interop import convert, formats, loading
+from hyena_jax.model.hyenadna import HyenaLM, SequenceClassifier
 
 REPO = "LongSafari/hyenadna-tiny-1k-seqlen-hf"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -54,9 +54,9 @@ def test_every_official_file_name_is_found_in_a_folder(tmp_path, src, dst):
 
 
 def test_safetensors_is_preferred_to_torch_pickles():
-  assert loading.WEIGHT_FILES.index("model.safetensors") < loading.WEIGHT_FILES.index(
+  assert formats.WEIGHT_FILES.index("model.safetensors") < formats.WEIGHT_FILES.index(
       "pytorch_model.bin")
-  assert loading.WEIGHT_FILES.index("weights.ckpt") < loading.WEIGHT_FILES.index(
+  assert formats.WEIGHT_FILES.index("weights.ckpt") < formats.WEIGHT_FILES.index(
       "pytorch_model.bin")
 
 
@@ -122,7 +122,7 @@ def test_hub_download_call(tmp_path, monkeypatch):
   monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
   monkeypatch.delenv("HF_HUB_CACHE", raising=False)
   loaded = hyena_jax.load(REPO, revision="main")
-  assert calls == [(REPO, "main", None, False, ("config.json", *loading.WEIGHT_FILES))]
+  assert calls == [(REPO, "main", None, False, ("config.json", *formats.WEIGHT_FILES))]
   assert (loaded.repo_id, loaded.revision) == (REPO, SHA)
 
 
@@ -176,7 +176,10 @@ def test_the_first_install_loads_safetensors_without_torch(tmp_path):
   (blocked / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
   script = f"""
 import numpy as np, hyena_jax
-from hyena_jax import convert, export
+from hyena_jax.interop import convert
+from hyena_jax.interop import export
+from hyena_jax.interop import formats
+from hyena_jax import cli
 try:
   import torch
   raise SystemExit("torch imported")
@@ -196,13 +199,3 @@ print("ok", loaded.kind, again.kind)
                           env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ["ok", "hf", "hf"]
-
-
-def test_old_loaders_are_deprecated_aliases():
-  folder = shared_path("parity", "tiny_1k")
-  with pytest.warns(DeprecationWarning, match="hyena_jax.load"):
-    model, cfg = inference.load_model(str(folder))
-  with pytest.warns(DeprecationWarning, match="hyena_jax.load"):
-    model2, cfg2, layout = weights.load_pretrained(folder / "weights.safetensors")
-  assert cfg == cfg2 and layout == "hf"
-  _assert_same_params(model, model2)

@@ -9,12 +9,13 @@ import pytest
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
-from conftest import shared_path
 import hyena_jax
-from hyena_jax import config as config_lib
-from hyena_jax import fftconv, weights
-from hyena_jax.config import HyenaConfig
-from hyena_jax.model import HyenaLM, SequenceClassifier
+from conftest import shared_path
+from hyena_jax.interop import weights
+from hyena_jax.model import config as config_lib
+from hyena_jax.model import fftconv
+from hyena_jax.model.config import HyenaConfig
+from hyena_jax.model.hyenadna import HyenaLM, SequenceClassifier
 
 TINY = HyenaConfig(d_model=16, n_layer=2, d_inner=64, filter_order=8, l_max=96)
 

@@ -9,15 +9,16 @@ Tolerances, measured here and kept with ~10x headroom:
 
 import functools
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import shared_path
 import hyena_jax
-from hyena_jax import fftconv, pallas_conv
+from conftest import shared_path
+from hyena_jax.model import fftconv
+from hyena_jax.model.kernels import pallas_conv, pallas_kernels
 
 F32_TOL = 2e-5
 BF16_TOL = 1e-2
@@ -108,7 +109,7 @@ def test_no_gate_and_vmap():
 def test_filter_spectrum_is_the_dft_in_tile_order(platform, length, max_onchip):
   plan = pallas_conv.make_plan(length, platform, max_onchip)
   k = jax.random.normal(jax.random.key(2), (2, length))
-  re, im = pallas_conv.filter_spectrum(k, plan)
+  re, im = pallas_kernels.filter_spectrum(k, plan)
   full = np.fft.fft(np.asarray(k, np.float64), n=plan.n) / plan.n          # [C, n]
   if plan.n1 == 1:    # entry [f1, f2] holds frequency f1 + p f2
     expected = full.reshape(2, plan.q, plan.p).transpose(0, 2, 1)
@@ -175,7 +176,7 @@ def test_tf32_emulation_is_what_highest_avoids():
 
 
 def _mesh_2x2():
-  from hyena_jax import sharding
+  from hyena_jax.training import sharding
   return sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4])
 
 

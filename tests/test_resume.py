@@ -17,11 +17,14 @@ import time
 
 import jax.numpy as jnp
 import pytest
-
-from hyena_jax import checkpoint as ckpt_lib
-from hyena_jax import export, metrics_writer, train
-from hyena_jax.errors import InputError
 from test_train import tiny_config
+
+from hyena_jax.errors import InputError
+from hyena_jax.interop import loading
+from hyena_jax.training import checkpoint as ckpt_lib
+from hyena_jax.training import metrics_writer
+from hyena_jax.training import pretrain as train
+from hyena_jax.training import resume, steps
 
 TWO_STEPS = ((2, 64, 1),)
 
@@ -54,6 +57,11 @@ def test_rerunning_a_finished_run_reports_it_and_changes_nothing(tmp_path, caplo
   (tmp_path / "final_metrics.json").unlink()
   assert train.train_and_evaluate(config, str(tmp_path)) == final
   assert (tmp_path / "final_metrics.json").read_bytes() == before["final_metrics.json"]
+  # A finished run whose last checkpoint got damaged says so instead of "nothing to do".
+  _flip_params_byte(tmp_path / "checkpoints" / "2")
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=r"checkpoint step 2 is damaged: .*"
+                     r"2/params.* does not match the checksum"):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_metrics_jsonl_drops_a_torn_last_line_and_is_rewritten_atomically(tmp_path, caplog,
@@ -88,14 +96,14 @@ def test_a_nan_stop_says_how_to_resume_with_a_lower_learning_rate(tmp_path, monk
   config = tiny_config(stages=TWO_STEPS)
   train.train_and_evaluate(config, str(tmp_path), stop_after_steps=1)     # checkpoint 1
   # Step 2 diverges (a poisoned loss stands in for a too-high learning rate).
-  make_step = train.make_train_step
+  make_step = steps.make_train_step
   def poisoned(*args, **kwargs):
     step_fn = make_step(*args, **kwargs)
     def step(state, batch):
       new, metrics = step_fn(state, batch)
       return new, {**metrics, "loss": jnp.where(state["step"] >= 1, jnp.nan, metrics["loss"])}
     return step
-  monkeypatch.setattr(train, "make_train_step", poisoned)
+  monkeypatch.setattr(steps, "make_train_step", poisoned)
   with pytest.raises(train.DivergedError) as err:
     train.train_and_evaluate(config, str(tmp_path))
   message = str(err.value)
@@ -170,7 +178,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_can_be_skipped(two_checkpoints
     with pytest.raises(ckpt_lib.DamagedCheckpointError, match="does not match the checksum"):
       ckpt_lib.restore_model(str(workdir), 2)           # as embed, score and generate load it
     with pytest.raises(ckpt_lib.DamagedCheckpointError, match="does not match the checksum"):
-      export.restore_params(str(workdir), 2)            # as export reads it
+      loading.load(str(workdir), step=2)                # as export reads it
   assert _snapshot(workdir) == before                      # refused, nothing changed
 
   caplog.set_level("WARNING")
@@ -245,19 +253,21 @@ def test_a_failed_checkpoint_save_stops_the_run_with_one_line_and_keeps_the_last
   (A drill on a real 3 MB tmpfs gave the same one line; after freeing space the rerun ended
   bitwise equal to an uninterrupted run.)"""
   import errno
-  from hyena_jax import cli
+
   import orbax.checkpoint as ocp
+
+  from hyena_jax import cli
   config = tiny_config(stages=((6, 64, 1),))
   config.checkpoint.every_steps = 2
   config.checkpoint.async_save = True
-  save = train.save_checkpoint
+  save = resume.save_checkpoint
 
   def full_at_step_4(mngr, run, state, *args, **kwargs):
     if int(state["step"]) == 4:
       raise OSError(errno.ENOSPC, "No space left on device")
     return save(mngr, run, state, *args, **kwargs)
 
-  monkeypatch.setattr(train, "save_checkpoint", full_at_step_4)
+  monkeypatch.setattr(resume, "save_checkpoint", full_at_step_4)
   with pytest.raises(ckpt_lib.CheckpointSaveError) as err:
     train.train_and_evaluate(config, str(tmp_path / "sync"))
   message = str(err.value)

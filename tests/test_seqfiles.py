@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hyena_jax import seqfiles
+from hyena_jax.data import labelled, seqfiles, variants
 from hyena_jax.errors import InputError, MissingInputError
 
 
@@ -43,12 +43,12 @@ def test_truncated_gzip_names_the_file_in_every_reader(tmp_path):
   with pytest.raises(InputError, match=pattern):
     list(seqfiles.read_fasta(fa_gz))              # embed / score --input / generate
   with pytest.raises(InputError, match=pattern):
-    seqfiles.Genome(fa_gz)                        # score --fasta
+    variants.ReferenceGenome(fa_gz)                        # score --fasta
   with pytest.raises(InputError, match=pattern):
-    seqfiles.read_labelled_fasta(fa_gz, _write(tmp_path / "l.tsv", "r0\t1\n"))
+    labelled.read_labelled_fasta(fa_gz, _write(tmp_path / "l.tsv", "r0\t1\n"))
   tsv_gz = _truncated_gz(tmp_path / "t.tsv.gz", "".join(f"{'ACGT' * 50}\t1\n" for _ in range(300)))
   with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
-    seqfiles.read_labelled_sequences(tsv_gz)      # finetune TSV
+    labelled.read_labelled_sequences(tsv_gz)      # finetune TSV
   with pytest.raises(InputError, match=r"t\.tsv\.gz:\d+: the gzip data is damaged"):
     list(seqfiles.read_table(tsv_gz))             # embed / score table
 
@@ -57,7 +57,7 @@ def test_nul_bytes_name_the_line(tmp_path):
   tsv = tmp_path / "train.tsv"
   tsv.write_bytes(b"ACGT\t1\n\x00\x01\x02\x03\t0\n")
   with pytest.raises(InputError, match=r"train\.tsv:2: contains NUL bytes: a binary file"):
-    seqfiles.read_labelled_sequences(str(tsv))
+    labelled.read_labelled_sequences(str(tsv))
 
 
 def test_binary_fasta_for_pyfaidx_names_the_line_and_leaves_no_index(tmp_path):
@@ -71,8 +71,8 @@ def test_binary_fasta_for_pyfaidx_names_the_line_and_leaves_no_index(tmp_path):
 def test_missing_files_are_missing_input_errors(tmp_path):
   missing = tmp_path / "nope.fa"
   for read in (lambda: list(seqfiles.read_fasta(missing)), lambda: seqfiles.open_fasta(missing),
-               lambda: list(seqfiles.read_table(missing)), lambda: list(seqfiles.read_vcf(missing)),
-               lambda: seqfiles.read_labelled_sequences(missing), lambda: seqfiles.Genome(missing)):
+               lambda: list(seqfiles.read_table(missing)), lambda: list(variants.read_vcf(missing)),
+               lambda: labelled.read_labelled_sequences(missing), lambda: variants.ReferenceGenome(missing)):
     with pytest.raises(MissingInputError, match="nope.fa"):
       read()
 
@@ -87,8 +87,8 @@ def test_a_fifo_a_folder_or_a_device_is_not_a_regular_file(tmp_path):
                      ("folder.fa", "a folder")):
     path = tmp_path / name
     for read in (lambda: list(seqfiles.read_fasta(path)), lambda: seqfiles.open_fasta(path),
-                 lambda: list(seqfiles.read_table(path)), lambda: list(seqfiles.read_vcf(path)),
-                 lambda: seqfiles.Genome(path)):
+                 lambda: list(seqfiles.read_table(path)), lambda: list(variants.read_vcf(path)),
+                 lambda: variants.ReferenceGenome(path)):
       with pytest.raises(InputError, match=f"{name} is {what}, not a regular file"):
         read()
 
@@ -111,7 +111,7 @@ def test_duplicate_fasta_names_are_refused_in_every_reader(tmp_path):
   path.write_text(">chr1\nACGTACGT\n>chr2\nGGGG\n>chr1 again\nTTTTTTTT\n")
   message = r"ref\.fa:5: FASTA record name 'chr1' is used again \(first at line 1\)"
   with pytest.raises(InputError, match=message):
-    seqfiles.Genome(str(path))                    # score --fasta
+    variants.ReferenceGenome(str(path))                    # score --fasta
   with pytest.raises(InputError, match=message):
     list(seqfiles.read_fasta(str(path)))          # embed / score / generate / finetune
   with pytest.raises(InputError, match=r"ref\.fa:5: FASTA record name 'chr1' appears more than "
@@ -146,14 +146,14 @@ def test_plain_gzip_cannot_be_indexed(tmp_path):
   gz.write_bytes(gzip.compress(b">a\nACGT\n"))
   with pytest.raises(InputError, match="plain gzip.*gunzip -k"):
     seqfiles.open_fasta(gz)
-  genome = seqfiles.Genome(gz)                    # read in memory instead
+  genome = variants.ReferenceGenome(gz)                    # read in memory instead
   assert genome.names == ["a"] and genome.fetch("a", 1, 3) == "CG"
 
 
 def test_genome_is_upper_case_in_memory_and_indexed(tmp_path):
   fa = _write(tmp_path / "g.fa", ">c\nacgtACGT\nnnAA\n")
-  in_memory = seqfiles.Genome(fa)
-  indexed = seqfiles.Genome(fa, in_memory_bytes=0)   # pyfaidx path
+  in_memory = variants.ReferenceGenome(fa)
+  indexed = variants.ReferenceGenome(fa, in_memory_bytes=0)   # pyfaidx path
   for genome in (in_memory, indexed):
     assert genome.length("c") == 12 and genome.fetch("c", 2, 10) == "GTACGTNN"
     assert "c" in genome and "d" not in genome
@@ -190,28 +190,28 @@ def test_labelled_table_without_header_never_drops_a_row(tmp_path):
   tsv.write_text("ACGT\tyes\nGGCC\t1\n")  # header-less, first label not a number
   with pytest.raises(InputError, match=r"x\.tsv:1: label 'yes' is not an integer class id; line "
                                        r"1 was read as data because a header row must name"):
-    seqfiles.read_labelled_sequences(str(tsv))
+    labelled.read_labelled_sequences(str(tsv))
   tsv.write_text("ACGT\t1\nGGCC\t0\n")
-  seqs, labels = seqfiles.read_labelled_sequences(str(tsv))
+  seqs, labels = labelled.read_labelled_sequences(str(tsv))
   assert seqs == ["ACGT", "GGCC"] and labels.tolist() == [1, 0]
 
 
 def test_labelled_table_header_finds_columns_by_name(tmp_path):
   tsv = _write(tmp_path / "x.tsv", "label\tSequence\n1\tACGT\n0\tGGCC\n")
-  seqs, labels, lines = seqfiles.read_labelled_sequences(tsv, return_lines=True)
+  seqs, labels, lines = labelled.read_labelled_sequences(tsv, return_lines=True)
   assert seqs == ["ACGT", "GGCC"] and labels.tolist() == [1, 0] and lines.tolist() == [2, 3]
 
 
 def test_same_file_parses_the_same_in_finetune_and_embed(tmp_path):
   """The issue's bug: one GenomicBenchmarks-style TSV, two header rules. Now one."""
   tsv = _write(tmp_path / "gb.tsv", "seq\tlabel\nACGT\t1\nGGCC\t0\n")
-  seqs, _ = seqfiles.read_labelled_sequences(tsv)
+  seqs, _ = labelled.read_labelled_sequences(tsv)
   assert [r.seq for r in seqfiles.read_table(tsv)] == seqs == ["ACGT", "GGCC"]
 
 
 def test_csv_crlf_without_header(tmp_path):
   csv = _write(tmp_path / "x.csv", "ACGT,1\r\nggNN,0\r\n")
-  seqs, labels = seqfiles.read_labelled_sequences(csv)
+  seqs, labels = labelled.read_labelled_sequences(csv)
   assert seqs == ["ACGT", "ggNN"] and labels.tolist() == [1, 0]
   assert [r.seq for r in seqfiles.read_table(csv)] == ["ACGT", "ggNN"]
 
@@ -225,15 +225,15 @@ def test_csv_crlf_without_header(tmp_path):
 ])
 def test_labelled_table_problems(tmp_path, body, message):
   with pytest.raises(InputError, match=message):
-    seqfiles.read_labelled_sequences(_write(tmp_path / "x.tsv", body))
+    labelled.read_labelled_sequences(_write(tmp_path / "x.tsv", body))
 
 
 def test_regression_labels_must_be_finite(tmp_path):
-  seqs, labels = seqfiles.read_labelled_sequences(_write(tmp_path / "r.tsv", "AC\t0.5\n"),
+  seqs, labels = labelled.read_labelled_sequences(_write(tmp_path / "r.tsv", "AC\t0.5\n"),
                                                   float_labels=True)
   assert labels.dtype.name == "float32" and labels.tolist() == [0.5]
   with pytest.raises(InputError, match=r"r\.tsv:1: label 'inf' is not finite"):
-    seqfiles.read_labelled_sequences(_write(tmp_path / "r.tsv", "AC\tinf\n"), float_labels=True)
+    labelled.read_labelled_sequences(_write(tmp_path / "r.tsv", "AC\tinf\n"), float_labels=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,26 +243,26 @@ def test_regression_labels_must_be_finite(tmp_path):
 def test_labelled_fasta_matches_labels_by_name(tmp_path):
   fa = _write(tmp_path / "s.fa", ">r1 x\nACGT\nAC\n>r2\nTTTT\n")
   lab = _write(tmp_path / "s.labels", "name\tlabel\nr2\t1\nr1\t0\n")
-  seqs, labels, lines = seqfiles.read_labelled_fasta(fa, lab, return_lines=True)
+  seqs, labels, lines = labelled.read_labelled_fasta(fa, lab, return_lines=True)
   assert seqs == ["ACGTAC", "TTTT"] and labels.tolist() == [0, 1] and lines.tolist() == [1, 4]
 
 
 def test_labelled_fasta_record_without_label(tmp_path):
   fa = _write(tmp_path / "s.fa", ">r1\nACGT\n>r2\nTTTT\n")
   with pytest.raises(InputError, match=r"s.fa:3: record 'r2' has no label"):
-    seqfiles.read_labelled_fasta(fa, _write(tmp_path / "s.labels", "r1\t0\n"))
+    labelled.read_labelled_fasta(fa, _write(tmp_path / "s.labels", "r1\t0\n"))
 
 
 def test_labelled_fasta_duplicate_label(tmp_path):
   fa = _write(tmp_path / "s.fa", ">r1\nACGT\n")
   with pytest.raises(InputError, match=r"s.labels:2: duplicate label for 'r1'"):
-    seqfiles.read_labelled_fasta(fa, _write(tmp_path / "s.labels", "r1\t0\nr1\t1\n"))
+    labelled.read_labelled_fasta(fa, _write(tmp_path / "s.labels", "r1\t0\nr1\t1\n"))
 
 
 def test_labelled_fasta_invalid_letters(tmp_path):
   fa = _write(tmp_path / "s.fa", ">r1\nAC*T\n")
   with pytest.raises(InputError, match=r"s\.fa:1 \(record 'r1'\): invalid character\(s\) \['\*'\]"):
-    seqfiles.read_labelled_fasta(fa, _write(tmp_path / "s.labels", "r1\t0\n"))
+    labelled.read_labelled_fasta(fa, _write(tmp_path / "s.labels", "r1\t0\n"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_labelled_fasta_invalid_letters(tmp_path):
 def test_vcf_multi_allelic_gives_one_variant_per_allele(tmp_path):
   vcf = _write(tmp_path / "v.vcf", "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\n\n"
                                    "chr1\t10\trs1\ta\tG,TT\n")
-  got = [(v.chrom, v.pos, v.id, v.ref, v.alt, v.where) for v in seqfiles.read_vcf(vcf)]
+  got = [(v.chrom, v.pos, v.id, v.ref, v.alt, v.where) for v in variants.read_vcf(vcf)]
   assert got == [("chr1", 10, "rs1", "A", "G", f"{vcf}:4"), ("chr1", 10, "rs1", "A", "TT", f"{vcf}:4")]
 
 
@@ -287,7 +287,7 @@ def test_vcf_multi_allelic_gives_one_variant_per_allele(tmp_path):
 def test_vcf_problems_name_the_line(tmp_path, line, message):
   vcf = _write(tmp_path / "v.vcf", "#CHROM\tPOS\tID\tREF\tALT\n" + line + "\n")
   with pytest.raises(InputError, match=message):
-    list(seqfiles.read_vcf(vcf))
+    list(variants.read_vcf(vcf))
 
 
 def test_format_by_suffix(tmp_path):

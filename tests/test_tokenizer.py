@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hyena_jax import tokenizer as tok
+from hyena_jax.data import tokenizer as tok
 
 
 def test_official_ids_and_left_padding():

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hyena_jax import checkpoint as ckpt_lib
-from hyena_jax import optim, run_config, sharding, train
+from hyena_jax.training import checkpoint as ckpt_lib
+from hyena_jax.training import distributed, optim
+from hyena_jax.training import pretrain as train
+from hyena_jax.training import run as run_lib
+from hyena_jax.training import run_config, sharding, steps
 
 
 def tiny_config(stages=((4, 64, 1), (4, 128, 2))) -> ml_collections.ConfigDict:
@@ -107,21 +110,21 @@ def test_incompatible_or_damaged_workdir_and_bad_configs_are_refused(tmp_path):
 
 def test_sigterm_and_ctrl_c_request_a_checkpointed_stop():
   import signal
-  with train.Preemption() as preemption:
+  with distributed.Preemption() as preemption:
     assert not preemption.requested
     os.kill(os.getpid(), signal.SIGTERM)
     assert preemption.requested and preemption.signum == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is not preemption._handler
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
   try:
-    with train.Preemption() as preemption:
+    with distributed.Preemption() as preemption:
       os.kill(os.getpid(), signal.SIGINT)              # Ctrl-C: save, then stop
       assert preemption.signum == signal.SIGINT
       with pytest.raises(KeyboardInterrupt):           # Ctrl-C again: stop at once
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # nohup / background job
-    with train.Preemption() as preemption:
+    with distributed.Preemption() as preemption:
       assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN       # left ignored
   finally:
     signal.signal(signal.SIGINT, previous)
@@ -132,13 +135,13 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
   config.model.update(d_model=64, d_inner=256)    # fc1/fc2 reach the FSDP size threshold
   config.train.global_batch_size = 16
   config.mesh.update(data=2, fsdp=4)
-  run = train.build_run(config)
-  state = train.init_state(run.model_cfg, run.tx, 0)
+  run = run_lib.build_run(config)
+  state = run_lib.init_state(run.model_cfg, run.tx, 0)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(7, 11, (16, 96)).astype(np.int32),
            "targets": rng.integers(7, 11, (16, 96)).astype(np.int32),
            "loss_mask": np.ones((16, 96), np.float32)}
-  step_fn = train.make_train_step(run.graphdef, run.tx, run.schedule, grad_accum=2, seed=0)
+  step_fn = steps.make_train_step(run.graphdef, run.tx, run.schedule, grad_accum=2, seed=0)
   single_state, single_metrics = jax.jit(step_fn)(state, batch)
 
   batch_sharding = sharding.batch_sharding(run.mesh)
@@ -167,16 +170,16 @@ def test_sharded_step_matches_single_device_and_shards_parameters():
 def test_context_parallel_train_step_matches_single_device():
   config = tiny_config(stages=((1, 64, 1),))
   config.mesh.update(data=2, fsdp=1, sequence=4)
-  run = train.build_run(config)
+  run = run_lib.build_run(config)
   assert run.forward is not None
-  state = train.init_state(run.model_cfg, run.tx, 0)
+  state = run_lib.init_state(run.model_cfg, run.tx, 0)
   rng = np.random.default_rng(1)
   batch = {"inputs": rng.integers(7, 11, (8, 64)).astype(np.int32),
            "targets": rng.integers(7, 11, (8, 64)).astype(np.int32),
            "loss_mask": (rng.random((8, 64)) > 0.1).astype(np.float32)}
   kwargs = dict(grad_accum=1, seed=0)
-  single = jax.jit(train.make_train_step(run.graphdef, run.tx, run.schedule, **kwargs))
-  split = jax.jit(train.make_train_step(run.graphdef, run.tx, run.schedule, forward=run.forward,
+  single = jax.jit(steps.make_train_step(run.graphdef, run.tx, run.schedule, **kwargs))
+  split = jax.jit(steps.make_train_step(run.graphdef, run.tx, run.schedule, forward=run.forward,
                                         **kwargs),
                   in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh)))
   (s1, m1), (s2, m2) = single(state, batch), split(state, batch)
@@ -187,7 +190,7 @@ def test_context_parallel_train_step_matches_single_device():
 
 def test_weight_decay_groups_and_learning_rate_schedule():
   cfg = tiny_config()
-  run = train.build_run(cfg)
+  run = run_lib.build_run(cfg)
   labels = optim.weight_decay_labels(run.abstract_state["params"])
   flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(labels)}
   filter_keys = [k for k, v in flat.items() if v == "filter"]
@@ -198,7 +201,7 @@ def test_weight_decay_groups_and_learning_rate_schedule():
   assert flat["['backbone']['word_embeddings']['embedding']"] == "default"
 
   tx = optim.make_optimizer(learning_rate=1.0, weight_decay=0.1, grad_clip=0.0)
-  params = jax.tree.map(jnp.ones_like, train.init_state(run.model_cfg, run.tx, 0)["params"])
+  params = jax.tree.map(jnp.ones_like, run_lib.init_state(run.model_cfg, run.tx, 0)["params"])
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   upd = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(updates)}
   for key, value in upd.items():
@@ -214,8 +217,9 @@ def test_weight_decay_groups_and_learning_rate_schedule():
 
 
 def test_1m_config_train_step_lowers_on_cpu():
-  from hyena_jax import aot
   import importlib.util
+
+  from hyena_jax.training import aot
   path = os.path.join(os.path.dirname(__file__), "..", "configs", "1m.py")
   spec = importlib.util.spec_from_file_location("config_1m", path)
   module = importlib.util.module_from_spec(spec)
@@ -231,7 +235,7 @@ def test_curves_keep_the_trend_visible_past_an_outlier():
   """The default run's shape: train loss logged from step 25 near 1.4, a first validation at
   the final length (step 100) far above it. The axis keeps the bulk and the title names the
   point above it; a run without outliers is left alone."""
-  from hyena_jax import metrics_writer
+  from hyena_jax.training import metrics_writer
   train = [(s, 1.45 - 0.0003 * s) for s in range(25, 301, 25)]
   valid = [(100, 1.615), (200, 1.37), (300, 1.36)]
   (low, top), title = metrics_writer.clipped_y_range(train + valid)

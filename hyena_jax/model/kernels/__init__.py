@@ -1,0 +1,1 @@
+"""Custom kernels of the model: the Pallas long convolution (plan -> kernels -> op)."""

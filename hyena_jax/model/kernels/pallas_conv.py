@@ -1,0 +1,329 @@
+"""Pallas long convolution (the op; plan.py plans it, pallas_kernels.py holds the kernels): FFTs as matrix multiplications, fused with the skip term and the gate.
+
+Computes exactly what `fftconv.fft_long_conv` computes,
+
+    y[b, c, t] = (sum_{s <= t} k[c, t - s] u[b, c, s] + D[c] u[b, c, t]) * gate[b, c, t],
+
+but with every DFT written as dense matmuls (the four-step / Monarch decomposition FlashFFTConv
+uses), so that tensor cores and the TPU MXU do the work instead of XLA's FFT.
+
+The maths, for an FFT of size n = p * q (input index j = j1 q + j2, output index f = f1 + p f2):
+
+    X[f1 + p f2] = sum_j2 F_q[j2, f2] * T[f1, j2] * sum_j1 F_p[f1, j1] x[j1, j2]
+    i.e.  X_tile = ((F_p @ x_tile) * T) @ F_q          with T[f1, j2] = exp(-2 pi i f1 j2 / n)
+
+and its inverse conj(F_p) @ ((Y_tile @ conj(F_q)) * conj(T)). Spectra stay in this "tile order";
+every product between spectra is pointwise, so the order never needs undoing. Complex numbers are
+(real, imag) float32 pairs. n is a power of two >= 2L, so the input occupies the first half of
+the tile's rows (half of the first matmul is skipped) and only the first half of the output rows
+is ever computed.
+
+Two tricks keep the kernels small:
+  * the skip term is folded into the filter, conv(u, k) + D u = conv(u, k + D delta), so
+    D never enters a kernel and dD = dk_eff[:, 0];
+  * the filter's spectrum (channels only, shared by the batch) is computed outside the kernels
+    with the same DFT matrices as XLA einsums (matmuls, no FFT op), scaled by 1/n.
+
+Schemes (see `make_plan`):
+  * single pass, n <= `max_onchip` (GPU 4096, TPU 16384): one kernel per (batch, channel) row
+    does DFT, spectrum product, inverse DFT and gate on a [p, q] tile that lives on-chip.
+  * two pass, larger n (up to 1M tokens and beyond): n = n1 * m with m on-chip; kernel 1 does
+    the length-n1 DFTs down the columns of the [n1, m] view (plus twiddles) and writes them to
+    HBM, kernel 2 does each row's length-m DFT on-chip as a [p, q] tile, the spectrum product and
+    the row's inverse DFT, kernel 3 does the inverse column DFTs, the gate and the output cast.
+
+Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
+    du = corr(z, k_eff)                (spectrum product with conj(K)),
+    dgate = dy * s                     (the forward recomputed, not stored),
+    dk_eff = sum_b corr(z_b, u_b)      (product Z conj(U); per-row results are summed over the
+                                        batch by XLA, a documented mix: Pallas grids on GPU cannot
+                                        accumulate across programs),
+    dD = dk_eff[:, 0].
+In the single-pass scheme one kernel computes all three from u, gate and dy.
+
+Lowerings: Triton-flavoured Pallas on GPU, Mosaic on TPU, chosen from the devices the program
+is compiled for (the mesh in context; without one, `lax.platform_dependent` lets lowering pick),
+never from `jax.default_backend()`, so ahead-of-time compiles for an absent TPU or GPU get their
+real kernels. On a CPU target the same kernels run through the Pallas interpreter
+(`interpret=True` forces it anywhere, for tests). Block shapes follow each backend's rules:
+Triton needs power-of-two blocks and matmul dims >= 16; Mosaic needs the last two block dims to
+be multiples of (8, 128) or the full array dims. The DFT matmuls run on the matrix units at
+float32-level accuracy: multi-pass bf16 (Precision.HIGHEST) on the MXU, three TF32 passes
+(DotAlgorithmPreset.TF32_TF32_F32_X3) on tensor cores; see `long_conv(precision=...)`.
+Under a multi-device mesh the op wraps itself in a shard_map over the batch axes (XLA cannot
+partition Mosaic kernels and would replicate Triton ones); inside a shard_map the outputs carry
+the operands' varying mesh axes.
+STATUS: compiled deviceless by the real compilers (libtpu for TPU v5e/v5p, XLA:GPU + Triton +
+ptxas for H100; see launch/aot_compile.py); never run on TPU or GPU hardware, so speed and
+on-device numerics are unmeasured. Interpret mode (CPU tests) checks the maths, with the TF32
+operand rounding of the GPU path emulated.
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from hyena_jax.model import mesh_axes
+from hyena_jax.model.kernels import pallas_kernels as kernels
+from hyena_jax.model.kernels.plan import HIGHEST, RULES, Plan, Platform, make_plan
+
+PrecisionName = Literal["highest", "default", "float32"]
+
+
+# What the kernels' matmuls run as, compiled, per (block rules, precision).
+_COMPILED_DOTS = {
+    # MXU: HIGHEST is the multi-pass bf16 product (float32 accuracy), DEFAULT one bf16 pass.
+    ("tpu", "highest"): kernels.Dot(HIGHEST),
+    ("tpu", "default"): kernels.Dot(jax.lax.Precision.DEFAULT),
+    ("tpu", "float32"): kernels.Dot(HIGHEST),
+    # Tensor cores: three TF32 passes (hi*hi + hi*lo + lo*hi) keep ~22 mantissa bits; one TF32
+    # pass keeps 10. IEEE float32 ("float32") uses no tensor cores: Triton unrolls it into FMA
+    # code that ptxas does not finish compiling at L = 131k (issue 17), so it is for tests only.
+    ("gpu", "highest"): kernels.Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
+    ("gpu", "default"): kernels.Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32),
+    ("gpu", "float32"): kernels.Dot(HIGHEST),
+}
+
+
+# The operand rounding interpret mode emulates for the same requests (see kernels.Dot).
+_EMULATED = {("gpu", "highest"): "tf32x3", ("gpu", "default"): "tf32", ("tpu", "default"): "bf16"}
+
+
+def _dot_for(platform: Platform, precision: str, interpret: bool) -> kernels.Dot:
+  if interpret:
+    return kernels.Dot(HIGHEST, _EMULATED.get((platform, precision)))
+  return _COMPILED_DOTS[platform, precision]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exec:
+  """Everything static about one call: plan, interpret or compile, matmul numerics, and the
+  mesh axes the operands vary over inside a shard_map (the outputs vary over the same)."""
+  plan: Plan
+  interpret: bool
+  dot: kernels.Dot
+  vma: frozenset = frozenset()
+
+  def sds(self, shape, dtype) -> jax.ShapeDtypeStruct:
+    mat = jax.sharding.ManualAxisType(varying=self.vma) if self.vma else None
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+  def consts(self, arrays) -> list[jax.Array]:
+    """numpy constants as operands that vary like the others (the interpreter adds them to
+    varying blocks, which check_vma refuses for unvarying ones)."""
+    return [_varying(jnp.asarray(a), self.vma) for a in arrays]
+
+
+# Two-pass intermediates are float32 complex signals of the FFT size (16 MiB per channel and
+# sequence at 1M tokens; the backward holds ten of them): channels are processed in groups
+# holding at most this many bytes per such signal, so that the kernel needs no more memory than
+# XLA's FFT path.
+_GROUP_BYTES = 2 ** 29
+
+
+def _channel_groups(plan: Plan, batch: int, channels: int) -> int:
+  if plan.n1 == 1:
+    return 1
+  per_group = max(1, _GROUP_BYTES // (batch * plan.n * 8))
+  while channels % per_group:
+    per_group -= 1
+  return channels // per_group
+
+
+def _by_channel_groups(fn, groups, args, axes, out_axes):
+  """fn over `groups` slices of the channel axis (`axes[i]` of args[i]), one after another
+  (lax.map), outputs concatenated back along `out_axes`."""
+  if groups == 1:
+    return fn(*args)
+
+  def split(x, a):
+    if x is None:
+      return None
+    x = x.reshape(x.shape[:a] + (groups, x.shape[a] // groups) + x.shape[a + 1:])
+    return jnp.moveaxis(x, a, 0)
+
+  def merge(y, a):
+    y = jnp.moveaxis(y, 0, a)
+    return y.reshape(y.shape[:a] + (-1,) + y.shape[a + 2:])
+
+  outs = jax.lax.map(lambda xs: fn(*xs), tuple(split(x, a) for x, a in zip(args, axes)))
+  if isinstance(outs, tuple):
+    return tuple(merge(y, a) for y, a in zip(outs, out_axes))
+  return merge(outs, out_axes[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv(u, k_eff, gate, ex):
+  def one(u, k_eff, gate):
+    fwd = kernels.single_forward if ex.plan.n1 == 1 else kernels.two_pass_forward
+    return fwd(u, kernels.filter_spectrum(k_eff, ex.plan), gate, ex)
+  groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
+  return _by_channel_groups(one, groups, (u, k_eff, gate), (1, 0, 1), (1,))
+
+
+def _conv_fwd(u, k_eff, gate, ex):
+  return _conv(u, k_eff, gate, ex), (u, k_eff, gate)
+
+
+def _conv_bwd(ex, residuals, dy):
+  u, k_eff, gate = residuals
+  g = jnp.ones_like(u) if gate is None else gate
+
+  def one(u, k_eff, g, dy):
+    bwd = kernels.single_backward if ex.plan.n1 == 1 else kernels.two_pass_backward
+    return bwd(u, g, dy, kernels.filter_spectrum(k_eff, ex.plan), ex)
+  groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
+  du, dg, dk = _by_channel_groups(one, groups, (u, k_eff, g, dy), (1, 0, 1, 1), (1, 1, 0))
+  return du, dk.astype(k_eff.dtype), None if gate is None else dg
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# Device platform names -> block rules ('cpu': the interpreter).
+_TARGETS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}
+
+
+def target_platform() -> str | None:
+  """'tpu', 'gpu' or 'cpu': the devices of the mesh in context (`jax.set_mesh`, or the mesh of an
+  enclosing `jax.shard_map`); None when there is none. Never `jax.default_backend()`: a program
+  compiled ahead of time for a TPU or GPU topology is traced on a CPU host."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return None if device is None else _TARGETS.get(device.platform)
+
+
+def _varying(x, vma: frozenset):
+  missing = tuple(sorted(vma - jax.typeof(x).mat.varying))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, precision):
+  """The convolution on each device's own operands (inside a shard_map, or unsharded)."""
+  operands = [x for x in (u, k_eff, gate) if x is not None]
+  vma = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
+  # Inside a shard_map the kernel's outputs vary over every axis an operand varies over; the
+  # filter is made varying too, so its cotangent is summed over those axes by the transpose.
+  u, k_eff = _varying(u, vma), _varying(k_eff, vma)
+  gate = None if gate is None else _varying(gate, vma)
+  length = u.shape[-1]
+
+  def rules(target):
+    return platform or ("tpu" if target == "tpu" else "gpu")
+
+  def run(target, u, k_eff, gate):
+    interp = target == "cpu" if interpret is None else interpret
+    plan = make_plan(length, rules(target), max_onchip)
+    return _conv(u, k_eff, gate, _Exec(plan, interp, _dot_for(plan.platform, precision, interp),
+                                       vma))
+
+  target = "cpu" if interpret else target_platform()
+  if target is not None:
+    return run(target, u, k_eff, gate)
+  # No mesh says where this runs: trace a branch per platform, and let lowering (which knows
+  # the target) keep one. Platforms whose block rules cannot take this length get no branch.
+  branches, errors = {}, []
+  for name in ("cpu", "tpu", "cuda", "rocm"):
+    try:
+      make_plan(length, rules(_TARGETS[name]), max_onchip)
+    except ValueError as e:
+      errors.append(e)
+      continue
+    branches[name] = functools.partial(run, _TARGETS[name])
+  if not branches:
+    raise errors[0]
+  return jax.lax.platform_dependent(u, k_eff, gate, **branches)
+
+
+def _batch_shard_map(fn, u, k_eff, gate, batch_axes):
+  """Runs `fn` under a shard_map over all the context mesh's non-manual axes, batch split over
+  `batch_axes` (those whose sizes divide the batch), everything else replicated.
+
+  Mosaic kernels cannot be partitioned by XLA, and Triton ones would be all-gathered (every
+  device computing the whole batch), so a mesh in context always gets an explicit shard_map.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  # Every non-manual axis becomes manual, size-1 ones included: Mosaic refuses a region with
+  # any axis left to the partitioner.
+  free = () if mesh.empty else tuple(
+      a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != jax.sharding.AxisType.Manual)
+  if math.prod(mesh.shape[a] for a in free) == 1:
+    return fn(u, k_eff, gate)
+  split, size = [], 1
+  for a in batch_axes:
+    if a in free and u.shape[0] % (size * mesh.shape[a]) == 0:
+      split.append(a)
+      size *= mesh.shape[a]
+  spec = P(tuple(split)) if split else P()
+  if gate is None:
+    return jax.shard_map(lambda u, k: fn(u, k, None), mesh=mesh, in_specs=(spec, P()),
+                         out_specs=spec, axis_names=set(free))(u, k_eff)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, P(), spec), out_specs=spec,
+                       axis_names=set(free))(u, k_eff, gate)
+
+
+def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | None = None, *,
+              interpret: bool | None = None, platform: Platform | None = None,
+              max_onchip: int | None = None, precision: PrecisionName = "highest",
+              batch_axes: tuple[str, ...] = mesh_axes.BATCH_AXES) -> jax.Array:
+  """Gated causal long convolution, `(causal_conv(u, k) + d_bias[:, None] * u) * gate`.
+
+  Same semantics as `fftconv.fft_long_conv`; differentiable in u, k, d_bias and gate; works
+  under jit, vmap and inside `jax.shard_map` (context parallelism calls it per device).
+
+  Where it runs comes from the devices the program is compiled for, never from
+  `jax.default_backend()`: the mesh in context (`jax.set_mesh(mesh)`, or an enclosing
+  shard_map) names them; without one, a branch per platform is traced and lowering keeps the
+  target's (Mosaic on TPU, Triton on CUDA/ROCm, the Pallas interpreter on CPU, where there is
+  no Pallas compiler). Under a mesh with non-manual axes of size > 1 the op wraps itself in a
+  shard_map that splits the batch over `batch_axes` (Mosaic kernels cannot be partitioned by
+  XLA); callers that jit over a multi-device mesh must trace under `jax.set_mesh(mesh)`.
+
+  Args:
+    u: [batch, channels, length] float32 or bfloat16.
+    k: [channels, length] filter (computed in float32).
+    d_bias: [channels] skip term D.
+    gate: optional [batch, channels, length] multiplier.
+    interpret: True runs the Pallas interpreter (tests), False always compiles; None interprets
+      only when the target is the CPU.
+    platform: block rules (and lowering) to use, 'gpu' (Triton) or 'tpu' (Mosaic); None takes
+      them from the target ('gpu' rules on the CPU). Tests use it to run both in interpret mode.
+    max_onchip: largest FFT done in one kernel (default: the platform's); smaller values force
+      the two-pass scheme (tests use it at small lengths).
+    precision: numerics of the DFT matmuls. 'highest' (default) keeps float32-level accuracy on
+      the matrix units: multi-pass bf16 on the TPU MXU, three TF32 passes on tensor cores.
+      'default': one bf16 / TF32 pass (about 1e-3 relative error). 'float32': IEEE float32
+      (on GPU without tensor cores; Triton/ptxas compile times explode at long lengths). In
+      interpret mode the TF32 / bf16 operand rounding of the target is emulated.
+    batch_axes: mesh axes the batch is split over when the op shards itself.
+
+  Returns:
+    [batch, channels, length] in u's dtype; all DFT arithmetic is float32.
+  """
+  if u.ndim != 3 or k.ndim != 2 or u.shape[1:] != k.shape:
+    raise ValueError(f"long_conv expects u [B, C, L] and k [C, L]; got {u.shape}, {k.shape}")
+  if d_bias.shape != (u.shape[1],):
+    raise ValueError(f"d_bias must be [channels] = ({u.shape[1]},), got {d_bias.shape}")
+  if gate is not None and gate.shape != u.shape:
+    raise ValueError(f"gate must have u's shape {u.shape}, got {gate.shape}")
+  if not jnp.issubdtype(u.dtype, jnp.floating):
+    raise TypeError(f"u must be a float array (float32 or bfloat16), got {u.dtype}")
+  if precision not in ("highest", "default", "float32"):
+    raise ValueError(f"precision must be 'highest', 'default' or 'float32', got {precision!r}")
+  if platform is not None and platform not in RULES:
+    raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
+  make_plan(u.shape[-1], platform or "tpu", max_onchip)  # a length no platform takes fails here
+  # conv(u, k) + D u == conv(u, k + D delta): D joins the filter's first tap.
+  k_eff = k.astype(jnp.float32).at[:, 0].add(d_bias.astype(jnp.float32))
+  fn = functools.partial(_device_conv, interpret=interpret, platform=platform,
+                         max_onchip=max_onchip, precision=precision)
+  return _batch_shard_map(fn, u, k_eff, gate, batch_axes)
+

@@ -1,0 +1,439 @@
+"""The Pallas kernels of the long convolution and their pallas_calls: DFTs as matmuls on [p, q]
+tiles (single pass), or column / row / inverse-column passes through HBM (two pass), forward and
+backward, plus the filter's spectrum (`pallas_conv`'s docstring has the maths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from hyena_jax.model.kernels.plan import HIGHEST, Plan, Platform, dft, tile_consts, twiddle
+
+
+def _round_tf32(x):
+  """float32 -> nearest TF32 (8 exponent, 10 mantissa bits), as the tensor cores read it."""
+  return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+  """How the kernels' float32 matmuls run.
+
+  precision: what jnp.dot is given (a Precision or a DotAlgorithmPreset). emulate: in interpret
+  mode, round the operands as the target's matrix units would ('tf32': one TF32 pass, 'tf32x3':
+  hi/lo TF32 split, three passes, 'bf16': one bfloat16 pass), so that errors measured on CPU are
+  the target's (accumulation order is not emulated).
+  """
+  precision: object
+  emulate: str | None = None
+
+  def __call__(self, a, b):
+    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+    if self.emulate is None:
+      return dot(a, b, precision=self.precision)
+    exact = functools.partial(dot, precision=HIGHEST)
+    if self.emulate == "bf16":
+      return exact(a.astype(jnp.bfloat16).astype(jnp.float32),
+                   b.astype(jnp.bfloat16).astype(jnp.float32))
+    a_hi, b_hi = _round_tf32(a), _round_tf32(b)
+    if self.emulate == "tf32":
+      return exact(a_hi, b_hi)
+    # tf32x3 (Triton's TF32x3): a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi.
+    a_lo, b_lo = _round_tf32(a - a_hi), _round_tf32(b - b_hi)
+    return exact(a_hi, b_hi) + (exact(a_hi, b_lo) + exact(a_lo, b_hi))
+
+
+def _mm(a, b, dot: Dot):
+  return dot(a, b)
+
+
+def _cmul(ar, ai, br, bi):
+  return ar * br - ai * bi, ar * bi + ai * br
+
+
+def _cmul_conj(ar, ai, br, bi):
+  """a * conj(b)."""
+  return ar * br + ai * bi, ai * br - ar * bi
+
+
+class _Tile:
+  """The [p, q] four-step DFT on values from the constant refs (each loaded once, on first use,
+  so a kernel only reads the constants it needs)."""
+
+  _NAMES = ("fpr", "fpi", "fphr", "fphi", "fhpr", "fhpi", "fqr", "fqi", "twr", "twi")
+
+  def __init__(self, refs, dot):
+    self._refs = dict(zip(self._NAMES, refs, strict=True))
+    self._values = {}
+    self.dot = dot
+
+  def __getattr__(self, name):
+    if name not in self._NAMES:
+      raise AttributeError(name)
+    if name not in self._values:
+      self._values[name] = self._refs[name][...]
+    return self._values[name]
+
+  def _mm(self, a, b):
+    return _mm(a, b, self.dot)
+
+  def _row_dft(self, ar, ai):
+    """(a * T) @ F_q."""
+    ar, ai = _cmul(ar, ai, self.twr, self.twi)
+    mm = self._mm
+    return mm(ar, self.fqr) - mm(ai, self.fqi), mm(ar, self.fqi) + mm(ai, self.fqr)
+
+  def forward_real_half(self, x):
+    """x: [p/2, q] real, the first half of a zero-padded tile -> spectrum (re, im) [p, q]."""
+    return self._row_dft(self._mm(self.fphr, x), self._mm(self.fphi, x))
+
+  def forward(self, xr, xi):
+    """Full complex tile [p, q] -> spectrum [p, q]."""
+    mm = self._mm
+    ar = mm(self.fpr, xr) - mm(self.fpi, xi)
+    ai = mm(self.fpr, xi) + mm(self.fpi, xr)
+    return self._row_dft(ar, ai)
+
+  def _row_idft(self, yr, yi):
+    """(y @ conj(F_q)) * conj(T)."""
+    mm = self._mm
+    cr = mm(yr, self.fqr) + mm(yi, self.fqi)
+    ci = mm(yi, self.fqr) - mm(yr, self.fqi)
+    return _cmul_conj(cr, ci, self.twr, self.twi)
+
+  def inverse_real_half(self, yr, yi):
+    """Spectrum [p, q] -> real part of the first p/2 rows of the (unscaled) inverse DFT."""
+    cr, ci = self._row_idft(yr, yi)
+    return self._mm(self.fhpr, cr) + self._mm(self.fhpi, ci)
+
+  def inverse(self, yr, yi):
+    """Spectrum [p, q] -> full complex (unscaled) inverse DFT [p, q]."""
+    mm = self._mm
+    cr, ci = self._row_idft(yr, yi)
+    return mm(self.fpr, cr) + mm(self.fpi, ci), mm(self.fpr, ci) - mm(self.fpi, cr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Refs arrive as (inputs..., outputs...); tile constants are the last inputs.
+
+
+def _single_fwd_kernel(*refs, has_gate, dot):
+  """y = IDFT(DFT(u) K)[:n/2] * gate on one [p/2, q] half tile."""
+  u_ref, kr_ref, ki_ref = refs[:3]
+  gate_ref = refs[3] if has_gate else None
+  consts = refs[3 + has_gate:-1]
+  (y_ref,) = refs[-1:]
+  tile = _Tile(consts, dot)
+  ur, ui = tile.forward_real_half(u_ref[...].astype(jnp.float32))
+  y = tile.inverse_real_half(*_cmul(ur, ui, kr_ref[...], ki_ref[...]))
+  if has_gate:
+    y = y * gate_ref[...].astype(jnp.float32)
+  y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, dot):
+  """du = corr(dy g, k), dg = dy conv(u, k), dkb = corr(dy g, u) for one (batch, channel) row."""
+  consts, (du_ref, dg_ref, dkb_ref) = refs[:-3], refs[-3:]
+  tile = _Tile(consts, dot)
+  u = u_ref[...].astype(jnp.float32)
+  dy = dy_ref[...].astype(jnp.float32)
+  ur, ui = tile.forward_real_half(u)
+  zr, zi = tile.forward_real_half(dy * g_ref[...].astype(jnp.float32))
+  kr, ki = kr_ref[...], ki_ref[...]
+  s = tile.inverse_real_half(*_cmul(ur, ui, kr, ki))
+  dg_ref[...] = (dy * s).astype(dg_ref.dtype)
+  du_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, kr, ki)).astype(du_ref.dtype)
+  # Unscaled (x n): the 1/n is applied after the batch sum, outside (a scalar literal inside a
+  # kernel breaks the interpreter under shard_map's check_vma).
+  dkb_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, ur, ui))
+
+
+def _col_fwd_kernel(*refs, has_pre, dot):
+  """A[rows, cols] = T * (F_n1[rows, :n1/2] @ x[:n1/2, cols]) for x = u (or u * pre)."""
+  x_ref = refs[0]
+  pre_ref = refs[1] if has_pre else None
+  gr_ref, gi_ref, twr_ref, twi_ref, ar_ref, ai_ref = refs[1 + has_pre:]
+  x = x_ref[...].astype(jnp.float32)
+  if has_pre:
+    x = x * pre_ref[...].astype(jnp.float32)
+  ar = _mm(gr_ref[...], x, dot)
+  ai = _mm(gi_ref[...], x, dot)
+  ar_ref[...], ai_ref[...] = _cmul(ar, ai, twr_ref[...], twi_ref[...])
+
+
+def _row_fwd_kernel(ar_ref, ai_ref, kr_ref, ki_ref, *refs, dot):
+  """One row of the column-transformed signal: row IDFT(row DFT(a) * K), complex [p, q]."""
+  consts, (cr_ref, ci_ref) = refs[:-2], refs[-2:]
+  tile = _Tile(consts, dot)
+  xr, xi = tile.forward(ar_ref[...], ai_ref[...])
+  cr_ref[...], ci_ref[...] = tile.inverse(*_cmul(xr, xi, kr_ref[...], ki_ref[...]))
+
+
+def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, dot):
+  """Row-pass of the backward: U K (for dgate), Z conj(K) (for du), Z conj(U) (for dk, times n)."""
+  consts, outs = refs[:-6], refs[-6:]
+  tile = _Tile(consts, dot)
+  ur, ui = tile.forward(aur_ref[...], aui_ref[...])
+  zr, zi = tile.forward(azr_ref[...], azi_ref[...])
+  kr, ki = kr_ref[...], ki_ref[...]
+  wr, wi = _cmul_conj(zr, zi, ur, ui)
+  # The dk product is left unscaled (x n), as in _single_bwd_kernel.
+  products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr, wi))
+  for i, spec in enumerate(products):
+    outs[2 * i][...], outs[2 * i + 1][...] = tile.inverse(*spec)
+
+
+def _col_inv_kernel(*refs, has_post, dot):
+  """y[rows, cols] = Re(conj(F_n1)[rows, :] @ (conj(T) * C[:, cols])) (* post)."""
+  cr_ref, ci_ref = refs[:2]
+  post_ref = refs[2] if has_post else None
+  hr_ref, hi_ref, twr_ref, twi_ref, y_ref = refs[2 + has_post:]
+  cr, ci = _cmul_conj(cr_ref[...], ci_ref[...], twr_ref[...], twi_ref[...])
+  y = _mm(hr_ref[...], cr, dot) + _mm(hi_ref[...], ci, dot)
+  if has_post:
+    y = y * post_ref[...].astype(jnp.float32)
+  y_ref[...] = y.astype(y_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas_call wrappers.
+
+
+def _compiler_params(platform: Platform, interpret: bool, ndim: int):
+  if interpret:
+    return None
+  if platform == "tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * ndim)
+  from jax.experimental.pallas import triton as pltriton
+
+  # Untuned: 4 warps suit the <= 64 x 64 tiles these block rules produce.
+  return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _const_specs(arrays):
+  """Whole-array blocks of 2-D constants with a constant index (fetched once per core on TPU)."""
+  return [pl.BlockSpec(a.shape, lambda *_: (0, 0)) for a in arrays]
+
+
+def _reverse_grid(spec: pl.BlockSpec) -> pl.BlockSpec:
+  return pl.BlockSpec(spec.block_shape, lambda *ids, f=spec.index_map: f(*ids[::-1]))
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, ex):
+  """pallas_call with grids written outermost-first, as TPU runs them.
+
+  TPU iterates the last grid axis innermost, so a block that only changes with outer axes (a
+  channel's filter spectrum while the batch varies) is fetched once. Triton maps the FIRST grid
+  axis to the fastest-varying CUDA block index, so on GPU the grid is reversed to keep programs
+  that share such blocks adjacent (L2 reuse).
+  """
+  plan, interpret = ex.plan, ex.interpret
+  if plan.platform == "gpu":
+    grid = grid[::-1]
+    in_specs = [_reverse_grid(s) for s in in_specs]
+    out_specs = (_reverse_grid(out_specs) if isinstance(out_specs, pl.BlockSpec)
+                 else [_reverse_grid(s) for s in out_specs])
+  if not (interpret and ex.vma):
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
+    )
+  # The interpreter starts outputs from fresh (unvarying) buffers, which check_vma refuses to
+  # update with varying blocks inside a shard_map: hand it varying buffers to write into
+  # (aliased inputs that the kernel never sees).
+  multi = isinstance(out_shape, (list, tuple))
+  outs, ospecs = (list(out_shape), list(out_specs)) if multi else ([out_shape], [out_specs])
+  n_in = len(in_specs)
+
+  def buffered_kernel(*refs):
+    return kernel(*refs[:n_in], *refs[n_in + len(outs):])
+
+  call = pl.pallas_call(
+      buffered_kernel, grid=grid, in_specs=[*in_specs, *ospecs], out_specs=out_specs,
+      out_shape=out_shape, interpret=True,
+      input_output_aliases={n_in + i: i for i in range(len(outs))})
+  return lambda *args: call(*args, *ex.consts([np.zeros(o.shape, o.dtype) for o in outs]))
+
+
+def _halves(x: jax.Array, plan: Plan, rows: int) -> jax.Array:
+  """[B, C, L] -> [B, C, rows, n / (2 rows)]: zero-padded to n/2 (a free reshape when L = n/2)."""
+  half = plan.n // 2
+  if x.shape[-1] != half:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, half - x.shape[-1])])
+  return x.reshape(*x.shape[:-1], rows, half // rows)
+
+
+def _unhalves(y: jax.Array, plan: Plan) -> jax.Array:
+  return y.reshape(*y.shape[:-2], plan.n // 2)[..., :plan.length]
+
+
+def single_forward(u, spec, gate, ex):
+  plan = ex.plan
+  b, c, _ = u.shape
+  ph, q = plan.p // 2, plan.q
+  consts = ex.consts(tile_consts(plan.p, plan.q))
+  row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
+  kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
+  ins = [_halves(u, plan, ph), *spec] + ([_halves(gate, plan, ph)] if gate is not None else [])
+  in_specs = [row, kspec, kspec] + ([row] if gate is not None else []) + _const_specs(consts)
+  kernel = functools.partial(_single_fwd_kernel, has_gate=gate is not None, dot=ex.dot)
+  y = _call(kernel, (c, b), in_specs, row, ex.sds((b, c, ph, q), u.dtype),
+            ex)(*ins, *consts)
+  return _unhalves(y, plan)
+
+
+def single_backward(u, gate, dy, spec, ex):
+  plan = ex.plan
+  b, c, _ = u.shape
+  ph, q = plan.p // 2, plan.q
+  consts = ex.consts(tile_consts(plan.p, plan.q))
+  row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
+  kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
+  shape = (b, c, ph, q)
+  kernel = functools.partial(_single_bwd_kernel, dot=ex.dot)
+  du, dg, dkb = _call(
+      kernel, (c, b), [row, row, row, kspec, kspec] + _const_specs(consts), [row] * 3,
+      [ex.sds(shape, u.dtype), ex.sds(shape, gate.dtype),
+       ex.sds(shape, jnp.float32)], ex,
+  )(*(_halves(x, plan, ph) for x in (u, gate, dy)), *spec, *consts)
+  return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0) / plan.n
+
+
+def _col_forward(x, pre, ex):
+  """x (and pre): [B, C, L] real -> column-transformed (re, im) [B, C, n1, m] float32."""
+  plan = ex.plan
+  b, c, _ = x.shape
+  n1, n1h, m = plan.n1, plan.n1 // 2, plan.m
+  bm, bk = plan.col_block, plan.row_block
+  fr, fi = dft(n1)
+  twr, twi = twiddle(n1, m)
+  consts = ex.consts([fr[:, :n1h], fi[:, :n1h], twr, twi])
+  grid = (c, b, m // bm, n1 // bk)
+  xspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
+  gspec = pl.BlockSpec((bk, n1h), lambda ci, bi, j, i: (i, 0))
+  tspec = pl.BlockSpec((bk, bm), lambda ci, bi, j, i: (i, j))
+  ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
+  ins = [_halves(x, plan, n1h)] + ([_halves(pre, plan, n1h)] if pre is not None else [])
+  kernel = functools.partial(_col_fwd_kernel, has_pre=pre is not None, dot=ex.dot)
+  out = ex.sds((b, c, n1, m), jnp.float32)
+  return _call(kernel, grid, [xspec] * len(ins) + [gspec, gspec, tspec, tspec], [ospec, ospec],
+               [out, out], ex)(*ins, *consts)
+
+
+def _col_inverse(cr, ci, post, out_dtype, ex):
+  """(re, im) [B, C, n1, m] -> Re(inverse column DFT)[:, :, :n1/2] (* post) -> [B, C, L]."""
+  plan = ex.plan
+  b, c = cr.shape[:2]
+  n1, n1h, m = plan.n1, plan.n1 // 2, plan.m
+  bm, bk = plan.col_block, plan.row_block
+  fr, fi = dft(n1)
+  twr, twi = twiddle(n1, m)
+  consts = ex.consts([fr[:n1h], fi[:n1h], twr, twi])
+  grid = (c, b, m // bm, n1h // bk)
+  cspec = pl.BlockSpec((None, None, n1, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
+  ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
+  hspec = pl.BlockSpec((bk, n1), lambda ci, bi, j, i: (i, 0))
+  tspec = pl.BlockSpec((n1, bm), lambda ci, bi, j, i: (0, j))
+  ins = [cr, ci] + ([_halves(post, plan, n1h)] if post is not None else [])
+  in_specs = [cspec, cspec] + ([ospec] if post is not None else []) + [hspec, hspec, tspec, tspec]
+  kernel = functools.partial(_col_inv_kernel, has_post=post is not None, dot=ex.dot)
+  y = _call(kernel, grid, in_specs, ospec, ex.sds((b, c, n1h, m), out_dtype),
+            ex)(*ins, *consts)
+  return _unhalves(y, plan)
+
+
+def _row_specs(plan):
+  p, q = plan.p, plan.q
+  row = pl.BlockSpec((None, None, None, p, q), lambda ci, r, bi: (bi, ci, r, 0, 0))
+  kspec = pl.BlockSpec((None, None, p, q), lambda ci, r, bi: (ci, r, 0, 0))
+  return row, kspec
+
+
+def _rows(x, plan):
+  return x.reshape(*x.shape[:-1], plan.p, plan.q)
+
+
+def two_pass_forward(u, spec, gate, ex):
+  plan = ex.plan
+  b, c, _ = u.shape
+  ar, ai = _col_forward(u, None, ex)
+  consts = ex.consts(tile_consts(plan.p, plan.q))
+  row, kspec = _row_specs(plan)
+  out = ex.sds((b, c, plan.n1, plan.p, plan.q), jnp.float32)
+  cr, ci = _call(
+      functools.partial(_row_fwd_kernel, dot=ex.dot), (c, plan.n1, b),
+      [row, row, kspec, kspec] + _const_specs(consts), [row, row], [out, out], ex,
+  )(_rows(ar, plan), _rows(ai, plan), *spec, *consts)
+  flat = lambda x: x.reshape(b, c, plan.n1, plan.m)  # noqa: E731
+  return _col_inverse(flat(cr), flat(ci), gate, u.dtype, ex)
+
+
+def two_pass_backward(u, gate, dy, spec, ex):
+  plan = ex.plan
+  b, c, _ = u.shape
+  aur, aui = _col_forward(u, None, ex)
+  azr, azi = _col_forward(dy, gate, ex)
+  consts = ex.consts(tile_consts(plan.p, plan.q))
+  row, kspec = _row_specs(plan)
+  out = ex.sds((b, c, plan.n1, plan.p, plan.q), jnp.float32)
+  kernel = functools.partial(_row_bwd_kernel, dot=ex.dot)
+  outs = _call(
+      kernel, (c, plan.n1, b), [row] * 4 + [kspec, kspec] + _const_specs(consts), [row] * 6,
+      [out] * 6, ex,
+  )(*(_rows(x, plan) for x in (aur, aui, azr, azi)), *spec, *consts)
+  flat = [x.reshape(b, c, plan.n1, plan.m) for x in outs]
+  dg = _col_inverse(flat[0], flat[1], dy, gate.dtype, ex)
+  du = _col_inverse(flat[2], flat[3], None, u.dtype, ex)
+  dkb = _col_inverse(flat[4], flat[5], None, jnp.float32, ex)
+  return du, dg, dkb.sum(0) / plan.n
+
+
+# ----------------------------------------------------------------------------------------------
+# The filter's spectrum, in tile order, as XLA matmuls (channels only: shared by the batch).
+
+
+def filter_spectrum(k_eff: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array]:
+  """k_eff: [C, L] float32 -> DFT_n(k_eff) / n in the kernels' tile order, (re, im).
+
+  Single pass: [C, p, q] with entry [f1, f2] = X[f1 + p f2]. Two pass: [C, n1, p, q] with entry
+  [f1, g1, g2] = X[f1 + n1 (g1 + p g2)].
+  """
+  ein = functools.partial(jnp.einsum, precision=HIGHEST)
+  c = k_eff.shape[0]
+
+  def col_step(xr, xi, p, q, half):
+    """T * (F_p @ x) over the last two axes [..., p or p/2, q] (xi None: real input)."""
+    fr, fi = (np.ascontiguousarray(a[:, :p // 2]) if half else a for a in dft(p))
+    ar = ein("fj,...jq->...fq", fr, xr)
+    ai = ein("fj,...jq->...fq", fi, xr)
+    if xi is not None:
+      ar, ai = ar - ein("fj,...jq->...fq", fi, xi), ai + ein("fj,...jq->...fq", fr, xi)
+    return _cmul(ar, ai, *twiddle(p, q))
+
+  def tile_dft(xr, xi, p, q, half):
+    """Four-step DFT over the last two axes: (T * (F_p @ x)) @ F_q."""
+    ar, ai = col_step(xr, xi, p, q, half)
+    gr, gi = dft(q)
+    return (ein("...fj,jg->...fg", ar, gr) - ein("...fj,jg->...fg", ai, gi),
+            ein("...fj,jg->...fg", ar, gi) + ein("...fj,jg->...fg", ai, gr))
+
+  rows = plan.p // 2 if plan.n1 == 1 else plan.n1 // 2
+  x = _halves(k_eff.astype(jnp.float32)[None], plan, rows)[0]       # [C, rows, n / (2 rows)]
+  if plan.n1 == 1:
+    xr, xi = tile_dft(x, None, plan.p, plan.q, half=True)
+  else:
+    ar, ai = col_step(x, None, plan.n1, plan.m, half=True)          # [C, n1, m]: columns + twiddle
+    split = lambda a: a.reshape(c, plan.n1, plan.p, plan.q)           # noqa: E731
+    xr, xi = tile_dft(split(ar), split(ai), plan.p, plan.q, half=False)
+  return xr / plan.n, xi / plan.n
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op.
