@@ -1,6 +1,7 @@
-"""Exports a model to the official PyTorch HyenaDNA formats (`hyena_jax.interop.export`).
+r"""Exports a model to the official PyTorch HyenaDNA formats (`hyena_jax.interop.export`).
 
-    python -m hyena_jax.export --model=SOURCE [--step=N] --output=DIR [--layout=hf|lightning|standalone]
+    python -m hyena_jax.export --model=SOURCE [--step=N] --output=DIR \
+        [--layout=hf|lightning|standalone]
 
 SOURCE is anything `hyena_jax.load` reads: an orbax run (--step, default the latest), an
 official weights file or folder, or a Hub repo id (--revision).
@@ -8,10 +9,10 @@ official weights file or folder, or a Hub repo id (--revision).
 
 from absl import app, flags, logging
 
-from hyena_jax import cli
+from hyena_jax import cli, tool_flags
 from hyena_jax.interop import export, formats, weights
 
-_MODEL = cli.define_model_flags()
+_MODEL = tool_flags.define_model_flags()
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (must not exist unless --overwrite).")
 _LAYOUT = flags.DEFINE_enum("layout", "hf", weights.LAYOUTS, "hf: model.safetensors + -hf "
                             "config.json; lightning: weights.ckpt; standalone: weights.pt "
@@ -28,6 +29,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Write into an existing --out
                                "replacing only the files export writes (weights, config.json); "
                                "other files stay.")
 flags.adopt_module_key_flags(cli)
+flags.adopt_module_key_flags(tool_flags)
 cli.mark_required(["model", "output"])
 
 

@@ -12,13 +12,14 @@ import sys
 
 from absl import app, flags
 
-from hyena_jax import cli
+from hyena_jax import cli, tool_flags
 from hyena_jax.downstream import finetune
 
-_CONFIG, _WORKDIR = cli.define_tuning_flags(
+_CONFIG, _WORKDIR = tool_flags.define_tuning_flags(
     "Fine-tuning config, e.g. configs/finetune.py:human_enhancers_cohn[:small_data]",
     "Where checkpoints, metrics and results.json go.")
 flags.adopt_module_key_flags(cli)
+flags.adopt_module_key_flags(tool_flags)
 
 
 def main(argv: list[str]) -> None:

@@ -10,12 +10,12 @@ repo id with --revision).
 
 from absl import app, flags, logging
 
-from hyena_jax import cli
+from hyena_jax import cli, tool_flags
 from hyena_jax.data import seqfiles
 from hyena_jax.errors import InputError
 from hyena_jax.inference import generate
 
-_MODEL = cli.define_model_flags()
+_MODEL = tool_flags.define_model_flags()
 _PROMPT = flags.DEFINE_string("prompt", None, "DNA prompt")
 _PROMPT_FASTA = flags.DEFINE_string("prompt_fasta", None, "FASTA of prompts (one generation per "
                                     "record)")
@@ -29,6 +29,7 @@ _METHOD = flags.DEFINE_enum("method", "cached", ["cached", "recompute"], "decode
                             "hyena_jax.inference.generate)")
 _OUTPUT = flags.DEFINE_string("output", None, "FASTA to write (default: stdout)")
 flags.adopt_module_key_flags(cli)
+flags.adopt_module_key_flags(tool_flags)
 cli.mark_required(["model"])
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (_PROMPT.value is None) == (_PROMPT_FASTA.value is None):
     raise app.UsageError("pass exactly one of --prompt or --prompt_fasta")
-  model = cli.load_model(_MODEL).model
+  model = tool_flags.load_model(_MODEL).model
   prompts = ([("prompt", _PROMPT.value)] if _PROMPT.value is not None else
              [(r.name, r.seq) for r in seqfiles.read_fasta(_PROMPT_FASTA.value)])
   lines = []

@@ -6,13 +6,14 @@
 
 from absl import app, flags
 
-from hyena_jax import cli
+from hyena_jax import cli, tool_flags
 from hyena_jax.downstream import icl
 
-_CONFIG, _WORKDIR = cli.define_tuning_flags(
+_CONFIG, _WORKDIR = tool_flags.define_tuning_flags(
     "ICL config, e.g. configs/icl.py:soft_prompt",
     "Where metrics, results.json and tuned weights go.")
 flags.adopt_module_key_flags(cli)
+flags.adopt_module_key_flags(tool_flags)
 
 
 def main(argv: list[str]) -> None:

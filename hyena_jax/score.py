@@ -11,10 +11,10 @@ repo id with --revision).
 
 from absl import app, flags, logging
 
-from hyena_jax import cli
+from hyena_jax import cli, tool_flags
 from hyena_jax.inference import score
 
-_MODEL = cli.define_model_flags()
+_MODEL = tool_flags.define_model_flags()
 _INPUT = flags.DEFINE_string("input", None, "sequences to score: FASTA or TSV/CSV")
 _VCF = flags.DEFINE_string("vcf", None, "variants to score (VCF: CHROM POS ID REF ALT ...)")
 _FASTA = flags.DEFINE_string("fasta", None, "reference FASTA for --vcf (plain, or gzip read in "
@@ -27,8 +27,10 @@ _CONTEXT_TOKEN = flags.DEFINE_integer("context_token", None, "token prepended so
                                       "is scored (e.g. 1 = [SEP]); default: first base unscored")
 _TRUNCATE = flags.DEFINE_bool("truncate", False, "--input: keep the first bases of overlong "
                               "sequences")
-_SEQUENCE_INPUT = cli.define_sequence_input_flags()
+_SEQUENCE_INPUT = tool_flags.define_sequence_input_flags()
+_MAX_MEMORY = tool_flags.define_max_memory_flag()
 flags.adopt_module_key_flags(cli)
+flags.adopt_module_key_flags(tool_flags)
 cli.mark_required(["model", "output"])
 
 
@@ -39,16 +41,17 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("pass exactly one of --input (sequences) or --vcf (with --fasta)")
   if _VCF.value is not None and _FASTA.value is None:
     raise app.UsageError("--vcf needs --fasta, the reference the variants are called against")
-  model = cli.load_model(_MODEL).model
+  model = tool_flags.load_model(_MODEL).model
   if _VCF.value is not None:
     summary = score.score_vcf_file(model, _VCF.value, _FASTA.value, _OUTPUT.value,
                                    window=_WINDOW.value, batch_size=_BATCH_SIZE.value,
                                    context_token=_CONTEXT_TOKEN.value)
   else:
     summary = score.score_file(model, _INPUT.value, _OUTPUT.value,
-                               **cli.sequence_input(_SEQUENCE_INPUT),
+                               **tool_flags.sequence_input(_SEQUENCE_INPUT),
                                context_token=_CONTEXT_TOKEN.value, truncate=_TRUNCATE.value,
-                               batch_size=_BATCH_SIZE.value)
+                               batch_size=_BATCH_SIZE.value,
+                               max_memory_gb=_MAX_MEMORY.value)
   logging.info("%s", summary)
   print(f"wrote {', '.join(summary['outputs'])}")
 

@@ -22,8 +22,7 @@ from hyena_jax.errors import InputError
 from hyena_jax.model import config as config_lib
 from hyena_jax.model.hyenadna import SequenceClassifier, copy_params
 from hyena_jax.training import optim
-
-State = dict[str, Any]  # {"step": int32 [], "params": tree, "opt_state": tree}
+from hyena_jax.training.steps import State
 
 
 def build_classifier(config: ml_collections.ConfigDict) -> tuple[SequenceClassifier, str]:

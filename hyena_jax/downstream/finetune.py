@@ -51,8 +51,6 @@ from hyena_jax.model import mesh_axes
 from hyena_jax.training import checkpoint as ckpt_lib
 from hyena_jax.training import distributed, metrics_writer, resume, sharding
 
-State = dict[str, Any]  # {"step": int32 [], "params": tree, "opt_state": tree}
-
 # ------------------------------------------------------------------------------------------------
 # Linear probe (LP-FT's first stage; the fit itself is linear_probe.py)
 
@@ -62,8 +60,9 @@ def _fit_probe(graphdef: nnx.GraphDef, params: Any, splits: dict[str, labelled.L
   """(head params, report) of the linear probe on the starting backbone's pooled features."""
   start = time.perf_counter()
   features_fn = jax.jit(classifier.make_features_fn(graphdef))
-  features = {name: classifier.predict(features_fn, params, splits[name].inputs, config.eval.batch_size,
-                            batch_sharding) for name in ("train", "valid", "test")}
+  features = {name: classifier.predict(features_fn, params, splits[name].inputs,
+                                       config.eval.batch_size, batch_sharding)
+              for name in ("train", "valid", "test")}
   head, report = linear_probe.fit_probe(
       features, {name: splits[name].labels for name in ("train", "valid")},
       config.head.n_classes, config.eval.metric)
@@ -134,7 +133,8 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
   if total and steps_per_epoch == 0:
     raise InputError(f"{len(splits['train'])} training rows do not fill one batch of "
                      f"train.batch_size={batch}; lower it")
-  tx, schedule = classifier.optimizer_and_schedule(config, total, frozen if config.train.freeze_backbone else None)
+  tx, schedule = classifier.optimizer_and_schedule(
+      config, total, frozen if config.train.freeze_backbone else None)
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   probe = progress.get("linear_probe") if progress is not None else None
   if config.train.linear_probe and progress is None:  # a resumed run has its head in the state
@@ -143,9 +143,9 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, resume_step: int 
   state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
                           "opt_state": tx.init(params)}, replicated)
   loss_fn = classifier.regression_loss if n_classes == 1 else classifier.classification_loss
-  train_step = jax.jit(classifier.make_train_step(graphdef, tx, schedule, loss_fn, seed=config.train.seed,
-                                       frozen=frozen if config.train.freeze_backbone else None),
-                       donate_argnums=0)
+  train_step = jax.jit(classifier.make_train_step(
+      graphdef, tx, schedule, loss_fn, seed=config.train.seed,
+      frozen=frozen if config.train.freeze_backbone else None), donate_argnums=0)
   predict_fn = jax.jit(classifier.make_predict_fn(graphdef))
   run_eval = lambda params, split: classifier.evaluate(  # noqa: E731
       predict_fn, params, splits[split], n_classes, config.eval.batch_size, batch_sharding)

@@ -37,6 +37,7 @@ from hyena_jax.data import tokenizer as tok
 from hyena_jax.data.seqfiles import Record
 from hyena_jax.errors import InputError
 from hyena_jax.inference import batching as inference
+from hyena_jax.inference import long_forward
 
 EmbedPooling = Literal["mean", "mean_nonpad", "sum", "first", "last"]
 POOLINGS = ("mean", "mean_nonpad", "sum", "first", "last")
@@ -77,9 +78,26 @@ def _embed_batch(model: nnx.Module, ids: jax.Array, starts: jax.Array, lengths: 
   """
   out = model.backbone(ids, return_layers=any(layer != "final" for layer in layers))
   h = jnp.stack([out.hidden if layer == "final" else out.layers[layer] for layer in layers], 2)
+  return h if per_position else _pooled(h, starts, lengths)
+
+
+def _embed_long(model: nnx.Module, ids: jax.Array, starts: jax.Array, lengths: jax.Array, *,
+                layers: tuple[Layer, ...], per_position: bool,
+                max_memory_gb: float | None = None) -> jax.Array | dict:
+  """`_embed_batch` for long sequences, through the bounded-memory forward (long_forward.py)."""
+  blocks = tuple(layer for layer in layers if layer != "final")
+  hidden, kept = long_forward.hidden_states(model, ids, layers=blocks,
+                                            max_memory_gb=max_memory_gb)
+  outs = [hidden if layer == "final" else kept[layer] for layer in layers]
   if per_position:
-    return h
-  pos = jnp.arange(ids.shape[1])[None, :, None, None]
+    return jnp.stack(outs, 2)
+  pooled = [_pooled_jit(h[:, :, None], starts, lengths) for h in outs]
+  return {name: jnp.concatenate([p[name] for p in pooled], axis=1) for name in pooled[0]}
+
+
+def _pooled(h: jax.Array, starts: jax.Array, lengths: jax.Array) -> dict:
+  """Every pooling of h [B, T, n_layers, d] over each row's positions (see `_embed_batch`)."""
+  pos = jnp.arange(h.shape[1])[None, :, None, None]
   end = lengths[:, None, None, None]
   upto_end = (pos < end).astype(h.dtype)                      # [0, lengths): incl. left pads
   own = upto_end * (pos >= starts[:, None, None, None])       # [starts, lengths)
@@ -91,6 +109,9 @@ def _embed_batch(model: nnx.Module, ids: jax.Array, starts: jax.Array, lengths: 
       "first": h[:, 0],
       "last": jnp.take_along_axis(h, jnp.maximum(end - 1, 0), axis=1)[:, 0],
   }
+
+
+_pooled_jit = jax.jit(_pooled)
 
 
 def make_encoder(tokenizer: tok.CharacterTokenizer, l_max: int, *, add_eos: bool, truncate: bool,
@@ -115,13 +136,15 @@ def embed_sequences(model: nnx.Module, sequences: Iterable[str | Record], *,
                     per_position: bool = False, batch_size: int = 8, add_eos: bool = False,
                     truncate: bool = False, pad_to: int | None = None,
                     tokenizer: tok.CharacterTokenizer | None = None,
-                    chunk_size: int | None = None) -> Iterator[tuple[Record, np.ndarray]]:
+                    chunk_size: int | None = None, max_memory_gb: float | None = None
+                    ) -> Iterator[tuple[Record, np.ndarray]]:
   """Streams (record, embedding) in input order; holds at most `chunk_size` records at a time.
 
   `model` is a HyenaLM or SequenceClassifier (only its backbone runs). Each embedding is float32
   [n_layers, d] (pooled) or [n_tokens, n_layers, d] (`per_position`). Sequences longer than
   the model's l_max (or `pad_to`) raise unless `truncate` keeps their first bases. Plain
-  strings are named seq0, seq1, ...
+  strings are named seq0, seq1, ... Sequences of `long_forward.LONG_FROM` tokens or more run in
+  at most `max_memory_gb` (default: what the host has available).
   """
   cfg = model.config
   layers = normalize_layers(layers, cfg.n_layer)
@@ -132,8 +155,12 @@ def embed_sequences(model: nnx.Module, sequences: Iterable[str | Record], *,
 
   def compute(batch: inference.Batch) -> list[np.ndarray]:
     starts = np.argmax(batch.ids != tok.PAD, axis=1).astype(np.int32)  # leading [PAD]s
-    out = _embed_batch(model, jnp.asarray(batch.ids), jnp.asarray(starts),
-                       jnp.asarray(batch.lengths), layers=layers, per_position=per_position)
+    args = (model, jnp.asarray(batch.ids), jnp.asarray(starts), jnp.asarray(batch.lengths))
+    if batch.ids.shape[1] >= long_forward.LONG_FROM:
+      out = _embed_long(*args, layers=layers, per_position=per_position,
+                        max_memory_gb=max_memory_gb)
+    else:
+      out = _embed_batch(*args, layers=layers, per_position=per_position)
     out = np.asarray(out if per_position else out[pooling])
     if not per_position:
       return [out[row] for row in range(len(batch.index))]
@@ -158,7 +185,8 @@ def embed_file(model: nnx.Module, input_path: str, output_path: str, *, fmt: str
                layers: Sequence[Layer] | str = ("final",), pooling: EmbedPooling = "mean",
                per_position: bool = False, batch_size: int = 8, add_eos: bool = False,
                truncate: bool = False, pad_to: int | None = None,
-               tokenizer: tok.CharacterTokenizer | None = None) -> dict:
+               tokenizer: tok.CharacterTokenizer | None = None,
+               max_memory_gb: float | None = None) -> dict:
   """Embeds every record of a FASTA/TSV file into `output_path` (.npz or .npy), streaming.
 
   A first pass tokenizes every record, so bad characters and overlong sequences fail with their
@@ -190,7 +218,8 @@ def embed_file(model: nnx.Module, input_path: str, output_path: str, *, fmt: str
     meta["offsets"] = offsets
   stream = embed_sequences(model, read(), layers=layers, pooling=pooling,
                            per_position=per_position, batch_size=batch_size, add_eos=add_eos,
-                           truncate=truncate, pad_to=pad_to, tokenizer=tokenizer)
+                           truncate=truncate, pad_to=pad_to, tokenizer=tokenizer,
+                           max_memory_gb=max_memory_gb)
   stream = inference.with_progress(stream, len(names), "embed")
   rows = (emb if per_position else emb[None] for _, emb in stream)
   if output_path.endswith(".npz"):

@@ -43,6 +43,7 @@ from hyena_jax.data.seqfiles import Record
 from hyena_jax.data.variants import ReferenceGenome, Variant, read_vcf
 from hyena_jax.errors import InputError
 from hyena_jax.inference import batching as inference
+from hyena_jax.inference import long_forward
 from hyena_jax.model.hyenadna import HyenaLM
 
 
@@ -54,31 +55,39 @@ def _token_logp(model: HyenaLM, ids: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.full((ids.shape[0], 1), jnp.nan, jnp.float32), picked], axis=1)
 
 
-def _logp_compute(model: HyenaLM):
+def _logp_compute(model: HyenaLM, max_memory_gb: float | None = None):
   """Batch -> per-row log-probabilities of the row's own tokens (right padding dropped)."""
   def compute(batch: inference.Batch) -> list[np.ndarray]:
-    out = np.asarray(_token_logp(model, jnp.asarray(batch.ids)))
+    if batch.ids.shape[1] >= long_forward.LONG_FROM:  # bounded memory (long_forward.py)
+      out = np.asarray(long_forward.token_log_probs(model, batch.ids,
+                                                    max_memory_gb=max_memory_gb))
+    else:
+      out = np.asarray(_token_logp(model, jnp.asarray(batch.ids)))
     return [out[row, :batch.lengths[row]] for row in range(len(batch.index))]
   return compute
 
 
 def token_log_probs(model: HyenaLM, token_ids: Iterable[np.ndarray], *, batch_size: int = 8,
-                    chunk_size: int | None = None) -> Iterator[np.ndarray]:
+                    chunk_size: int | None = None, max_memory_gb: float | None = None
+                    ) -> Iterator[np.ndarray]:
   """Streams float32 [n] per token array, in order: entry t = log p(x_t | x_<t), entry 0 NaN.
 
   The arrays are batched by length bucket with right padding, which no kept entry depends on.
+  Arrays of `long_forward.LONG_FROM` tokens or more run in at most `max_memory_gb` (default:
+  what the host has available).
   """
   model = inference.require_lm(model, "scoring")
   for _, logp in inference.run_chunked(token_ids, lambda ids: np.asarray(ids, np.int32),
-                                       _logp_compute(model), batch_size=batch_size,
-                                       l_max=model.config.l_max, chunk_size=chunk_size):
+                                       _logp_compute(model, max_memory_gb),
+                                       batch_size=batch_size, l_max=model.config.l_max,
+                                       chunk_size=chunk_size):
     yield logp
 
 
 def score_sequences(model: HyenaLM, sequences: Iterable[str | Record], *,
                     context_token: int | None = None, truncate: bool = False,
-                    batch_size: int = 8, tokenizer: tok.CharacterTokenizer | None = None
-                    ) -> Iterator[tuple[Record, np.ndarray]]:
+                    batch_size: int = 8, tokenizer: tok.CharacterTokenizer | None = None,
+                    max_memory_gb: float | None = None) -> Iterator[tuple[Record, np.ndarray]]:
   """Streams (record, per-base log-likelihoods float32 [n_bases]) in input order.
 
   Entry 0 is NaN unless `context_token` is given (see the module docstring). Sequences longer
@@ -93,8 +102,8 @@ def score_sequences(model: HyenaLM, sequences: Iterable[str | Record], *,
   encode = lambda r: inference.encode_record(tokenizer, r, model.config.l_max,  # noqa: E731
                                              truncate=truncate, prefix=prefix)
   for record, logp in inference.run_chunked(inference.as_records(sequences), encode,
-                                            _logp_compute(model), batch_size=batch_size,
-                                            l_max=model.config.l_max):
+                                            _logp_compute(model, max_memory_gb),
+                                            batch_size=batch_size, l_max=model.config.l_max):
     yield record, logp[len(prefix):]
 
 
@@ -118,7 +127,8 @@ class VariantScore:
   end: int
 
 
-def variant_windows(genome: ReferenceGenome, variant: Variant, window: int) -> tuple[str, str, int, int]:
+def variant_windows(genome: ReferenceGenome, variant: Variant, window: int
+                    ) -> tuple[str, str, int, int]:
   """(ref_window, alt_window, start, end) for a variant; checks REF against the FASTA."""
   v = variant
   if v.chrom not in genome:
@@ -210,7 +220,7 @@ def score_variants(model: HyenaLM, genome: ReferenceGenome | str, variants: Iter
 def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = "auto",
                column: int | str = 0, name_column: int | str | None = None,
                context_token: int | None = None, truncate: bool = False,
-               batch_size: int = 8) -> dict:
+               batch_size: int = 8, max_memory_gb: float | None = None) -> dict:
   """Per-base scores of every record of a FASTA/TSV file, streamed to .npz or summed to .tsv.
 
   .npz: `logp` float32 [sum(lengths)] (record i = logp[offsets[i]:offsets[i+1]], first base NaN
@@ -234,7 +244,8 @@ def score_file(model: HyenaLM, input_path: str, output_path: str, *, fmt: str = 
   if not names:
     raise InputError(f"{input_path}: no sequences found")
   stream = score_sequences(model, read(), context_token=context_token, truncate=truncate,
-                           batch_size=batch_size, tokenizer=tokenizer)
+                           batch_size=batch_size, tokenizer=tokenizer,
+                           max_memory_gb=max_memory_gb)
   stream = inference.with_progress(stream, len(names), "score")
   totals = []
   if output_path.endswith(".npz"):

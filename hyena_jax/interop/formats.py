@@ -73,7 +73,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):
-    raise InputError(f"{path}: expected a state_dict (mapping of tensors), got {type(obj).__name__}")
+    raise InputError(f"{path}: expected a state_dict (mapping of tensors), got "
+                     f"{type(obj).__name__}")
   out = {}
   for k, v in obj.items():
     if not isinstance(v, torch.Tensor):

@@ -2,7 +2,7 @@
 
 `source` is any of
   * an orbax run of this project (a folder holding `checkpoints/`; `step` picks the checkpoint);
-  * an official PyTorch release, as a weights file or a folder holding one (see formats.WEIGHT_FILES):
+  * an official PyTorch release, as a weights file or a folder holding one (formats.WEIGHT_FILES):
     the HF "-hf" repositories, the standalone state_dict, a Lightning `weights.ckpt`/`last.ckpt`;
     the official `config.json` beside the weights gives the architecture, else the tensor shapes;
   * a Hugging Face Hub repo id such as "LongSafari/hyenadna-tiny-1k-seqlen-hf", fetched with
@@ -113,7 +113,8 @@ def load(source: str | os.PathLike, *, dtype: str | None = None, conv_impl: str 
     raise MissingInputError(
         f"model not found: {text} is neither an existing path nor a Hub repo id (ORG/NAME). "
         "Expected an orbax run folder, an official weights file or a folder holding one of "
-        f"{', '.join(formats.WEIGHT_FILES)}, or a repo id such as LongSafari/hyenadna-tiny-1k-seqlen-hf")
+        f"{', '.join(formats.WEIGHT_FILES)}, or a repo id such as "
+        "LongSafari/hyenadna-tiny-1k-seqlen-hf")
   if step is not None:
     raise InputError(f"step={step} only applies to orbax runs, not to the Hub repo {text}")
   snapshot = hub_snapshot(text, revision)
@@ -164,7 +165,8 @@ def find_weights(path: str | os.PathLike) -> str:
       return os.path.join(path, name)
   raise MissingInputError(
       f"{path} holds no model: it is neither an orbax run (no checkpoints/ folder) nor holds an "
-      f"official weights file ({', '.join(formats.WEIGHT_FILES)}); found {sorted(os.listdir(path))[:10]}."
+      f"official weights file ({', '.join(formats.WEIGHT_FILES)}); found "
+      f"{sorted(os.listdir(path))[:10]}."
       " Pass the weights file itself, or the run folder")
 
 

@@ -92,20 +92,38 @@ class HyenaFilter(nnx.Module):
     With `start`, returns taps start .. start+length-1 instead (a context-parallel shard's own
     positions); taps at or beyond l_max are extrapolations that the caller must mask.
     """
+    h, t = self.features(length, start=start)
+    return self.taps(h, t)
+
+  def features(self, length: int, *, start: int | jax.Array = 0
+               ) -> tuple[jax.Array, jax.Array]:
+    """The MLP up to its last layer, shared by every channel: (h [length, filter_order],
+    t [length, 1]) for positions start .. start+length-1."""
     if length > self.l_max:
       raise ValueError(f"sequence length {length} exceeds l_max={self.l_max}")
     z, t = positional_features(length, self.l_max, self.emb_dim, start)
     h = z
     for layer in self.implicit_filter[:-1]:
       h = jnp.sin(self.freq[...] * layer(h))
+    return h, t
+
+  def taps(self, h: jax.Array, t: jax.Array, channels: tuple[jax.Array | int, int] | None = None
+           ) -> jax.Array:
+    """The filter of `channels` = (first, count) (all by default; first may be traced) from
+    `features`: [count, length] float32."""
+    last = self.implicit_filter[-1]
+    kernel, rates = last.kernel[...], jnp.abs(decay_rates(self.d_model))
+    if channels is not None:
+      first, count = channels
+      kernel = jax.lax.dynamic_slice_in_dim(kernel, first, count, axis=1)
+      rates = jax.lax.dynamic_slice_in_dim(rates, first, count)
     # The last layer as kernel^T h^T, [d, F] x [F, length]: k comes out channels-first, as the
     # FFT wants it, instead of being transposed (XLA:CPU fused that transpose with the
     # modulation and the FFT's zero padding, in transposed order: 3 ms per layer at 8k).
-    last = self.implicit_filter[-1]
-    k = jax.lax.dot_general(last.kernel[...], h, (((0,), (1,)), ((), ())),
-                            precision=last.precision)                # [d_model, length]
+    k = jax.lax.dot_general(kernel, h, (((0,), (1,)), ((), ())),
+                            precision=last.precision)                # [channels, length]
     if self.modulate:
-      k = k * (jnp.exp(-t.T * jnp.abs(decay_rates(self.d_model))[:, None]) + self.shift)
+      k = k * (jnp.exp(-t.T * rates[:, None]) + self.shift)
     return k
 
 

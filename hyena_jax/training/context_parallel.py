@@ -56,8 +56,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hyena_jax.model import fftconv
-from hyena_jax.model import mesh_axes
+from hyena_jax.model import fftconv, mesh_axes
 from hyena_jax.model.config import HyenaConfig
 from hyena_jax.model.hyena import HyenaFilter, HyenaOperator
 from hyena_jax.model.hyenadna import Backbone, HyenaLM

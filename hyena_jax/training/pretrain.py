@@ -28,9 +28,7 @@ from hyena_jax.training import checkpoint as ckpt_lib
 from hyena_jax.training import distributed, metrics_writer, resume
 from hyena_jax.training import run as run_lib
 from hyena_jax.training import sharding, steps
-
-State = dict[str, Any]  # {"step": int32 [], "params": tree, "opt_state": tree}
-
+from hyena_jax.training.steps import State
 
 # ------------------------------------------------------------------------------------------------
 # Loss and steps (pure functions; nothing here branches on the config at run time)
@@ -143,8 +141,8 @@ def _diverged(what: str, step: int, last_saved: int | None, config) -> DivergedE
   return DivergedError(f"{what} at step {step}. {how}")
 
 
-def _train(run: run_lib.Run, mngr: ocp.CheckpointManager, resumed: resume.Resumed | None, preemption,
-           stop_after_steps: int | None, final_path: epath.Path) -> dict[str, Any]:
+def _train(run: run_lib.Run, mngr: ocp.CheckpointManager, resumed: resume.Resumed | None,
+           preemption, stop_after_steps: int | None, final_path: epath.Path) -> dict[str, Any]:
   config, workdir = run.config, run.config_workdir
   logging.info("mesh %s; %d steps in %d stage(s)", dict(run.mesh.shape), run.total_steps,
                len(config.train.stages))

@@ -20,8 +20,7 @@ from hyena_jax.errors import InputError
 from hyena_jax.model.config import HyenaConfig
 from hyena_jax.model.hyenadna import HyenaLM
 from hyena_jax.training import optim, run_config, sharding
-
-State = dict[str, Any]  # {"step": int32 [], "params": tree, "opt_state": tree}
+from hyena_jax.training.steps import State
 
 
 @dataclasses.dataclass

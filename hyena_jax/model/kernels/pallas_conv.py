@@ -1,4 +1,5 @@
-"""Pallas long convolution (the op; plan.py plans it, pallas_kernels.py holds the kernels): FFTs as matrix multiplications, fused with the skip term and the gate.
+"""Pallas long convolution: FFTs as matrix multiplications, fused with the skip term and the gate.
+This is the op; plan.py plans it, pallas_kernels.py holds the kernels.
 
 Computes exactly what `fftconv.fft_long_conv` computes,
 
