@@ -55,9 +55,9 @@ def define_tuning_flags(config_help: str, workdir_help: str) -> tuple[Any, Any]:
 def define_max_memory_flag() -> Any:
   """--max_memory_gb of the tools that run long sequences (inference/long_forward.py)."""
   return flags.DEFINE_float(
-      "max_memory_gb", None, "sequences of 65,536 tokens or more run in at most this much "
-      "memory (default: what the host has available); a request that cannot fit is refused, "
-      "naming the length that would")
+      "max_memory_gb", None, "memory the forward may use (default: what the host has "
+      "available); sequences too long for one jitted forward within it run in bounded memory "
+      "(long contexts), and a request that cannot fit is refused, naming the length that would")
 
 
 class SequenceInputFlags(NamedTuple):

@@ -46,8 +46,11 @@ def test_token_log_probs_and_last_logits_equal_the_plain_ones(case):
                              rtol=0, atol=2e-5)
 
 
-def test_a_request_that_cannot_fit_names_the_length_that_would():
+def test_the_path_and_the_plan_follow_the_memory_budget():
   cfg = released("large-1m")
+  assert not long_forward.wants_long_path(cfg, 1, 262_144, max_memory_gb=16)  # 8.8 GB jitted
+  assert long_forward.wants_long_path(cfg, 1, 262_144, max_memory_gb=6)
+  assert long_forward.wants_long_path(cfg, 1, 1_000_000, max_memory_gb=20)
   plan = long_forward.plan(cfg, 1, 1_000_000, max_memory_gb=12)
   assert plan.bytes <= 12 * 2 ** 30 and plan.group >= 16
   with pytest.raises(InputError, match=r"1 x 1,000,000 tokens needs at least .* GiB, more than "
@@ -61,7 +64,7 @@ def test_embed_and_score_take_the_long_path_for_long_inputs(case, monkeypatch):
   seqs = ["ACGT" * 50 + "GATTACA", "TTGACA" * 30]
   want_scores = [s for _, s in score.score_sequences(model, seqs)]
   want_emb = embed.embed(model, seqs, layers="final,0", pooling="mean_nonpad")
-  monkeypatch.setattr(long_forward, "LONG_FROM", 64)  # every bucket (>= 64 tokens) goes long
+  monkeypatch.setattr(long_forward, "wants_long_path", lambda *a: True)  # as if memory were short
   calls = []
   hidden_states = long_forward.hidden_states
   monkeypatch.setattr(long_forward, "hidden_states",

@@ -143,8 +143,9 @@ def embed_sequences(model: nnx.Module, sequences: Iterable[str | Record], *,
   `model` is a HyenaLM or SequenceClassifier (only its backbone runs). Each embedding is float32
   [n_layers, d] (pooled) or [n_tokens, n_layers, d] (`per_position`). Sequences longer than
   the model's l_max (or `pad_to`) raise unless `truncate` keeps their first bases. Plain
-  strings are named seq0, seq1, ... Sequences of `long_forward.LONG_FROM` tokens or more run in
-  at most `max_memory_gb` (default: what the host has available).
+  strings are named seq0, seq1, ... A batch that one jitted forward could not run within
+  `max_memory_gb` (default: what the host has available) runs in bounded memory
+  (long_forward.py).
   """
   cfg = model.config
   layers = normalize_layers(layers, cfg.n_layer)
@@ -156,7 +157,7 @@ def embed_sequences(model: nnx.Module, sequences: Iterable[str | Record], *,
   def compute(batch: inference.Batch) -> list[np.ndarray]:
     starts = np.argmax(batch.ids != tok.PAD, axis=1).astype(np.int32)  # leading [PAD]s
     args = (model, jnp.asarray(batch.ids), jnp.asarray(starts), jnp.asarray(batch.lengths))
-    if batch.ids.shape[1] >= long_forward.LONG_FROM:
+    if long_forward.wants_long_path(cfg, *batch.ids.shape, max_memory_gb):
       out = _embed_long(*args, layers=layers, per_position=per_position,
                         max_memory_gb=max_memory_gb)
     else:

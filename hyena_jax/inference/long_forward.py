@@ -20,7 +20,9 @@ against ~36 GB for the jitted forward. Results equal the plain forward up to flo
     logp = long_forward.token_log_probs(model, ids)                  # [B, L], entry 0 NaN
 
 `max_memory_gb` (default: 80% of the memory the host has available) sizes chunk and group; a
-request that cannot fit is an InputError naming the longest length that would.
+request that cannot fit is an InputError naming the longest length that would. embed and score
+come here only when the jitted forward would not fit (`wants_long_path`): where it fits it is
+faster.
 """
 
 from __future__ import annotations
@@ -41,9 +43,6 @@ from hyena_jax.model.config import HyenaConfig
 from hyena_jax.model.hyenadna import check_input_ids
 
 GIB = 2.0 ** 30
-# From this many tokens per sequence embed and score use this forward instead of one jitted call
-# (below it the whole-model program is faster and its memory small).
-LONG_FROM = 65536
 _FFT_BYTES_PER_POINT = 32     # rfft of u and k, their product, the irfft: complex64 + float32
 _CHUNK_BYTES_PER_WIDTH = 48   # per position per d: norm, in_proj thirds, MLP hidden (4d), output
 
@@ -63,6 +62,22 @@ def available_gb() -> float:
     return int(info["MemAvailable"].split()[0]) * 1024 / GIB
   except (OSError, KeyError, ValueError):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def plain_forward_gb(cfg: HyenaConfig, batch: int, length: int) -> float:
+  """The peak of the jitted whole-model forward on XLA:CPU, as measured: ~33 floats per position
+  per d_model channel plus 0.5 GB (large-1m: 4.6 GB at 131k tokens, 8.8 GB at 262k;
+  benchmarks/bench_long_inference.py)."""
+  return (33 * batch * length * cfg.d_model * 4) / GIB + 0.5
+
+
+def wants_long_path(cfg: HyenaConfig, batch: int, length: int,
+                    max_memory_gb: float | None = None) -> bool:
+  """Whether embed and score run [batch, length] here rather than as one jitted forward: only
+  when that would not fit the budget (the jitted forward is faster: 67 s against 86 s for
+  large-1m at 262k tokens on 2 cores)."""
+  budget = 0.8 * available_gb() if max_memory_gb is None else max_memory_gb
+  return plain_forward_gb(cfg, batch, length) > budget
 
 
 def _stream_bytes(cfg: HyenaConfig, batch: int, length: int, kept_layers: int) -> int:

@@ -58,7 +58,7 @@ def _token_logp(model: HyenaLM, ids: jax.Array) -> jax.Array:
 def _logp_compute(model: HyenaLM, max_memory_gb: float | None = None):
   """Batch -> per-row log-probabilities of the row's own tokens (right padding dropped)."""
   def compute(batch: inference.Batch) -> list[np.ndarray]:
-    if batch.ids.shape[1] >= long_forward.LONG_FROM:  # bounded memory (long_forward.py)
+    if long_forward.wants_long_path(model.config, *batch.ids.shape, max_memory_gb):
       out = np.asarray(long_forward.token_log_probs(model, batch.ids,
                                                     max_memory_gb=max_memory_gb))
     else:
@@ -73,8 +73,8 @@ def token_log_probs(model: HyenaLM, token_ids: Iterable[np.ndarray], *, batch_si
   """Streams float32 [n] per token array, in order: entry t = log p(x_t | x_<t), entry 0 NaN.
 
   The arrays are batched by length bucket with right padding, which no kept entry depends on.
-  Arrays of `long_forward.LONG_FROM` tokens or more run in at most `max_memory_gb` (default:
-  what the host has available).
+  A batch that one jitted forward could not run within `max_memory_gb` (default: what the host
+  has available) runs in bounded memory (long_forward.py).
   """
   model = inference.require_lm(model, "scoring")
   for _, logp in inference.run_chunked(token_ids, lambda ids: np.asarray(ids, np.int32),
