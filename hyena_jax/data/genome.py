@@ -1,6 +1,6 @@
 """Genome access for pretraining: indexed FASTA, BED intervals, tiling, and window construction.
 
-This module knows nothing about Grain; `hyena_jax.data` builds the pipeline on top of it.
+This module knows nothing about Grain; `pretraining.py` builds the pipeline on top of it.
 
 Windows follow the official HyenaDNA hg38 loader (SPEC section 3) with `max_length = seq_len + 1`:
   1. an interval shorter than max_length is extended symmetrically (`extra // 2` bases on the

@@ -17,7 +17,7 @@ built from `jax.devices()` (ordered by process), process p's devices hold exactl
 validation pass sees every window exactly once and every host yields the same number of batches.
 
 Augmentation (`rc_aug`, `random_offset`) applies to the "train" split only. Window construction
-and the BED/tiling hold-out are documented in `hyena_jax.genome`.
+and the BED/tiling hold-out are documented in `genome.py`.
 
 Labelled data for fine-tuning is `hyena_jax.data.labelled`'s.
 """

@@ -64,7 +64,7 @@ def frozen_mask(params: Any, freeze_backbone: bool) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Linear probe (LP-FT's first stage; the fit itself is hyena_jax.linear_probe)
+# Linear probe (LP-FT's first stage; the fit itself is linear_probe.py)
 
 
 def make_features_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:

@@ -5,7 +5,7 @@ r"""Embeddings of DNA sequences: per sequence (pooled) or per position, from cho
 Layers: "final" is the last hidden state after ln_f (what heads read); an integer i is the
 residual stream after block i (0-based, before ln_f; the -hf `output_hidden_states`).
 
-Padding never leaks (see inference.py): by default each sequence is embedded exactly as if it
+Padding never leaks (see batching.py): by default each sequence is embedded exactly as if it
 were alone, tokens = bases [+ SEP], and pooling runs over those tokens. `pad_to=N` instead
 reproduces the official fine-tuning input (left-pad every sequence to N with [PAD]; SPEC 6.1):
 the [PAD] tokens are then part of the input and change every output after them, by design, as

@@ -1,5 +1,5 @@
 """Exports any model `hyena_jax.load` reads to the official PyTorch HyenaDNA formats
-(`formats.LAYOUTS`; `python -m hyena_jax.export` runs it from the command line).
+(`weights.LAYOUTS`; `python -m hyena_jax.export` runs it from the command line).
 
 The source is an orbax run of this project (with `step`), an official weights file or folder,
 or a Hub repo id: the same `--model` every tool takes. So an -hf release can be re-exported as a

@@ -30,7 +30,7 @@ try:
   from torch import nn
   from torch.nn import functional as F
 except ImportError as e:  # the JAX package never imports this module itself
-  raise ImportError("hyena_jax.torch_reference needs PyTorch: "
+  raise ImportError("hyena_jax.interop.torch_reference needs PyTorch: "
                     "pip install 'hyena_jax[torch]'") from e
 
 

@@ -9,7 +9,7 @@ Stages (`HyenaOperator` methods and members), composed by three callers that sha
   * `output`: gating (when the convolution did not fuse it) and out_proj;
   * `prefill` / `step`: cached decoding, the forward over a buffer plus a `DecodeCache`, then one
     position at a time.
-Callers: `__call__` (model.py's Block, the whole sequence), context_parallel._mixer (a sequence
+Callers: `__call__` (hyenadna.py's Block, the whole sequence), context_parallel._mixer (a sequence
 shard, all-to-all around the long convolution), generate.py (prefill, step). The residual block
 around the mixer (norms, MLP) is model.Block, written once for all three.
 

@@ -7,8 +7,9 @@ Data flow (shapes with B batch, L length <= l_max, d d_model, V padded vocab = 1
     hidden = ln_f(x) [B, L, d];  logits = hidden @ E^T [B, L, V]   (LM head tied to E)
 
 The block (norm1, mixer, residual, norm2, MLP) is `Block.apply`, the one copy: context
-parallelism (context_parallel.py) and cached decoding (generate.py) call it with their own
-composition of the mixer's stages (hyena.py), so neither repeats the block or the mixer.
+parallelism (training/context_parallel.py) and cached decoding (inference/generate.py) call it
+with their own composition of the mixer's stages (hyena.py), so neither repeats the block or
+the mixer.
 
 Mixed precision: `config.dtype` is the compute dtype of projections and the MLP; LayerNorms, the
 residual stream (upstream `residual_in_fp32`), the implicit filter and the FFT stay float32.

@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Model hyperparameters: every HyenaConfig field, with its defaults (tiny-1k).
   config.model = ml_collections.ConfigDict(dataclasses.asdict(HyenaConfig()))
-  # Input pipeline (FASTA/BED, workers, augmentation); see hyena_jax/data.py.
+  # Input pipeline (FASTA/BED, workers, augmentation); see hyena_jax/data/pretraining.py.
   config.data = data.default_config()
 
   config.train = ml_collections.ConfigDict()

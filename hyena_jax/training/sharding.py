@@ -78,7 +78,7 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_FSDP_SIZE) -> Any:
 def check_process_rows(mesh: Mesh) -> None:
   """Multi-process runs: process p must hold rows p*b:(p+1)*b of every global batch.
 
-  Each process reads only that contiguous block of the batch (data.py) and
+  Each process reads only that contiguous block of the batch (data/pretraining.py) and
   `jax.make_array_from_process_local_data` places it on the process's devices, so the batch
   axes (data x fsdp) must be split evenly between the processes, in process order, as a mesh
   built from `jax.devices()` is. Not so when, e.g., the sequence axis spans processes (every
