@@ -274,13 +274,21 @@ def _unhalves(y: jax.Array, plan: Plan) -> jax.Array:
   return y.reshape(*y.shape[:-2], plan.n // 2)[..., :plan.length]
 
 
-def single_forward(u, spec, gate, ex):
+def _single_specs(ex):
+  """What the single-pass forward and backward share: the tile constants and the block specs of
+  a (batch, channel) row ([ph, q], the input half of the tile) and of the filter spectrum."""
   plan = ex.plan
-  b, c, _ = u.shape
   ph, q = plan.p // 2, plan.q
   consts = ex.consts(tile_consts(plan.p, plan.q))
   row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
   kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
+  return consts, row, kspec, ph, q
+
+
+def single_forward(u, spec, gate, ex):
+  plan = ex.plan
+  b, c, _ = u.shape
+  consts, row, kspec, ph, q = _single_specs(ex)
   ins = [_halves(u, plan, ph), *spec] + ([_halves(gate, plan, ph)] if gate is not None else [])
   in_specs = [row, kspec, kspec] + ([row] if gate is not None else []) + _const_specs(consts)
   kernel = functools.partial(_single_fwd_kernel, has_gate=gate is not None, dot=ex.dot)
@@ -292,10 +300,7 @@ def single_forward(u, spec, gate, ex):
 def single_backward(u, gate, dy, spec, ex):
   plan = ex.plan
   b, c, _ = u.shape
-  ph, q = plan.p // 2, plan.q
-  consts = ex.consts(tile_consts(plan.p, plan.q))
-  row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
-  kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
+  consts, row, kspec, ph, q = _single_specs(ex)
   shape = (b, c, ph, q)
   kernel = functools.partial(_single_bwd_kernel, dot=ex.dot)
   du, dg, dkb = _call(
