@@ -1,6 +1,6 @@
-"""Saving and resuming a pretraining run: what a checkpoint holds, which config changes a resume
-accepts (`model.config.EXECUTION_FIELDS` always; optimizer fields when named), and restoring the
-newest checkpoint that passes its checksums.
+"""Saving and resuming runs: what a pretraining checkpoint holds, which config changes a resume
+accepts (`model.config.EXECUTION_FIELDS` always; optimizer fields when named), restoring the
+newest checkpoint that passes its checksums, and the same for fine-tuning's resume state.
 """
 
 from __future__ import annotations
@@ -138,9 +138,7 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, run: Run, step: int,
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           run.abstract_state, run.state_shardings)
   restored = {}
-  for item in items[:2]:
-    if item == "data":
-      continue
+  for item in ("params",) if finished else ("params", "opt_state"):
     error = None
     try:  # orbax/tensorstore raise many types for damaged files
       restored[item] = mngr.restore(step, args=ocp.args.Composite(
