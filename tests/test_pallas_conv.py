@@ -109,7 +109,7 @@ def test_no_gate_and_vmap():
 def test_filter_spectrum_is_the_dft_in_tile_order(platform, length, max_onchip):
   plan = pallas_conv.make_plan(length, platform, max_onchip)
   k = jax.random.normal(jax.random.key(2), (2, length))
-  re, im = pallas_kernels.filter_spectrum(k, plan)
+  re, im = pallas_conv.filter_spectrum(k, plan)
   full = np.fft.fft(np.asarray(k, np.float64), n=plan.n) / plan.n          # [C, n]
   if plan.n1 == 1:    # entry [f1, f2] holds frequency f1 + p f2
     expected = full.reshape(2, plan.q, plan.p).transpose(0, 2, 1)

@@ -1,5 +1,5 @@
 """Pallas long convolution: FFTs as matrix multiplications, fused with the skip term and the gate.
-This is the op; plan.py plans it, pallas_kernels.py holds the kernels.
+This is the op; plan.py plans it, pallas_kernels.py holds the kernels, matmul.py their matmuls.
 
 Computes exactly what `fftconv.fft_long_conv` computes,
 
@@ -23,7 +23,8 @@ Two tricks keep the kernels small:
   * the skip term is folded into the filter, conv(u, k) + D u = conv(u, k + D delta), so
     D never enters a kernel and dD = dk_eff[:, 0];
   * the filter's spectrum (channels only, shared by the batch) is computed outside the kernels
-    with the same DFT matrices as XLA einsums (matmuls, no FFT op), scaled by 1/n.
+    by XLA's FFT, scaled by 1/n and laid out in tile order (the DFT matrices as float32 einsums
+    cost more flops than the rest of a 1M-token step; issue 24).
 
 Schemes (see `make_plan`):
   * single pass, n <= `max_onchip` (GPU 4096, TPU 16384): one kernel per (batch, channel) row
@@ -74,6 +75,7 @@ from jax.sharding import PartitionSpec as P
 
 from hyena_jax.model import mesh_axes
 from hyena_jax.model.kernels import pallas_kernels as kernels
+from hyena_jax.model.kernels.matmul import Dot
 from hyena_jax.model.kernels.plan import HIGHEST, RULES, Plan, Platform, make_plan
 
 PrecisionName = Literal["highest", "default", "float32"]
@@ -82,25 +84,25 @@ PrecisionName = Literal["highest", "default", "float32"]
 # What the kernels' matmuls run as, compiled, per (block rules, precision).
 _COMPILED_DOTS = {
     # MXU: HIGHEST is the multi-pass bf16 product (float32 accuracy), DEFAULT one bf16 pass.
-    ("tpu", "highest"): kernels.Dot(HIGHEST),
-    ("tpu", "default"): kernels.Dot(jax.lax.Precision.DEFAULT),
-    ("tpu", "float32"): kernels.Dot(HIGHEST),
+    ("tpu", "highest"): Dot(HIGHEST),
+    ("tpu", "default"): Dot(jax.lax.Precision.DEFAULT),
+    ("tpu", "float32"): Dot(HIGHEST),
     # Tensor cores: three TF32 passes (hi*hi + hi*lo + lo*hi) keep ~22 mantissa bits; one TF32
     # pass keeps 10. IEEE float32 ("float32") uses no tensor cores: Triton unrolls it into FMA
     # code that ptxas does not finish compiling at L = 131k (issue 17), so it is for tests only.
-    ("gpu", "highest"): kernels.Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
-    ("gpu", "default"): kernels.Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32),
-    ("gpu", "float32"): kernels.Dot(HIGHEST),
+    ("gpu", "highest"): Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
+    ("gpu", "default"): Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32),
+    ("gpu", "float32"): Dot(HIGHEST),
 }
 
 
-# The operand rounding interpret mode emulates for the same requests (see kernels.Dot).
+# The operand rounding interpret mode emulates for the same requests (see Dot).
 _EMULATED = {("gpu", "highest"): "tf32x3", ("gpu", "default"): "tf32", ("tpu", "default"): "bf16"}
 
 
-def _dot_for(platform: Platform, precision: str, interpret: bool) -> kernels.Dot:
+def _dot_for(platform: Platform, precision: str, interpret: bool) -> Dot:
   if interpret:
-    return kernels.Dot(HIGHEST, _EMULATED.get((platform, precision)))
+    return Dot(HIGHEST, _EMULATED.get((platform, precision)))
   return _COMPILED_DOTS[platform, precision]
 
 
@@ -110,7 +112,7 @@ class _Exec:
   mesh axes the operands vary over inside a shard_map (the outputs vary over the same)."""
   plan: Plan
   interpret: bool
-  dot: kernels.Dot
+  dot: Dot
   vma: frozenset = frozenset()
 
   def sds(self, shape, dtype) -> jax.ShapeDtypeStruct:
@@ -161,11 +163,33 @@ def _by_channel_groups(fn, groups, args, axes, out_axes):
   return merge(outs, out_axes[0])
 
 
+def filter_spectrum(k_eff: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array]:
+  """k_eff: [C, L] float32 -> DFT_n(k_eff) / n in the kernels' tile order, (re, im).
+
+  Single pass: [C, p, q] with entry [f1, f2] = X[f1 + p f2]. Two pass: [C, n1, p, q] with entry
+  [f1, g1, g2] = X[f1 + n1 (g1 + p g2)].
+
+  XLA's FFT (O(n log n), float32), not the kernels' DFT matmuls: as float32 einsums at
+  Precision.HIGHEST those cost O(n sqrt(n)) flops per channel, 2.8e13 per large-1m train step on
+  an H100 (issue 24), more than the rest of the step. The batch-independent filter needs no
+  fusion with the signal, so the cheapest transform wins. The real input's spectrum is
+  conjugate-symmetric: the rfft's half gives the rest, X[n - f] = conj(X[f]).
+  """
+  c, n = k_eff.shape[0], plan.n
+  half = jnp.fft.rfft(k_eff.astype(jnp.float32), n=n, axis=-1) / n         # [C, n/2 + 1]
+  full = jnp.concatenate([half, jnp.conj(half[:, 1:n // 2][:, ::-1])], axis=-1)   # [C, n]
+  if plan.n1 == 1:
+    tiles = full.reshape(c, plan.q, plan.p).transpose(0, 2, 1)
+  else:
+    tiles = full.reshape(c, plan.q, plan.p, plan.n1).transpose(0, 3, 2, 1)
+  return jnp.real(tiles), jnp.imag(tiles)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _conv(u, k_eff, gate, ex):
   def one(u, k_eff, gate):
     fwd = kernels.single_forward if ex.plan.n1 == 1 else kernels.two_pass_forward
-    return fwd(u, kernels.filter_spectrum(k_eff, ex.plan), gate, ex)
+    return fwd(u, filter_spectrum(k_eff, ex.plan), gate, ex)
   groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
   return _by_channel_groups(one, groups, (u, k_eff, gate), (1, 0, 1), (1,))
 
@@ -180,7 +204,7 @@ def _conv_bwd(ex, residuals, dy):
 
   def one(u, k_eff, g, dy):
     bwd = kernels.single_backward if ex.plan.n1 == 1 else kernels.two_pass_backward
-    return bwd(u, g, dy, kernels.filter_spectrum(k_eff, ex.plan), ex)
+    return bwd(u, g, dy, filter_spectrum(k_eff, ex.plan), ex)
   groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
   du, dg, dk = _by_channel_groups(one, groups, (u, k_eff, g, dy), (1, 0, 1, 1), (1, 1, 0))
   return du, dk.astype(k_eff.dtype), None if gate is None else dg

@@ -5,7 +5,6 @@ backward, plus the filter's spectrum (`pallas_conv`'s docstring has the maths).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -13,40 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from hyena_jax.model.kernels.plan import HIGHEST, Plan, Platform, dft, tile_consts, twiddle
-
-
-def _round_tf32(x):
-  """float32 -> nearest TF32 (8 exponent, 10 mantissa bits), as the tensor cores read it."""
-  return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=10)
-
-
-@dataclasses.dataclass(frozen=True)
-class Dot:
-  """How the kernels' float32 matmuls run.
-
-  precision: what jnp.dot is given (a Precision or a DotAlgorithmPreset). emulate: in interpret
-  mode, round the operands as the target's matrix units would ('tf32': one TF32 pass, 'tf32x3':
-  hi/lo TF32 split, three passes, 'bf16': one bfloat16 pass), so that errors measured on CPU are
-  the target's (accumulation order is not emulated).
-  """
-  precision: object
-  emulate: str | None = None
-
-  def __call__(self, a, b):
-    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
-    if self.emulate is None:
-      return dot(a, b, precision=self.precision)
-    exact = functools.partial(dot, precision=HIGHEST)
-    if self.emulate == "bf16":
-      return exact(a.astype(jnp.bfloat16).astype(jnp.float32),
-                   b.astype(jnp.bfloat16).astype(jnp.float32))
-    a_hi, b_hi = _round_tf32(a), _round_tf32(b)
-    if self.emulate == "tf32":
-      return exact(a_hi, b_hi)
-    # tf32x3 (Triton's TF32x3): a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi.
-    a_lo, b_lo = _round_tf32(a - a_hi), _round_tf32(b - b_hi)
-    return exact(a_hi, b_hi) + (exact(a_hi, b_lo) + exact(a_lo, b_hi))
+from hyena_jax.model.kernels.matmul import KERNEL_FLOPS_KEY, Dot, kernel_flops
+from hyena_jax.model.kernels.plan import Plan, Platform, dft, tile_consts, twiddle
 
 
 def _mm(a, b, dot: Dot):
@@ -205,6 +172,7 @@ def _col_inv_kernel(*refs, has_post, dot):
 # pallas_call wrappers.
 
 
+
 def _compiler_params(platform: Platform, interpret: bool, ndim: int):
   if interpret:
     return None
@@ -240,11 +208,26 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, ex):
     in_specs = [_reverse_grid(s) for s in in_specs]
     out_specs = (_reverse_grid(out_specs) if isinstance(out_specs, pl.BlockSpec)
                  else [_reverse_grid(s) for s in out_specs])
-  if not (interpret and ex.vma):
+  if not interpret:
+    def compiled(*args):
+      # What the program's cost count (training/roofline.py) reads: the kernel's matmul flops
+      # in its metadata (kept in the compiled HLO on TPU and GPU) and, for XLA's TPU scheduler,
+      # a cost estimate.
+      outs = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
+      flops = kernel_flops(kernel, grid, in_specs, [x.dtype for x in args],
+                           [o.dtype for o in outs])
+      moved = sum(x.size * x.dtype.itemsize for x in (*args, *outs))
+      return pl.pallas_call(
+          kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+          compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
+          cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved),
+          metadata={KERNEL_FLOPS_KEY: str(flops)},
+      )(*args)
+    return compiled
+  if not ex.vma:
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        interpret=interpret, compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
-    )
+        interpret=True)
   # The interpreter starts outputs from fresh (unvarying) buffers, which check_vma refuses to
   # update with varying blocks inside a shard_map: hand it varying buffers to write into
   # (aliased inputs that the kernel never sees).
@@ -398,46 +381,6 @@ def two_pass_backward(u, gate, dy, spec, ex):
   du = _col_inverse(flat[2], flat[3], None, u.dtype, ex)
   dkb = _col_inverse(flat[4], flat[5], None, jnp.float32, ex)
   return du, dg, dkb.sum(0) / plan.n
-
-
-# ----------------------------------------------------------------------------------------------
-# The filter's spectrum, in tile order, as XLA matmuls (channels only: shared by the batch).
-
-
-def filter_spectrum(k_eff: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array]:
-  """k_eff: [C, L] float32 -> DFT_n(k_eff) / n in the kernels' tile order, (re, im).
-
-  Single pass: [C, p, q] with entry [f1, f2] = X[f1 + p f2]. Two pass: [C, n1, p, q] with entry
-  [f1, g1, g2] = X[f1 + n1 (g1 + p g2)].
-  """
-  ein = functools.partial(jnp.einsum, precision=HIGHEST)
-  c = k_eff.shape[0]
-
-  def col_step(xr, xi, p, q, half):
-    """T * (F_p @ x) over the last two axes [..., p or p/2, q] (xi None: real input)."""
-    fr, fi = (np.ascontiguousarray(a[:, :p // 2]) if half else a for a in dft(p))
-    ar = ein("fj,...jq->...fq", fr, xr)
-    ai = ein("fj,...jq->...fq", fi, xr)
-    if xi is not None:
-      ar, ai = ar - ein("fj,...jq->...fq", fi, xi), ai + ein("fj,...jq->...fq", fr, xi)
-    return _cmul(ar, ai, *twiddle(p, q))
-
-  def tile_dft(xr, xi, p, q, half):
-    """Four-step DFT over the last two axes: (T * (F_p @ x)) @ F_q."""
-    ar, ai = col_step(xr, xi, p, q, half)
-    gr, gi = dft(q)
-    return (ein("...fj,jg->...fg", ar, gr) - ein("...fj,jg->...fg", ai, gi),
-            ein("...fj,jg->...fg", ar, gi) + ein("...fj,jg->...fg", ai, gr))
-
-  rows = plan.p // 2 if plan.n1 == 1 else plan.n1 // 2
-  x = _halves(k_eff.astype(jnp.float32)[None], plan, rows)[0]       # [C, rows, n / (2 rows)]
-  if plan.n1 == 1:
-    xr, xi = tile_dft(x, None, plan.p, plan.q, half=True)
-  else:
-    ar, ai = col_step(x, None, plan.n1, plan.m, half=True)          # [C, n1, m]: columns + twiddle
-    split = lambda a: a.reshape(c, plan.n1, plan.p, plan.q)           # noqa: E731
-    xr, xi = tile_dft(split(ar), split(ai), plan.p, plan.q, half=False)
-  return xr / plan.n, xi / plan.n
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""The float32 matmuls of the Pallas kernels: how they run on each target (`Dot`), emulated in
+interpret mode, and how many flops a kernel's matmuls cost (`kernel_flops`), which a compiled
+kernel call carries in its metadata for the program's cost count (training/roofline.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from hyena_jax.model.kernels.plan import HIGHEST
+
+# The metadata key under which a compiled kernel call carries its matmul flops.
+KERNEL_FLOPS_KEY = "hyena_kernel_flops"
+
+# The matmul flops counted while `kernel_flops` traces a kernel (a stack: one entry per count).
+_MATMUL_FLOPS: list[int] = []
+
+
+def _round_tf32(x):
+  """float32 -> nearest TF32 (8 exponent, 10 mantissa bits), as the tensor cores read it."""
+  return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+  """How the kernels' float32 matmuls run.
+
+  precision: what jnp.dot is given (a Precision or a DotAlgorithmPreset). emulate: in interpret
+  mode, round the operands as the target's matrix units would ('tf32': one TF32 pass, 'tf32x3':
+  hi/lo TF32 split, three passes, 'bf16': one bfloat16 pass), so that errors measured on CPU are
+  the target's (accumulation order is not emulated).
+  """
+  precision: object
+  emulate: str | None = None
+
+  def __call__(self, a, b):
+    if _MATMUL_FLOPS:  # counting a kernel's matmuls (kernel_flops), not lowering it
+      _MATMUL_FLOPS[-1] += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+    if self.emulate is None:
+      return dot(a, b, precision=self.precision)
+    exact = functools.partial(dot, precision=HIGHEST)
+    if self.emulate == "bf16":
+      return exact(a.astype(jnp.bfloat16).astype(jnp.float32),
+                   b.astype(jnp.bfloat16).astype(jnp.float32))
+    a_hi, b_hi = _round_tf32(a), _round_tf32(b)
+    if self.emulate == "tf32":
+      return exact(a_hi, b_hi)
+    # tf32x3 (Triton's TF32x3): a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi.
+    a_lo, b_lo = _round_tf32(a - a_hi), _round_tf32(b - b_hi)
+    return exact(a_hi, b_hi) + (exact(a_hi, b_lo) + exact(a_lo, b_hi))
+
+
+class _ValueRef:
+  """A block as a plain value, standing in for a Ref when `kernel_flops` traces a kernel."""
+
+  def __init__(self, value=None, dtype=None):
+    self.value = value
+    self.dtype = dtype if value is None else value.dtype
+
+  def __getitem__(self, index):
+    return self.value
+
+  def __setitem__(self, index, value):
+    self.value = value
+
+
+def kernel_flops(kernel, grid, in_specs, in_dtypes, out_dtypes) -> int:
+  """Matmul flops of a pallas_call: one program's dots (traced abstractly, on values of the
+  block shapes) times the grid size. The kernels' other arithmetic (twiddles, spectrum
+  products) is O(block) and left out. XLA cannot count what a custom call does, so the
+  compiled program carries this number for `training/roofline.py`."""
+
+  def program(*blocks):
+    kernel(*(_ValueRef(b) for b in blocks), *(_ValueRef(dtype=d) for d in out_dtypes))
+
+  blocks = [jax.ShapeDtypeStruct(tuple(d for d in spec.block_shape if d is not None), dtype)
+            for spec, dtype in zip(in_specs, in_dtypes)]
+  _MATMUL_FLOPS.append(0)
+  try:
+    jax.eval_shape(program, *blocks)
+  finally:
+    per_program = _MATMUL_FLOPS.pop()
+  return per_program * math.prod(grid)
