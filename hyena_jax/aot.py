@@ -3,8 +3,10 @@
 
     python -m hyena_jax.aot --config=configs/1m.py --target=v5p-8,h100
 
-Exit status: 0 when every program compiled, 2 for a usage error (an unknown target, a missing
---config).
+Exit status: 0 when every program compiled and fits in its target's memory; 3 when one does not
+fit or its compiler refused it (--allow_not_fitting keeps 0, for sweeps that chart limits); 2 for
+a usage error (an unknown target, a missing --config, a target whose compiler is not installed).
+Each target's row is printed as soon as it is compiled.
 """
 
 import os
@@ -32,6 +34,7 @@ _deviceless_environment(sys.argv)  # this module is only imported to be run
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 
+import jax
 from absl import app, flags
 
 from hyena_jax import cli
@@ -47,6 +50,10 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Override the stage's sequence len
 _KERNEL_ONLY = flags.DEFINE_bool("kernel_only", False, "Compile one long convolution only.")
 _JSON = flags.DEFINE_bool("json", False, "Print the reports as JSON instead of a table.")
 _LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Stop after lowering (no --target).")
+_ALLOW_NOT_FITTING = flags.DEFINE_bool(
+    "allow_not_fitting", False, "Exit 0 even when a program does not fit or is refused.")
+
+EXIT_NOT_FITTING = 3
 flags.adopt_module_key_flags(cli)
 cli.mark_required(["config"])
 
@@ -68,15 +75,25 @@ def main(argv: list[str]) -> None:
     print(json.dumps(report) if _JSON.value else
           "\n".join(f"{k:>32}: {v}" for k, v in report.items()))
     return
-  targets = [aot.get_target(name) for name in _TARGET.value]  # every name checked first
-  reports = []
+  # Every name and every target's compiler checked before the first (minutes-long) compile.
+  targets = [aot.get_target(name) for name in _TARGET.value]
   for target in targets:
-    reports.append(aot.compile_for_target(config, target, stage=_STAGE.value,
-                                          kernel_only=_KERNEL_ONLY.value))
-    if _JSON.value:
-      print(json.dumps(reports[-1]), flush=True)
+    aot.check_compiler(target)
+  # Deviceless executables cannot be loaded back from the persistent cache (no client).
+  jax.config.update("jax_enable_compilation_cache", False)
+  failed = []
   if not _JSON.value:
-    print(aot.format_table(reports))
+    print(aot.format_header(), flush=True)
+  for target in targets:
+    report = aot.compile_for_target(config, target, stage=_STAGE.value,
+                                    kernel_only=_KERNEL_ONLY.value)
+    print(json.dumps(report) if _JSON.value else aot.format_row(report), flush=True)
+    if not (report.get("ok") and report.get("fits", True)):
+      failed.append(target.name)
+  if failed and not _ALLOW_NOT_FITTING.value:
+    print(f"error: {', '.join(failed)}: the program does not fit or was refused (see above); "
+          "--allow_not_fitting exits 0", file=sys.stderr)
+    sys.exit(EXIT_NOT_FITTING)
 
 
 if __name__ == "__main__":

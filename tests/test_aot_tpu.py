@@ -84,3 +84,49 @@ def test_filter_mlp_matmuls_run_at_highest_precision_on_tpu(compiled):
   assert filter_dots, "the filter MLP's first matmul was not found in the compiled HLO"
   for line in filter_dots:
     assert "operand_precision={highest,highest}" in line, line
+
+
+def test_the_cost_count_equals_the_tpu_compilers_on_an_unrolled_program(compiled):
+  """Without loops, `roofline.program_cost` counts what libtpu's own cost analysis counts (it
+  reads the Pallas kernels' cost estimates, which carry the same matmul flops as the metadata
+  the counter reads); with the layers scanned, XLA counts one layer and the counter all."""
+  from hyena_jax.training import roofline
+  conv_impl, executable = compiled     # scan_layers False: no loop in the program
+  xla = executable.cost_analysis()
+  cost = roofline.program_cost(executable.as_text())
+  assert cost.loops == 0
+  # The counter runs XLA's generic (CPU) analysis on the TPU program; libtpu's own differs on a
+  # few scalar ops (5,410 of 5.0e9 flops with pallas, none with fft).
+  assert cost.flops == pytest.approx(xla["flops"], rel=1e-5), (cost.flops, xla["flops"])
+  if conv_impl == "pallas":
+    assert cost.kernel_flops > 0
+  config = _tiny_config(conv_impl)
+  config.model.scan_layers, config.model.remat = True, "block"
+  scanned = aot.lower_train_step(config, devices=aot.target_devices(aot.get_target("v5e-4")))
+  scanned = scanned.compile()
+  counted = roofline.program_cost(scanned.as_text())
+  assert counted.loops >= 2 and counted.unknown_loops == 0      # forward and backward scans
+  assert scanned.cost_analysis()["flops"] < 0.75 * counted.flops
+  # remat recomputes each block's forward in the backward: more flops than the unrolled step
+  assert counted.flops > cost.flops
+
+
+def test_a_program_that_does_not_fit_exits_non_zero(tmp_path):
+  """`python -m hyena_jax.aot` exits 3 when the compiler refuses a program for want of HBM, and 0
+  with --allow_not_fitting; the table row is printed either way."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "hyena_jax.aot", f"--config={root}/configs/default.py",
+         "--target=v5e-1", "--config.train.global_batch_size=4096",
+         "--config.train.stages=((1,1024,1),)"]
+  env = dict(os.environ, PYTHONPATH=root)
+  refused = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=600)
+  assert refused.returncode == 3, refused.stderr[-2000:]
+  assert "v5e-1 train_step      1024    fft  none  no" in refused.stdout, refused.stdout
+  assert "exceeds available HBM" in refused.stdout
+  assert refused.stderr.strip().splitlines()[-1].startswith("error: v5e-1: the program does not")
+  allowed = subprocess.run(cmd + ["--allow_not_fitting"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=600)
+  assert allowed.returncode == 0, allowed.stderr[-2000:]

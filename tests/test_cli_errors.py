@@ -6,6 +6,7 @@ function the CLI calls and check the InputError's text. `cli.run` turns every In
 """
 
 import gzip
+import importlib.util
 import os
 import subprocess
 import sys
@@ -350,3 +351,30 @@ def test_the_aot_tool_follows_the_cli_conventions(tmp_path):
   from hyena_jax.training import aot
   with pytest.raises(InputError, match="unknown target 'h1000'"):
     aot.get_target("h1000")
+  # A target whose compiler is not installed is refused before any compile, saying what to
+  # install (CI's main test run has neither libtpu nor the CUDA plugin).
+  for name, package, extra in (("v5e-1", "libtpu", "tpu"), ("h100", "jax_cuda12_plugin",
+                                                            "cuda12")):
+    if importlib.util.find_spec(package) is None:
+      with pytest.raises(InputError, match=rf"target {name} needs its compiler \({package}\), "
+                         rf'which is not installed: pip install -e "\.\[{extra}\]"'):
+        aot.check_compiler(aot.get_target(name))
+
+
+def test_aot_advice_offers_only_what_applies():
+  """At batch 1 on one device neither more grad_accum nor context parallelism can help."""
+  from hyena_jax.training import aot
+  config = run_config.release_config("tiny-1k")
+  config.model.remat, config.model.scan_layers = "block", True
+  config.train.global_batch_size, config.train.stages = 1, ((1, 1024, 1),)
+  one_chip = aot.fit_advice(20.0, 15.75, config, devices=1)
+  assert one_chip.startswith("needs 4.2 GiB more than the 15.75 GiB of HBM per chip")
+  assert "grad_accum" not in one_chip and "context parallelism" not in one_chip
+  assert "offload" in one_chip
+  config.train.global_batch_size = 8
+  eight = aot.fit_advice(20.0, 15.75, config, devices=8)
+  assert "grad_accum" not in eight          # 8 sequences over 8 devices: one each
+  assert "context parallelism" in eight
+  config.train.global_batch_size = 32
+  assert "grad_accum" in aot.fit_advice(20.0, 15.75, config, devices=8)
+  assert aot.fit_advice(15.0, 15.75, config, devices=8) == ""

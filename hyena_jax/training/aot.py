@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hyena_jax import errors
-from hyena_jax.training import memory
+from hyena_jax.training import memory, roofline
 from hyena_jax.training import run as run_lib
 from hyena_jax.training import sharding, steps
 from hyena_jax.training.memory import GIB
@@ -186,8 +186,11 @@ def custom_kernels(hlo_text: str) -> dict[str, int]:
   return {kind: hlo_text.count(marker) for kind, marker in _KERNEL_MARKERS.items()}
 
 
-def fit_advice(peak_gib: float, hbm_gib: float, config: ml_collections.ConfigDict) -> str:
-  """'' when `peak_gib` fits in `hbm_gib`; otherwise by how much it does not, and what to try."""
+def fit_advice(peak_gib: float, hbm_gib: float, config: ml_collections.ConfigDict,
+               devices: int = 1) -> str:
+  """'' when `peak_gib` fits in `hbm_gib`; otherwise by how much it does not, and what to try
+  (only what applies: no grad_accum when a device already sees one sequence per micro-batch,
+  no context parallelism on one device)."""
   if peak_gib <= hbm_gib:
     return ""
   tips = []
@@ -195,10 +198,60 @@ def fit_advice(peak_gib: float, hbm_gib: float, config: ml_collections.ConfigDic
     tips.append("model.remat='block' (recompute each block in the backward)")
   if not config.model.scan_layers:
     tips.append("model.scan_layers=True (one block's temporaries live at a time)")
-  tips.append("context parallelism (mesh.sequence > 1 splits each sequence over devices)")
-  tips.append("a larger grad_accum in train.stages (fewer sequences per micro-batch)")
+  if config.model.remat != "offload":
+    tips.append("model.remat='offload' with scan_layers=True (block inputs in host memory)")
+  if devices > 1:
+    tips.append("context parallelism (mesh.sequence > 1 splits each sequence over devices)")
+  _, _, accum = config.train.stages[-1]
+  data, fsdp, sequence = config.mesh.data, config.mesh.fsdp, config.mesh.sequence
+  batch_split = devices // max(1, sequence) if -1 in (data, fsdp) else data * fsdp
+  if config.train.global_batch_size // accum // batch_split > 1:
+    tips.append("a larger grad_accum in train.stages (fewer sequences per micro-batch)")
+  if not tips:
+    tips.append("more devices with context parallelism, or a shorter sequence")
   return (f"needs {peak_gib - hbm_gib:.1f} GiB more than the {hbm_gib:g} GiB of HBM per chip; "
           "try " + ", or ".join(tips))
+
+
+def peak_of(target: Target) -> roofline.Peak:
+  """The datasheet peaks of the target's chip (`roofline.PEAKS`)."""
+  chip = target.name.split("x")[0] if target.platform == "cuda" else \
+      target.topology.partition(":")[0]
+  return roofline.PEAKS[chip]
+
+
+def roofline_report(hlo_text: str, target: Target, config: ml_collections.ConfigDict,
+                    stage: int, kernel_only: bool, devices: int) -> dict[str, Any]:
+  """Per device: the compiled program's flops and HBM bytes (loops counted), the bound
+  max(flops / peak, bytes / bandwidth) on its step time, and the tokens/s of all devices."""
+  _, seq_len, accum = config.train.stages[stage]
+  batch = config.train.global_batch_size // (accum if kernel_only else 1)
+  peak = peak_of(target)
+  if target.platform == "tpu":   # a compile-only v4 device is one TensorCore of a 2-core chip
+    chips = math.prod(int(x) for x in target.topology.partition(":")[2].split("x"))
+    share = chips / devices
+    peak = dataclasses.replace(peak, bf16_flops=peak.bf16_flops * share,
+                               hbm_bytes_per_s=peak.hbm_bytes_per_s * share)
+  cost = roofline.program_cost(hlo_text)
+  bound = roofline.roofline(cost, peak, tokens=batch * seq_len // devices)
+  bound["tokens_per_s"] *= devices
+  return {f"roofline_{k}" if k in ("bound", "peaks") else k: v for k, v in bound.items()} | {
+      "loops_counted": cost.loops, "loops_unknown": cost.unknown_loops}
+
+
+def _gib(number: str, unit: str) -> float:
+  return float(number) / {"K": 2 ** 20, "M": 2 ** 10, "G": 1}[unit]
+
+
+def check_compiler(target: Target) -> None:
+  """Raises InputError, saying what to install, when the target's compiler is missing."""
+  import importlib.util
+  package, extra = ("libtpu", "tpu") if target.platform == "tpu" else ("jax_cuda12_plugin",
+                                                                       "cuda12")
+  if importlib.util.find_spec(package) is None:
+    raise errors.InputError(
+        f"target {target.name} needs its compiler ({package}), which is not installed: "
+        f'pip install -e ".[{extra}]"')
 
 
 def compile_for_target(config: ml_collections.ConfigDict, target: Target | str, *,
@@ -233,42 +286,57 @@ def compile_for_target(config: ml_collections.ConfigDict, target: Target | str, 
     # The TPU compiler refuses programs over HBM, naming what the temporaries need: a lower
     # bound on the peak, so the report can still say by how much it does not fit.
     oom = re.search(r"temporaries \(([\d.]+)([KMG])\) exceeds available HBM", str(e))
+    available = re.search(r"exceeds available HBM \(([\d.]+)([KMG])\)", str(e))
+    if available:   # the compiler's own figure (15.75 GiB on a v5e, not the datasheet's 16)
+      target = dataclasses.replace(target, hbm_gib=_gib(*available.groups()))
+      report["hbm_gib"] = target.hbm_gib
     if oom:
-      need = float(oom.group(1)) / {"K": 2 ** 20, "M": 2 ** 10, "G": 1}[oom.group(2)]
+      need = _gib(*oom.groups())
       report.update(temp_gib=need, peak_gib_at_least=need, fits=False,
-                    advice=fit_advice(need, target.hbm_gib, config))
+                    advice=fit_advice(need, target.hbm_gib, config, len(devices)))
     return report
   report.update(ok=True, compile_s=round(time.perf_counter() - start, 1))
   report.update(memory.in_gib(memory.memory_report(compiled)))
-  report.update(custom_kernels(compiled.as_text()))
+  hlo = compiled.as_text()
+  report.update(custom_kernels(hlo))
+  report.update(roofline_report(hlo, target, config, stage, kernel_only, len(devices)))
   if "peak_gib" in report:
     report["fits"] = report["peak_gib"] <= target.hbm_gib
-    report["advice"] = fit_advice(report["peak_gib"], target.hbm_gib, config)
+    report["advice"] = fit_advice(report["peak_gib"], target.hbm_gib, config, len(devices))
   return report
 
 
-def format_table(reports: list[dict[str, Any]]) -> str:
-  """One line per report: target, length, settings, verdict, GiB, compile seconds, kernels."""
-  head = (f"{'target':>9} {'what':>10} {'L':>9} {'conv':>6} {'remat':>5} {'ok':>3} "
-          f"{'arg':>6} {'temp':>6} {'peak':>6} {'HBM':>5} {'fits':>4} {'compile_s':>9} "
-          f"{'mosaic':>6} {'triton':>6}")
-  lines = [head]
-  for r in reports:
-    if not r.get("ok"):
-      lines.append(f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
-                   f"{r['remat']:>5} {'no':>3}  {r.get('error', '')}")
-      if r.get("advice"):
-        lines.append(f"{'':>9} {r['advice']}")
-      continue
-    lines.append(
+_HEAD = (f"{'target':>9} {'what':>10} {'L':>9} {'conv':>6} {'remat':>5} {'ok':>3} "
+         f"{'arg':>6} {'temp':>6} {'peak':>6} {'HBM':>6} {'fits':>4} {'compile_s':>9} "
+         f"{'mosaic':>6} {'triton':>6} {'TFLOP':>8} {'GB':>8} {'bound_s':>8} {'tok/s':>9}")
+
+
+def format_header() -> str:
+  return _HEAD
+
+
+def format_row(r: dict[str, Any]) -> str:
+  """One report as a table line (plus a line of advice where it does not fit)."""
+  if not r.get("ok"):
+    line = (f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
+            f"{r['remat']:>5} {'no':>3}  {r.get('error', '')}")
+  else:
+    line = (
         f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
         f"{r['remat']:>5} {'yes':>3} {r.get('argument_gib', math.nan):>6.2f} "
         f"{r.get('temp_gib', math.nan):>6.2f} {r.get('peak_gib', math.nan):>6.2f} "
-        f"{r['hbm_gib']:>5.0f} {('yes' if r.get('fits') else 'NO'):>4} {r['compile_s']:>9.1f} "
-        f"{r['mosaic']:>6} {r['triton']:>6}")
-    if r.get("advice"):
-      lines.append(f"{'':>9} {r['advice']}")
-  return "\n".join(lines)
+        f"{r['hbm_gib']:>6.2f} {('yes' if r.get('fits') else 'NO'):>4} {r['compile_s']:>9.1f} "
+        f"{r['mosaic']:>6} {r['triton']:>6} {r.get('flops', math.nan) / 1e12:>8.2f} "
+        f"{r.get('bytes', math.nan) / 1e9:>8.1f} {r.get('bound_s', math.nan):>8.4f} "
+        f"{r.get('tokens_per_s', math.nan):>9.3g}")
+  return line + (f"\n{'':>9} {r['advice']}" if r.get("advice") else "")
+
+
+def format_table(reports: list[dict[str, Any]]) -> str:
+  """One line per report: target, length, settings, verdict, GiB, compile seconds, kernels,
+  and the roofline columns (per device: TFLOP and GB of HBM traffic per step, the bound on the
+  step time; tokens/s of all devices)."""
+  return "\n".join([_HEAD] + [format_row(r) for r in reports])
 
 
 def compile_train_step(config: ml_collections.ConfigDict, *, stage: int = -1,
