@@ -11,6 +11,7 @@ import collections
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -100,3 +101,32 @@ def test_unknown_conv_impl_is_refused_with_the_choices():
   u = jnp.zeros((1, 2, 4))
   with pytest.raises(InputError, match="conv_impl must be one of"):
     fftconv.long_conv(u, u[0], jnp.zeros(2), impl="direct")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fft_conv_in_sequential_channel_groups_equals_one_call(monkeypatch, dtype):
+  """GPU/TPU run a long sequence's FFTs over channel groups one after another (lax.map) to bound
+  the spectra's memory, keeping u (in its dtype) instead of spectra for the backward; forced
+  here on the CPU with a tiny group budget, output and gradients equal the single call's."""
+  from hyena_jax.model import fftconv
+  u = jax.random.normal(jax.random.key(0), (2, 8, 100)).astype(dtype)
+  k = jax.random.normal(jax.random.key(1), (8, 100)) / 10
+  d_bias = jax.random.normal(jax.random.key(2), (8,))
+  gate = jax.random.normal(jax.random.key(3), (2, 8, 100))
+
+  def run():
+    loss = lambda u, k: jnp.sum(fftconv.fft_long_conv(u, k, d_bias, gate) ** 2)  # noqa: E731
+    return fftconv.fft_long_conv(u, k, d_bias, gate), jax.grad(loss, argnums=(0, 1))(u, k)
+
+  monkeypatch.setattr(fftconv, "_cpu_parts", lambda channels: 1)
+  whole = jax.jit(run)()
+  spectrum = fftconv._spectrum_bytes(2, fftconv.fft_size(199))
+  monkeypatch.setattr(fftconv, "_GROUP_BYTES", 2 * spectrum)     # 2 channels per group
+  assert fftconv._accelerator_groups(8, spectrum) == 4
+  grouped_run = jax.jit(lambda: run())  # a new function: not the cached trace of `whole`
+  assert "while" in grouped_run.lower().as_text()                  # the groups run as a loop
+  grouped = grouped_run()
+  for a, b in zip(jax.tree.leaves(grouped), jax.tree.leaves(whole)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6,
+                               atol=1e-6)

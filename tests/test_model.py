@@ -176,7 +176,9 @@ def test_filter_mlp_and_lm_head_matmuls_run_at_highest_precision():
   assert proj == [None] * 3
 
 
-def test_scanned_layers_equal_the_unrolled_stack(remat="block"):
+@pytest.mark.parametrize("remat", ["block", "offload"])
+def test_scanned_layers_equal_the_unrolled_stack(remat):
+  """Also with the block inputs offloaded to host memory (remat='offload')."""
   unrolled = HyenaLM(TINY.replace(n_layer=3), rngs=nnx.Rngs(0))
   scanned = HyenaLM(TINY.replace(n_layer=3, scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
   ids = jax.random.randint(jax.random.key(0), (2, 50), 7, 12)

@@ -19,7 +19,7 @@ from hyena_jax.data import tokenizer
 from hyena_jax.errors import InputError
 
 ConvImpl = Literal["fft", "pallas"]
-RematPolicy = Literal["none", "block", "dots"]
+RematPolicy = Literal["none", "block", "dots", "offload"]
 CONV_IMPLS: tuple[str, ...] = typing.get_args(ConvImpl)
 REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -60,7 +60,8 @@ class HyenaConfig:
   dtype: str = "float32"                  # compute dtype of projections/MLP; FFT, norms and the
                                           # residual stream always stay float32
   conv_impl: ConvImpl = "fft"
-  remat: RematPolicy = "none"             # jax.checkpoint per block: none | block | dots
+  remat: RematPolicy = "none"             # jax.checkpoint per block: none | block | dots |
+                                          # offload (block, inputs kept in host memory)
   scan_layers: bool = False               # run blocks with lax.scan (one block's temporaries live)
 
   def __post_init__(self):
@@ -97,6 +98,9 @@ class HyenaConfig:
                     f"hyena_jax.model.kernels), got {self.conv_impl!r}")
     if self.remat not in REMAT_POLICIES:
       errors.append(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.remat == "offload" and not self.scan_layers:
+      errors.append("remat='offload' keeps the scanned blocks' inputs in host memory: it needs "
+                    "scan_layers=True")
     if errors:
       raise InputError("invalid HyenaConfig:\n  " + "\n  ".join(errors))
 

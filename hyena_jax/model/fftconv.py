@@ -60,57 +60,106 @@ def _cpu_parts(channels: int) -> int:
   return max(1, min(cores or 1, channels // 16))
 
 
-def _by_channels(fn: Callable[..., tuple], args: tuple, channel_axes: tuple, channels: int
-                 ) -> tuple:
-  """fn(*args), run on CPU as `_cpu_parts` calls on channel groups (concatenated back), and as
-  one call elsewhere. `channel_axes[i]` is the channel axis of args[i] (None: shared). Every
-  output of fn is [..., C, L']-shaped with channels at axis -2."""
+# On GPU/TPU the FFTs of a long sequence run over channel groups one after another, each group's
+# spectra taking at most this many bytes: at 1M tokens a 256-channel layer's float32 spectra and
+# products would otherwise be ~10 GiB of temporaries at once (issue 24).
+_GROUP_BYTES = 2 ** 29
+
+
+def _accelerator_groups(channels: int, spectrum_bytes: int) -> int:
+  """Channel groups for GPU/TPU: the fewest (dividing `channels`) whose spectra fit in
+  `_GROUP_BYTES`; `spectrum_bytes` is one channel's (all sequences of the batch)."""
+  per_group = max(1, min(channels, _GROUP_BYTES // max(1, spectrum_bytes)))
+  while channels % per_group:
+    per_group -= 1
+  return channels // per_group
+
+
+def _by_channels(fn: Callable[..., tuple], args: tuple, channel_axes: tuple, channels: int,
+                 spectrum_bytes: int) -> tuple:
+  """fn(*args), run on CPU as `_cpu_parts` concurrent calls on channel groups, and on GPU/TPU as
+  `_accelerator_groups` sequential ones (lax.map), outputs concatenated back. `channel_axes[i]`
+  is the channel axis of args[i] (None: shared). Every output of fn is [..., C, L']-shaped with
+  channels at axis -2."""
   parts = _cpu_parts(channels)
-  if parts == 1:
-    return fn(*args)
   bounds = [channels * i // parts for i in range(parts + 1)]
 
-  def split(*args):
+  def concurrent(*args):
     outs = [fn(*[a if ax is None else jax.lax.slice_in_dim(a, lo, hi, axis=ax)
                  for a, ax in zip(args, channel_axes)])
             for lo, hi in zip(bounds, bounds[1:])]
     return tuple(jnp.concatenate(xs, axis=-2) for xs in zip(*outs))
 
-  # Lowering keeps one branch: the split on CPU, the single call on GPU/TPU.
-  return jax.lax.platform_dependent(*args, cpu=split, default=fn)
+  groups = _accelerator_groups(channels, spectrum_bytes)
+
+  def sequential(*args):
+    if groups == 1:
+      return fn(*args)
+    split = [None if ax is None else jnp.moveaxis(
+        a.reshape(a.shape[:ax] + (groups, channels // groups) + a.shape[ax + 1:]), ax, 0)
+             for a, ax in zip(args, channel_axes)]
+
+    def one(xs):
+      return fn(*[a if x is None else x for a, x in zip(args, xs)])
+    outs = jax.lax.map(one, split)
+    return tuple(jnp.moveaxis(y, 0, -3).reshape(y.shape[1:-2] + (channels, y.shape[-1]))
+                 for y in outs)
+
+  if parts == 1:
+    return sequential(*args)
+  # Lowering keeps one branch: the concurrent split on CPU, the sequential one on GPU/TPU.
+  return jax.lax.platform_dependent(*args, cpu=concurrent, default=sequential)
 
 
-@jax.custom_vjp
-def _causal_conv(u: jax.Array, k: jax.Array) -> jax.Array:
-  """u [B, C, L] float32, k [C, L] float32 -> sum_{s<=t} k[c, t-s] u[b, c, s]: [B, C, L]."""
-  return _causal_conv_fwd(u, k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _causal_conv(u: jax.Array, k: jax.Array, saved_dtype: str) -> jax.Array:
+  """u [B, C, L] float32, k [C, L] float32 -> sum_{s<=t} k[c, t-s] u[b, c, s]: [B, C, L].
+  `saved_dtype`: the dtype u came in (float32 holds it exactly), which a long convolution keeps
+  u in for its backward."""
+  return _causal_conv_fwd(u, k, saved_dtype)[0]
 
 
-def _causal_conv_fwd(u, k):
+def _spectrum_bytes(batch: int, n: int) -> int:
+  return batch * (n // 2 + 1) * 8   # complex64
+
+
+def _causal_conv_fwd(u, k, saved_dtype):
   length = u.shape[-1]
   n = fft_size(2 * length - 1)
+  spectrum_bytes = _spectrum_bytes(u.shape[0], n)
 
   def fwd(u, k):
     u_f, k_f = jnp.fft.rfft(u, n=n), jnp.fft.rfft(k, n=n)
     return jnp.fft.irfft(u_f * k_f, n=n)[..., :length], u_f, k_f
 
-  y, u_f, k_f = _by_channels(fwd, (u, k), (1, 0), u.shape[1])
+  y, u_f, k_f = _by_channels(fwd, (u, k), (1, 0), u.shape[1], spectrum_bytes)
+  if _accelerator_groups(u.shape[1], spectrum_bytes) > 1:
+    # Long sequences keep the inputs (u in the dtype it came in, exactly), not their spectra, for
+    # the backward, which recomputes the spectra group by group: all channels' spectra at once
+    # are what the groups avoid (H100, large-1m at 1M tokens: 28.4 GiB peak; 31.4 keeping the
+    # spectra, 30.4 ungrouped, 29.4 keeping u in float32).
+    return y, (u.astype(saved_dtype), k)
   return y, (u_f, k_f)
 
 
-def _causal_conv_bwd(res, dy):
+def _causal_conv_bwd(saved_dtype, res, dy):
   """The adjoint is a causal correlation: du = irfft(DY conj(K)), dk = sum_b irfft(DY conj(U))."""
-  u_f, k_f = res
+  del saved_dtype
   length = dy.shape[-1]
   n = fft_size(2 * length - 1)
+  have_spectra = jnp.iscomplexobj(res[0])
 
-  def bwd(dy, u_f, k_f):
+  def bwd(dy, u, k):
+    if have_spectra:
+      u_f, k_f = u, k
+    else:
+      u_f, k_f = jnp.fft.rfft(u.astype(jnp.float32), n=n), jnp.fft.rfft(k, n=n)
     dy_f = jnp.fft.rfft(dy, n=n)
     du = jnp.fft.irfft(dy_f * jnp.conj(k_f), n=n)[..., :length]
     dk = jnp.fft.irfft((dy_f * jnp.conj(u_f)).sum(axis=0), n=n)[..., :length]
     return du, dk
 
-  return _by_channels(bwd, (dy, u_f, k_f), (1, 1, 0), dy.shape[1])
+  return _by_channels(bwd, (dy, *res), (1, 1, 0), dy.shape[1], _spectrum_bytes(dy.shape[0], n))
 
 
 _causal_conv.defvjp(_causal_conv_fwd, _causal_conv_bwd)
@@ -132,7 +181,7 @@ def fft_long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array,
   if u.ndim != 3 or k.ndim != 2 or u.shape[1:] != k.shape:
     raise ValueError(f"fft_long_conv expects u [B, C, L] and k [C, L]; got {u.shape}, {k.shape}")
   u32 = u.astype(jnp.float32)
-  y = _causal_conv(u32, k.astype(jnp.float32))
+  y = _causal_conv(u32, k.astype(jnp.float32), jnp.dtype(u.dtype).name)
   y = y + u32 * d_bias.astype(jnp.float32)[:, None]
   if gate is not None:
     y = y * gate.astype(jnp.float32)
