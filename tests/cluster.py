@@ -35,9 +35,8 @@ def launch(workdir, log, num_processes, devices, cwd=None):
          f"--num_processes={num_processes}", f"--devices_per_process={devices}", "--grace_s=5",
          "--", sys.executable, "-m", "hyena_jax.main", "--distributed", f"--workdir={workdir}"]
   cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  env = dict(os.environ, PYTHONPATH=str(ROOT),
-             JAX_COMPILATION_CACHE_DIR="/tmp/hyena_jax_test_compile_cache",
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  # The compilation cache: the checkout's own (conftest sets JAX_COMPILATION_CACHE_DIR).
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   with open(log, "w") as out:
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
 

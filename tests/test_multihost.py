@@ -10,16 +10,22 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import cluster
 import numpy as np
 import pytest
-from cluster import STEPS
+from cluster import ROOT, STEPS
 
 from hyena_jax.data import pretraining as data
 from hyena_jax.errors import InputError
 from hyena_jax.training import checkpoint as ckpt_lib
 from hyena_jax.training import distributed
+
+from gcs_server import gcs, objects  # noqa: F401  (gcs: a fixture)
+
+from hyena_jax import storage
 
 
 def test_two_processes_train_like_one(uninterrupted):
@@ -82,7 +88,11 @@ def test_sigterm_then_sigkill_then_rerun_finishes_like_an_uninterrupted_run(unin
   cluster.wait_for(log, rf"\] step {stopped + 2}/10 ", proc)  # step stopped + 1 is saved
   os.kill(pids[1], signal.SIGKILL)
   assert proc.wait(timeout=120) == 128 + signal.SIGKILL, log.read_text()[-4000:]
-  assert "process 1 exited with status 137; stopping the others" in log.read_text()
+  text = log.read_text()
+  assert "process 1 exited with status 137; stopping the others" in text
+  # The survivor says so in one line (its collective failed, or the launcher's SIGTERM came
+  # first and it stopped), never with a traceback.
+  assert "Traceback" not in text, text[-4000:]
   for pid in pids:
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
@@ -130,3 +140,106 @@ def test_cluster_environment_is_all_or_nothing():
     distributed.cluster_from_env({k: v for k, v in env.items() if k != distributed.PROCESS_ID})
   with pytest.raises(InputError, match=r"must lie in \[0, "):
     distributed.cluster_from_env({**env, distributed.PROCESS_ID: "2"})
+
+
+# gs:// workdirs: the same 2-process run with its workdir in a bucket (fake-gcs-server), compared
+# with the uninterrupted local run. Here rather than in test_gcs.py so that one pytest-xdist
+# worker (--dist loadfile) computes the session fixture `uninterrupted` once.
+
+
+@pytest.fixture(scope="module")
+def gs_run(gcs, tmp_path_factory):
+  """The 2-process x 2-device rehearsal with a gs:// workdir, from an empty local working
+  directory: one process SIGKILLed mid-run (the launcher stops the other), then the same command
+  again on "new VMs" (nothing local survives; only the bucket)."""
+  root = tmp_path_factory.mktemp("gs_run")
+  cwd = root / "cwd"
+  cwd.mkdir()
+  url, log = f"{gcs}/runs/two", root / "killed.log"
+  proc = cluster.launch(url, log, 2, 2, cwd=cwd)
+  pids = [int(p) for p in cluster.wait_for(log, r"pids \[(\d+), (\d+)\]", proc).groups()]
+  cluster.wait_for(log, r"\] step 6/10 ", proc)   # step 5 is saved (synchronous saves)
+  os.kill(pids[1], signal.SIGKILL)
+  assert proc.wait(timeout=120) == 128 + signal.SIGKILL, log.read_text()[-4000:]
+  killed_after = ckpt_lib.latest_step(url)
+  at_kill = objects(f"{url}/checkpoints/{killed_after}")
+  cluster.run(url, root / "resumed.log", 2, 2, cwd=cwd)
+  return {"url": url, "cwd": cwd, "root": root, "killed_after": killed_after,
+          "at_kill": at_kill}
+
+
+def test_a_killed_gs_run_resumes_from_the_bucket_and_ends_like_local_disk(gs_run, uninterrupted):
+  url, local = gs_run["url"], uninterrupted / "two"
+  killed_after = gs_run["killed_after"]
+  assert 5 <= killed_after < STEPS
+  # Each process wrote its own array shards and data iterator state to the bucket.
+  for name in ("data/process_0-of-2.json", "data/process_1-of-2.json"):
+    assert name in gs_run["at_kill"], sorted(gs_run["at_kill"])
+  assert {n.split("/")[1] for n in gs_run["at_kill"] if n.startswith("params/ocdbt.process_")} \
+      == {"ocdbt.process_0", "ocdbt.process_1"}
+  log = (gs_run["root"] / "resumed.log").read_text()
+  assert f"resumed from {url} at step {killed_after}" in log
+  assert cluster.losses(url) == cluster.losses(local)           # every step's metrics, bitwise
+  sums, params = cluster.final(url)
+  sums_local, params_local = cluster.final(local)
+  assert sums == sums_local                                       # params and optimizer state
+  for a, b in zip(params, params_local):
+    np.testing.assert_array_equal(a, b)
+  in_bucket = objects(url)
+  print("\nin the bucket after the run (without array chunks):\n  " + "\n  ".join(
+      f"{name} {size}" for name, (size, _) in sorted(in_bucket.items()) if "/d/" not in name))
+  for name in ("metrics.jsonl", "final_metrics.json", "curves.png",
+               "checkpoints/10/params/_METADATA", "checkpoints/10/commit_success.txt",
+               "checkpoints/9/data/process_1-of-2.json"):
+    assert name in in_bucket, sorted(in_bucket)
+  assert sum(name.startswith("tensorboard/events.out.tfevents") for name in in_bucket) >= 1
+  # keep_last=3: older steps were deleted from the bucket.
+  assert {n.split("/")[1] for n in in_bucket if n.startswith("checkpoints/")} == {"8", "9", "10"}
+  final = json.loads(storage.resolve(url + "/final_metrics.json").read_text())
+  assert final == json.loads((local / "final_metrics.json").read_text())
+  assert list(gs_run["cwd"].iterdir()) == []                     # nothing written locally
+
+
+def test_rerunning_a_finished_gs_run_says_so_and_changes_nothing(gs_run):
+  url, log = gs_run["url"], gs_run["root"] / "finished.log"
+  before = objects(url)
+  cluster.run(url, log, 1, 4, cwd=gs_run["cwd"])  # any number of processes may ask
+  assert "the run finished at step 10; nothing to do" in log.read_text()
+  assert objects(url) == before                                 # same objects, same generations
+  assert list(gs_run["cwd"].iterdir()) == []
+
+
+def _cli(args, cwd, env=None):
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def test_export_and_embed_read_the_run_from_the_bucket(gs_run, uninterrupted, tmp_path):
+  url, local = gs_run["url"], uninterrupted / "two"
+  # Export from the bucket into the bucket, and from local disk to local disk: the same bytes.
+  out = f"{gs_run['url'].rsplit('/runs/', 1)[0]}/exports/two"
+  result = _cli(["hyena_jax.export", f"--model={url}", f"--output={out}"], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = _cli(["hyena_jax.export", f"--model={local}", f"--output={tmp_path / 'export'}"],
+                tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(objects(out)) == ["config.json", "model.safetensors"]
+  for name in ("config.json", "model.safetensors"):
+    assert storage.resolve(f"{out}/{name}").read_bytes() == (tmp_path / "export" / name).read_bytes()
+  # A second export into the same place is refused (as on local disk).
+  result = _cli(["hyena_jax.export", f"--model={url}", f"--output={out}"], tmp_path)
+  assert result.returncode == 2 and "exists; choose another --output or pass --overwrite" in \
+      result.stderr
+
+  fasta = tmp_path / "seqs.fa"
+  fasta.write_text(">a\nACGTACGTTTGACCA\n>b\nGGGATTACAGATTACAC\n")
+  embeddings = {}
+  for where, model in (("gs", url), ("local", local)):
+    output = tmp_path / f"{where}.npz"
+    result = _cli(["hyena_jax.embed", f"--model={model}", f"--input={fasta}",
+                   f"--output={output}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    embeddings[where] = dict(np.load(output))
+  assert embeddings["gs"]["embeddings"].shape[0] == 2
+  for key, value in embeddings["local"].items():
+    np.testing.assert_array_equal(embeddings["gs"][key], value, err_msg=key)

@@ -221,8 +221,7 @@ def test_ctrl_c_during_compile_saves_and_exits_130(tmp_path):
                "checkpoint.async_save": False, "mesh.data": 1}
   cmd = [sys.executable, "-m", "hyena_jax.main", f"--workdir={tmp_path}"] + [
       f"--config.{k}={v}" for k, v in overrides.items()]
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="/tmp/hyena_jax_test_compile_cache",
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # conftest's cache
   log = tmp_path / "log.txt"
   # A child inherits an ignored SIGINT (CI often runs tests as a background job); a handled one
   # is reset at exec, so the child gets Python's Ctrl-C handling as in a terminal.
