@@ -58,6 +58,16 @@ def main(argv):
     result = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value,
                                       allow_changed=_ALLOW_CHANGED.value,
                                       skip_damaged_checkpoints=_SKIP_DAMAGED.value)
+  except Exception as e:  # pylint: disable=broad-except
+    if not distributed.lost_a_peer(e):
+      raise
+    # The usual end of a run that lost a worker: one line, not a traceback per process.
+    first = str(e).strip().splitlines()[0][:200]
+    sys.stderr.write(
+        f"error: process {jax.process_index()}: another process of this run stopped ({first}); "
+        "run the same command on every host again to resume from the last checkpoint\n")
+    sys.stderr.flush()
+    sys.exit(1)
   except KeyboardInterrupt:
     # A second Ctrl-C. Leaving through the interpreter's teardown segfaults when the interrupt
     # arrived during an XLA compilation (jax 0.10.2), so exit at once; an unfinished save is

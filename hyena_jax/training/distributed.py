@@ -63,6 +63,19 @@ def initialize(heartbeat_timeout_s: int = 100) -> None:
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
+# What a collective or the coordination service says when another process of the run is gone:
+# gloo (CPU) at once, the coordination service after the heartbeat timeout (accelerators).
+_PEER_LOSS = ("Connection closed by peer", "Connection reset by peer", "Gloo", "heartbeat",
+              "has been set to ERROR", "UNAVAILABLE")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+  """Whether `error`, raised in a multi-process run, says that another process stopped."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return (jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+          and any(marker in str(error) for marker in _PEER_LOSS))
+
+
 class Preemption:
   """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the loop checks between steps:
   it saves a checkpoint and stops, and the run reports "interrupted". A second Ctrl-C stops at
