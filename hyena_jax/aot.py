@@ -25,6 +25,10 @@ def _deviceless_environment(argv: list[str]) -> None:
   if any(a.startswith("--target=") for a in argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # No TPU VM's metadata to read: name this host as the only worker, which keeps libtpu's
+  # start-up from printing an INVALID_ARGUMENT error about worker hostnames.
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_WORKER_ID", "0")
   # Compile-only libtpu touches no chip, so several such processes may share the host.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 

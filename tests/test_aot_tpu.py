@@ -16,6 +16,8 @@ if importlib.util.find_spec("libtpu") is None:
   pytest.skip("libtpu is not installed (pip install -e .[tpu]); TPU AOT compiles skipped",
               allow_module_level=True)
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu on a non-TPU host
+os.environ.setdefault("TPU_WORKER_ID", "0")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip is locked
 
 import jax  # noqa: E402

@@ -6,7 +6,8 @@ GPU compilers run on any CPU host, deviceless: `target_devices("v5e-4")` describ
 GpuTargetConfig proto in hyena_jax/gpu_targets/). Set `JAX_PLATFORMS=cpu` and
 `TPU_SKIP_MDS_QUERY=1` before jax is imported (`python -m hyena_jax.aot` does), so that libtpu does
 not look for TPU hardware. `compile_for_target` then reports what the compiler says: per-device
-memory against the chip's HBM, compile time, and which custom kernels the program holds.
+memory against the chip's HBM, compile time, which custom kernels the program holds, and the
+program's flops, HBM bytes and roofline bound (`roofline.py`).
 
 As a program (`python -m hyena_jax.aot`; launch/aot_compile.py is a thin launcher of the same):
   # large-1m's last stage on a v5p-8 slice and on one H100 (real compilers, deviceless):
