@@ -1,13 +1,14 @@
 """Does large-1m fit? Per-device memory of its train step from the real TPU / GPU compilers.
 
 Compiles (deviceless, nothing runs) large-1m's train step at batch 1 for each target x length x
-remat x conv_impl and records what the compiler's memory analysis says, with compile time and
-the custom kernels in the program. Results are appended to the JSON file one compile at a time
+remat x conv_impl and records what the compiler's memory analysis says, the program's flops and
+HBM bytes with the roofline bound they imply (training/roofline.py), compile time and the custom
+kernels in the program. Results are appended to the JSON file one compile at a time
 (a long sweep can be stopped and resumed: done entries are skipped), then a table is printed
 with the longest context that fits per target. Needs `pip install -e .[tpu]` / `.[cuda12]`.
 
   JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 nice -n 5 python benchmarks/bench_aot_memory.py \
-      --targets=v5e-1,v5p-2,h100,h200 --lengths=131072,524288,1048576,2097152
+      --targets=h100,v5p-2 --lengths=131072,1048576,2097152,4194304 --remat=block,offload
 GPU compiles run ptxas per kernel (minutes at 1M); TPU compiles of large configs take minutes
 on a small host.
 """
@@ -21,6 +22,8 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu on a non-TPU host
+os.environ.setdefault("TPU_WORKER_ID", "0")
 # Compile-only libtpu touches no chip, so several such processes may share the host.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,35 +67,39 @@ def summary(results: list[dict]) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-  """The README table: one row per compile, sorted by target, length, remat, conv."""
-  rows = ["| target (HBM/device) | tokens | remat | conv | peak GiB | fits | compile s | kernels |",
-          "|---|---:|---|---|---:|---|---:|---|"]
+  """The README table: one row per compile, sorted by target, length, remat, conv; with the
+  roofline columns (per device and step: TFLOP, HBM GB, the bound, and tokens/s)."""
+  rows = ["| target (HBM/device) | tokens | remat | conv | peak GiB | fits | TFLOP | HBM GB | "
+          "bound s | tokens/s | compile s | kernels |",
+          "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
   order = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in results))}
   for r in sorted(results, key=lambda r: (order[r["target"]], r["seq_len"], r["remat"],
                                           r["conv_impl"])):
     head = f"| {r['target']} ({r['hbm_gib']:g} GiB) | {r['seq_len']:,} | {r['remat']} | " \
            f"{r['conv_impl']} |"
     if not r.get("ok") and "peak_gib_at_least" in r:   # the TPU compiler's out-of-HBM verdict
-      rows.append(f"{head} >= {r['peak_gib_at_least']:.1f} | **no** (refused) | "
+      rows.append(f"{head} >= {r['peak_gib_at_least']:.1f} | **no** (refused) | | | | | "
                   f"{r['compile_s']:.0f} | |")
       continue
     if not r.get("ok"):
       error = r.get("error", "")
       if "two-pass limit" in error:
         error = "refused: beyond the kernel's two-pass FFT size (use conv_impl='fft')"
-      rows.append(f"{head} | no | {r.get('compile_s', '')} | {error[:80]} |")
+      rows.append(f"{head} | no | | | | | {r.get('compile_s', '')} | {error[:80]} |")
       continue
     kernels = ", ".join(f"{r[k]} {k}" for k in ("mosaic", "triton") if r.get(k)) or "none"
-    rows.append(f"{head} {r['peak_gib']:.1f} | {'yes' if r['fits'] else '**no**'} | "
+    roof = (f"{r['flops'] / 1e12:.1f} | {r['bytes'] / 1e9:,.0f} | {r['bound_s']:.3f} | "
+            f"{r['tokens_per_s'] / 1e6:.2f} M" if "flops" in r else "| | |")
+    rows.append(f"{head} {r['peak_gib']:.1f} | {'yes' if r['fits'] else '**no**'} | {roof} | "
                 f"{r['compile_s']:.0f} | {kernels} |")
   return "\n".join(rows)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--targets", default="v5e-1,v5p-2,h100,h200")
-  parser.add_argument("--lengths", default="131072,524288,1048576,2097152")
-  parser.add_argument("--remat", default="none,block")
+  parser.add_argument("--targets", default="h100,v5p-2")
+  parser.add_argument("--lengths", default="131072,1048576,2097152,4194304")
+  parser.add_argument("--remat", default="block,offload")
   parser.add_argument("--conv", default="fft,pallas")
   parser.add_argument("--out", default=DEFAULT_OUT)
   parser.add_argument("--table_only", action="store_true", help="print the table of --out")
