@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
   jax.config.update("jax_enable_compilation_cache", False)
   failed = []
   if not _JSON.value:
-    print(aot.format_header(), flush=True)
+    print(aot.TABLE_HEADER, flush=True)
   for target in targets:
     report = aot.compile_for_target(config, target, stage=_STAGE.value,
                                     kernel_only=_KERNEL_ONLY.value)

@@ -26,8 +26,8 @@ from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hyena_jax.data import tokenizer as tok
 from hyena_jax.errors import InputError

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import importlib.util
 import math
 import re
 import time
@@ -188,7 +189,7 @@ def custom_kernels(hlo_text: str) -> dict[str, int]:
 
 
 def fit_advice(peak_gib: float, hbm_gib: float, config: ml_collections.ConfigDict,
-               devices: int = 1) -> str:
+               devices: int = 1, stage: int = -1) -> str:
   """'' when `peak_gib` fits in `hbm_gib`; otherwise by how much it does not, and what to try
   (only what applies: no grad_accum when a device already sees one sequence per micro-batch,
   no context parallelism on one device)."""
@@ -203,7 +204,7 @@ def fit_advice(peak_gib: float, hbm_gib: float, config: ml_collections.ConfigDic
     tips.append("model.remat='offload' with scan_layers=True (block inputs in host memory)")
   if devices > 1:
     tips.append("context parallelism (mesh.sequence > 1 splits each sequence over devices)")
-  _, _, accum = config.train.stages[-1]
+  _, _, accum = config.train.stages[stage]
   data, fsdp, sequence = config.mesh.data, config.mesh.fsdp, config.mesh.sequence
   batch_split = devices // max(1, sequence) if -1 in (data, fsdp) else data * fsdp
   if config.train.global_batch_size // accum // batch_split > 1:
@@ -246,7 +247,6 @@ def _gib(number: str, unit: str) -> float:
 
 def check_compiler(target: Target) -> None:
   """Raises InputError, saying what to install, when the target's compiler is missing."""
-  import importlib.util
   package, extra = ("libtpu", "tpu") if target.platform == "tpu" else ("jax_cuda12_plugin",
                                                                        "cuda12")
   if importlib.util.find_spec(package) is None:
@@ -294,7 +294,7 @@ def compile_for_target(config: ml_collections.ConfigDict, target: Target | str, 
     if oom:
       need = _gib(*oom.groups())
       report.update(temp_gib=need, peak_gib_at_least=need, fits=False,
-                    advice=fit_advice(need, target.hbm_gib, config, len(devices)))
+                    advice=fit_advice(need, target.hbm_gib, config, len(devices), stage))
     return report
   report.update(ok=True, compile_s=round(time.perf_counter() - start, 1))
   report.update(memory.in_gib(memory.memory_report(compiled)))
@@ -303,17 +303,14 @@ def compile_for_target(config: ml_collections.ConfigDict, target: Target | str, 
   report.update(roofline_report(hlo, target, config, stage, kernel_only, len(devices)))
   if "peak_gib" in report:
     report["fits"] = report["peak_gib"] <= target.hbm_gib
-    report["advice"] = fit_advice(report["peak_gib"], target.hbm_gib, config, len(devices))
+    report["advice"] = fit_advice(report["peak_gib"], target.hbm_gib, config, len(devices),
+                                  stage)
   return report
 
 
-_HEAD = (f"{'target':>9} {'what':>10} {'L':>9} {'conv':>6} {'remat':>5} {'ok':>3} "
-         f"{'arg':>6} {'temp':>6} {'peak':>6} {'HBM':>6} {'fits':>4} {'compile_s':>9} "
-         f"{'mosaic':>6} {'triton':>6} {'TFLOP':>8} {'GB':>8} {'bound_s':>8} {'tok/s':>9}")
-
-
-def format_header() -> str:
-  return _HEAD
+TABLE_HEADER = (f"{'target':>9} {'what':>10} {'L':>9} {'conv':>6} {'remat':>5} {'ok':>3} "
+                f"{'arg':>6} {'temp':>6} {'peak':>6} {'HBM':>6} {'fits':>4} {'compile_s':>9} "
+                f"{'mosaic':>6} {'triton':>6} {'TFLOP':>8} {'GB':>8} {'bound_s':>8} {'tok/s':>9}")
 
 
 def format_row(r: dict[str, Any]) -> str:
@@ -337,7 +334,7 @@ def format_table(reports: list[dict[str, Any]]) -> str:
   """One line per report: target, length, settings, verdict, GiB, compile seconds, kernels,
   and the roofline columns (per device: TFLOP and GB of HBM traffic per step, the bound on the
   step time; tokens/s of all devices)."""
-  return "\n".join([_HEAD] + [format_row(r) for r in reports])
+  return "\n".join([TABLE_HEADER] + [format_row(r) for r in reports])
 
 
 def compile_train_step(config: ml_collections.ConfigDict, *, stage: int = -1,

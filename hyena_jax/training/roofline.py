@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any
 
 from hyena_jax.model.kernels.matmul import KERNEL_FLOPS_KEY
 
@@ -93,7 +92,6 @@ class Cost:
 class _Computation:
   name: str
   start: int   # line index of the header
-  end: int     # line index of the closing brace
   calls: list[str]
   whiles: list[tuple[str, str, int | None]]   # (condition, body, trip count)
   custom: Cost                                # its custom calls' own cost (not recursive)
@@ -113,7 +111,7 @@ class _Module:
     for i, line in enumerate(self.lines):
       header = _HEADER.match(line)
       if header and current is None:
-        current = _Computation(header.group(2), i, -1, [], [], Cost(), 0)
+        current = _Computation(header.group(2), i, [], [], Cost(), 0)
         shapes = dict(re.findall(r"([\w.\-]+): ((?:\([^)]*\))|(?:\w+\[[\d,]*\]))",
                                  line[:line.rfind("->")]))
         if header.group(1):
@@ -124,7 +122,6 @@ class _Module:
       if line == "}":
         if pending:
           self._instruction(current, shapes, pending)
-        current.end = i
         self.computations[current.name] = current
         current, pending = None, ""
         continue
@@ -171,7 +168,7 @@ class _Module:
         comp.custom.add(Cost(flops=_gemm_flops(line, [shapes.get(o, "") for o in operand_names]),
                              bytes=moved))
 
-  def trip_count(self, cond: str, body: str, known: int | None) -> int | None:
+  def trip_count(self, cond: str, known: int | None) -> int | None:
     """The loop's trip count: XLA's known_trip_count (GPU, CPU), else read off a condition
     `counter < N` with one integer constant (TPU's scans: the counter starts at 0, step 1)."""
     if known is not None:
@@ -236,14 +233,14 @@ def _gemm_flops(line: str, operand_shapes: list[str]) -> float:
   return 2.0 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in skip)
 
 
-def program_cost(hlo_text: str, client: Any = None) -> Cost:
+def program_cost(hlo_text: str) -> Cost:
   """Flops and bytes of one execution of an optimized HLO module (`compiled.as_text()`), with
   while loops counted `known_trip_count` times (see the module docstring)."""
   import jax
   from jax._src.lib import _jax
   from jaxlib import _hlo
 
-  client = client or jax.devices("cpu")[0].client
+  client = jax.devices("cpu")[0].client   # the analysis is generic HLO arithmetic
   module = _Module(hlo_text)
   xla_counts: dict[str, dict[str, float]] = {}
 
@@ -270,7 +267,7 @@ def program_cost(hlo_text: str, client: Any = None) -> Cost:
     cost = once(name)
     for c in module.reachable(name):
       for cond, body, known in module.computations[c].whiles:
-        trip = module.trip_count(cond, body, known)
+        trip = module.trip_count(cond, known)
         if trip is None:
           cost.unknown_loops += 1
           continue

@@ -1,6 +1,6 @@
 """The Pallas kernels of the long convolution and their pallas_calls: DFTs as matmuls on [p, q]
 tiles (single pass), or column / row / inverse-column passes through HBM (two pass), forward and
-backward, plus the filter's spectrum (`pallas_conv`'s docstring has the maths).
+backward (`pallas_conv`'s docstring has the maths; the filter's spectrum is computed there).
 """
 
 from __future__ import annotations
@@ -170,7 +170,6 @@ def _col_inv_kernel(*refs, has_post, dot):
 
 # ----------------------------------------------------------------------------------------------
 # pallas_call wrappers.
-
 
 
 def _compiler_params(platform: Platform, interpret: bool, ndim: int):
