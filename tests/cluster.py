@@ -30,10 +30,11 @@ OVERRIDES = {"model.d_model": 64, "model.n_layer": 2, "model.d_inner": 256,
              "mesh.data": 2, "mesh.fsdp": 2}
 
 
-def launch(workdir, log, num_processes, devices, cwd=None):
+def launch(workdir, log, num_processes, devices, cwd=None, flags=()):
   cmd = [sys.executable, str(ROOT / "launch" / "local_cluster.py"),
          f"--num_processes={num_processes}", f"--devices_per_process={devices}", "--grace_s=5",
-         "--", sys.executable, "-m", "hyena_jax.main", "--distributed", f"--workdir={workdir}"]
+         "--", sys.executable, "-m", "hyena_jax.main", "--distributed", f"--workdir={workdir}",
+         *flags]
   cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   # The compilation cache: the checkout's own (conftest sets JAX_COMPILATION_CACHE_DIR).
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")

@@ -113,6 +113,34 @@ def test_sigterm_then_sigkill_then_rerun_finishes_like_an_uninterrupted_run(unin
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_silent_process_stops_the_others_after_the_heartbeat_timeout(tmp_path):
+  """A process that stops answering (SIGSTOP: hung, not dead, so its sockets stay open and gloo
+  gets no error) is declared dead by the coordination service after --heartbeat_timeout_s, and
+  the survivor exits non-zero instead of waiting in its collective: the path that accelerator
+  interconnects, which report no closed connection, take."""
+  workdir, log = tmp_path / "run", tmp_path / "log.txt"
+  proc = cluster.launch(workdir, log, 2, 2, flags=["--heartbeat_timeout_s=5"])
+  pids = [int(p) for p in cluster.wait_for(log, r"pids \[(\d+), (\d+)\]", proc).groups()]
+  cluster.wait_for(log, r"\] step 3/10 ", proc)
+  os.kill(pids[1], signal.SIGSTOP)
+  try:
+    # Without the heartbeat, process 0 would wait in its next collective for ever.
+    status = proc.wait(timeout=90)
+  finally:
+    for pid in pids:
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+  text = log.read_text()
+  assert status != 0, text[-4000:]
+  # JAX's own verdict, from process 0: the silent process is named.
+  assert re.search(r"\[p0\].*stopped sending heartbeats", text), text[-4000:]
+  assert re.search(r"process 0 exited with status (?!0)\d+; stopping the others", text), \
+      text[-4000:]
+  assert 2 <= ckpt_lib.latest_step(workdir) < STEPS   # step 2 was saved before step 3 began
+
+
 def test_process_batches_are_disjoint_blocks_of_the_global_batch():
   """What each process feeds to jax.make_array_from_process_local_data: process p's rows are
   the contiguous block p of the single-process global batch, augmentations included."""
