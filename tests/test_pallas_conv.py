@@ -104,21 +104,6 @@ def test_no_gate_and_vmap():
     _assert_close(g, r, F32_TOL, f"vmapped {name} without gate")
 
 
-@pytest.mark.parametrize("platform,length,max_onchip",
-                         [("gpu", 300, None), ("gpu", 1000, 512), ("tpu", 1000, 1024)])
-def test_filter_spectrum_is_the_dft_in_tile_order(platform, length, max_onchip):
-  plan = pallas_conv.make_plan(length, platform, max_onchip)
-  k = jax.random.normal(jax.random.key(2), (2, length))
-  re, im = pallas_conv.filter_spectrum(k, plan)
-  full = np.fft.fft(np.asarray(k, np.float64), n=plan.n) / plan.n          # [C, n]
-  if plan.n1 == 1:    # entry [f1, f2] holds frequency f1 + p f2
-    expected = full.reshape(2, plan.q, plan.p).transpose(0, 2, 1)
-  else:               # entry [f1, g1, g2] holds frequency f1 + n1 (g1 + p g2)
-    expected = full.reshape(2, plan.q, plan.p, plan.n1).transpose(0, 3, 2, 1)
-  np.testing.assert_allclose(np.asarray(re), expected.real, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(im), expected.imag, atol=1e-6)
-
-
 def test_plans_respect_block_rules():
   for platform in ("gpu", "tpu"):
     for length in (1, 5, 256, 1000, 1024, 4097, 65_536, 1_000_000, 1 << 20):

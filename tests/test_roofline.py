@@ -94,18 +94,19 @@ def test_gemm_and_kernel_custom_calls_are_counted_from_their_shapes_and_metadata
 
 
 def test_a_kernels_flops_are_its_matmuls_times_its_grid():
-  """The single-pass forward on one [p/2, q] half tile: F_p(half) and F_q forward (2 p^2 q +
-  8 p q^2), F_q and F_p(half) inverse (8 p q^2 + 2 p^2 q), per (batch, channel) program."""
+  """The single-pass forward on one [p/2, q] half tile: F_p(half) and F_q forward of the signal
+  and of the filter (2 x (2 p^2 q + 8 p q^2)), F_q and F_p(half) inverse (8 p q^2 + 2 p^2 q),
+  per (batch, channel) program."""
   plan = pallas_conv.make_plan(1000, "gpu")
   ex = pallas_conv._Exec(plan, False, pallas_conv._dot_for("gpu", "highest", False))
   consts, row, kspec, _, _ = pallas_kernels._single_specs(ex)
-  in_specs = [row, kspec, kspec, row] + pallas_kernels._const_specs(consts)
+  in_specs = [row, kspec, row] + pallas_kernels._const_specs(consts)
   kernel = pallas_kernels.functools.partial(pallas_kernels._single_fwd_kernel, has_gate=True,
                                             dot=ex.dot)
   flops = matmul.kernel_flops(kernel, (3, 2), in_specs, [jnp.float32] * len(in_specs),
                                       [jnp.float32])
   p, q = plan.p, plan.q
-  assert flops == 3 * 2 * (4 * p * p * q + 16 * p * q * q)
+  assert flops == 3 * 2 * (6 * p * p * q + 24 * p * q * q)
 
 
 def test_the_bound_is_the_slower_of_compute_and_memory():

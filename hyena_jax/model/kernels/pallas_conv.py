@@ -22,9 +22,13 @@ is ever computed.
 Two tricks keep the kernels small:
   * the skip term is folded into the filter, conv(u, k) + D u = conv(u, k + D delta), so
     D never enters a kernel and dD = dk_eff[:, 0];
-  * the filter's spectrum (channels only, shared by the batch) is computed outside the kernels
-    by XLA's FFT, scaled by 1/n and laid out in tile order (the DFT matrices as float32 einsums
-    cost more flops than the rest of a 1M-token step; issue 24).
+  * the filter is transformed by the kernels themselves, beside the signal: the single-pass
+    kernel takes k_eff / n as a half tile, the two-pass row kernels take its column transform
+    (the signal's column kernel, run once per call on the batch-independent filter) and do its
+    row DFT on-chip. A precomputed spectrum costs more HBM traffic than the convolution (XLA's
+    rfft, the conjugate half and the tile-order transpose moved ~130 MB per channel at 1M
+    tokens, the kernels ~280 MB for forward and backward) while the kernels have flops to
+    spare (memory-bound on H100 and TPU; issue 24).
 
 Schemes (see `make_plan`):
   * single pass, n <= `max_onchip` (GPU 4096, TPU 16384): one kernel per (batch, channel) row
@@ -163,33 +167,11 @@ def _by_channel_groups(fn, groups, args, axes, out_axes):
   return merge(outs, out_axes[0])
 
 
-def filter_spectrum(k_eff: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array]:
-  """k_eff: [C, L] float32 -> DFT_n(k_eff) / n in the kernels' tile order, (re, im).
-
-  Single pass: [C, p, q] with entry [f1, f2] = X[f1 + p f2]. Two pass: [C, n1, p, q] with entry
-  [f1, g1, g2] = X[f1 + n1 (g1 + p g2)].
-
-  XLA's FFT (O(n log n), float32), not the kernels' DFT matmuls: as float32 einsums at
-  Precision.HIGHEST those cost O(n sqrt(n)) flops per channel, 2.8e13 per large-1m train step on
-  an H100 (issue 24), more than the rest of the step. The batch-independent filter needs no
-  fusion with the signal, so the cheapest transform wins. The real input's spectrum is
-  conjugate-symmetric: the rfft's half gives the rest, X[n - f] = conj(X[f]).
-  """
-  c, n = k_eff.shape[0], plan.n
-  half = jnp.fft.rfft(k_eff.astype(jnp.float32), n=n, axis=-1) / n         # [C, n/2 + 1]
-  full = jnp.concatenate([half, jnp.conj(half[:, 1:n // 2][:, ::-1])], axis=-1)   # [C, n]
-  if plan.n1 == 1:
-    tiles = full.reshape(c, plan.q, plan.p).transpose(0, 2, 1)
-  else:
-    tiles = full.reshape(c, plan.q, plan.p, plan.n1).transpose(0, 3, 2, 1)
-  return jnp.real(tiles), jnp.imag(tiles)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _conv(u, k_eff, gate, ex):
   def one(u, k_eff, gate):
     fwd = kernels.single_forward if ex.plan.n1 == 1 else kernels.two_pass_forward
-    return fwd(u, filter_spectrum(k_eff, ex.plan), gate, ex)
+    return fwd(u, k_eff, gate, ex)
   groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
   return _by_channel_groups(one, groups, (u, k_eff, gate), (1, 0, 1), (1,))
 
@@ -204,7 +186,7 @@ def _conv_bwd(ex, residuals, dy):
 
   def one(u, k_eff, g, dy):
     bwd = kernels.single_backward if ex.plan.n1 == 1 else kernels.two_pass_backward
-    return bwd(u, g, dy, filter_spectrum(k_eff, ex.plan), ex)
+    return bwd(u, g, dy, k_eff, ex)
   groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
   du, dg, dk = _by_channel_groups(one, groups, (u, k_eff, g, dy), (1, 0, 1, 1), (1, 1, 0))
   return du, dk.astype(k_eff.dtype), None if gate is None else dg

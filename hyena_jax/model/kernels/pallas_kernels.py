@@ -1,6 +1,8 @@
 """The Pallas kernels of the long convolution and their pallas_calls: DFTs as matmuls on [p, q]
 tiles (single pass), or column / row / inverse-column passes through HBM (two pass), forward and
-backward (`pallas_conv`'s docstring has the maths; the filter's spectrum is computed there).
+backward (`pallas_conv`'s docstring has the maths). The filter enters as k_eff / n: a real half
+tile (single pass) or its column transform (two pass, by the signal's own column kernel); its
+tile DFT is done on-chip beside the signal's.
 """
 
 from __future__ import annotations
@@ -91,20 +93,20 @@ class _Tile:
 
 
 def _single_fwd_kernel(*refs, has_gate, dot):
-  """y = IDFT(DFT(u) K)[:n/2] * gate on one [p/2, q] half tile."""
-  u_ref, kr_ref, ki_ref = refs[:3]
-  gate_ref = refs[3] if has_gate else None
-  consts = refs[3 + has_gate:-1]
+  """y = IDFT(DFT(u) DFT(k / n))[:n/2] * gate on one [p/2, q] half tile."""
+  u_ref, k_ref = refs[:2]
+  gate_ref = refs[2] if has_gate else None
+  consts = refs[2 + has_gate:-1]
   (y_ref,) = refs[-1:]
   tile = _Tile(consts, dot)
   ur, ui = tile.forward_real_half(u_ref[...].astype(jnp.float32))
-  y = tile.inverse_real_half(*_cmul(ur, ui, kr_ref[...], ki_ref[...]))
+  y = tile.inverse_real_half(*_cmul(ur, ui, *tile.forward_real_half(k_ref[...])))
   if has_gate:
     y = y * gate_ref[...].astype(jnp.float32)
   y_ref[...] = y.astype(y_ref.dtype)
 
 
-def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, dot):
+def _single_bwd_kernel(u_ref, g_ref, dy_ref, k_ref, *refs, dot):
   """du = corr(dy g, k), dg = dy conv(u, k), dkb = corr(dy g, u) for one (batch, channel) row."""
   consts, (du_ref, dg_ref, dkb_ref) = refs[:-3], refs[-3:]
   tile = _Tile(consts, dot)
@@ -112,7 +114,7 @@ def _single_bwd_kernel(u_ref, g_ref, dy_ref, kr_ref, ki_ref, *refs, dot):
   dy = dy_ref[...].astype(jnp.float32)
   ur, ui = tile.forward_real_half(u)
   zr, zi = tile.forward_real_half(dy * g_ref[...].astype(jnp.float32))
-  kr, ki = kr_ref[...], ki_ref[...]
+  kr, ki = tile.forward_real_half(k_ref[...])
   s = tile.inverse_real_half(*_cmul(ur, ui, kr, ki))
   dg_ref[...] = (dy * s).astype(dg_ref.dtype)
   du_ref[...] = tile.inverse_real_half(*_cmul_conj(zr, zi, kr, ki)).astype(du_ref.dtype)
@@ -135,11 +137,13 @@ def _col_fwd_kernel(*refs, has_pre, dot):
 
 
 def _row_fwd_kernel(ar_ref, ai_ref, kr_ref, ki_ref, *refs, dot):
-  """One row of the column-transformed signal: row IDFT(row DFT(a) * K), complex [p, q]."""
+  """One row of the column-transformed signal a and filter: row IDFT(row DFT(a) row DFT(k)),
+  complex [p, q]."""
   consts, (cr_ref, ci_ref) = refs[:-2], refs[-2:]
   tile = _Tile(consts, dot)
   xr, xi = tile.forward(ar_ref[...], ai_ref[...])
-  cr_ref[...], ci_ref[...] = tile.inverse(*_cmul(xr, xi, kr_ref[...], ki_ref[...]))
+  kr, ki = tile.forward(kr_ref[...], ki_ref[...])
+  cr_ref[...], ci_ref[...] = tile.inverse(*_cmul(xr, xi, kr, ki))
 
 
 def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, dot):
@@ -148,7 +152,7 @@ def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, d
   tile = _Tile(consts, dot)
   ur, ui = tile.forward(aur_ref[...], aui_ref[...])
   zr, zi = tile.forward(azr_ref[...], azi_ref[...])
-  kr, ki = kr_ref[...], ki_ref[...]
+  kr, ki = tile.forward(kr_ref[...], ki_ref[...])
   wr, wi = _cmul_conj(zr, zi, ur, ui)
   # The dk product is left unscaled (x n), as in _single_bwd_kernel.
   products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr, wi))
@@ -256,40 +260,49 @@ def _unhalves(y: jax.Array, plan: Plan) -> jax.Array:
   return y.reshape(*y.shape[:-2], plan.n // 2)[..., :plan.length]
 
 
+def _scaled(k_eff: jax.Array, plan: Plan) -> jax.Array:
+  """k_eff / n, so that the kernels' unscaled inverse DFT returns the convolution itself (a
+  scalar literal inside a kernel breaks the interpreter under shard_map's check_vma)."""
+  return k_eff.astype(jnp.float32) / plan.n
+
+
 def _single_specs(ex):
   """What the single-pass forward and backward share: the tile constants and the block specs of
-  a (batch, channel) row ([ph, q], the input half of the tile) and of the filter spectrum."""
+  a (batch, channel) row and of a channel's filter (both [ph, q], the input half of the tile)."""
   plan = ex.plan
   ph, q = plan.p // 2, plan.q
   consts = ex.consts(tile_consts(plan.p, plan.q))
   row = pl.BlockSpec((None, None, ph, q), lambda ci, bi: (bi, ci, 0, 0))
-  kspec = pl.BlockSpec((None, plan.p, q), lambda ci, bi: (ci, 0, 0))
+  kspec = pl.BlockSpec((None, ph, q), lambda ci, bi: (ci, 0, 0))
   return consts, row, kspec, ph, q
 
 
-def single_forward(u, spec, gate, ex):
+def single_forward(u, k_eff, gate, ex):
+  """u, gate: [B, C, L]; k_eff: [C, L] float32 (the skip term folded in) -> y [B, C, L]."""
   plan = ex.plan
   b, c, _ = u.shape
   consts, row, kspec, ph, q = _single_specs(ex)
-  ins = [_halves(u, plan, ph), *spec] + ([_halves(gate, plan, ph)] if gate is not None else [])
-  in_specs = [row, kspec, kspec] + ([row] if gate is not None else []) + _const_specs(consts)
+  ins = [_halves(u, plan, ph), _halves(_scaled(k_eff, plan), plan, ph)]
+  ins += [_halves(gate, plan, ph)] if gate is not None else []
+  in_specs = [row, kspec] + ([row] if gate is not None else []) + _const_specs(consts)
   kernel = functools.partial(_single_fwd_kernel, has_gate=gate is not None, dot=ex.dot)
   y = _call(kernel, (c, b), in_specs, row, ex.sds((b, c, ph, q), u.dtype),
             ex)(*ins, *consts)
   return _unhalves(y, plan)
 
 
-def single_backward(u, gate, dy, spec, ex):
+def single_backward(u, gate, dy, k_eff, ex):
+  """-> du, dgate [B, C, L] and dk_eff [C, L] float32."""
   plan = ex.plan
   b, c, _ = u.shape
   consts, row, kspec, ph, q = _single_specs(ex)
   shape = (b, c, ph, q)
   kernel = functools.partial(_single_bwd_kernel, dot=ex.dot)
   du, dg, dkb = _call(
-      kernel, (c, b), [row, row, row, kspec, kspec] + _const_specs(consts), [row] * 3,
+      kernel, (c, b), [row, row, row, kspec] + _const_specs(consts), [row] * 3,
       [ex.sds(shape, u.dtype), ex.sds(shape, gate.dtype),
        ex.sds(shape, jnp.float32)], ex,
-  )(*(_halves(x, plan, ph) for x in (u, gate, dy)), *spec, *consts)
+  )(*(_halves(x, plan, ph) for x in (u, gate, dy, _scaled(k_eff, plan))), *consts)
   return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0) / plan.n
 
 
@@ -347,9 +360,21 @@ def _rows(x, plan):
   return x.reshape(*x.shape[:-1], plan.p, plan.q)
 
 
-def two_pass_forward(u, spec, gate, ex):
+def _filter_columns(k_eff, ex):
+  """k_eff [C, L] -> (re, im) of the column-transformed k_eff / n as rows [C, n1, p, q]: the
+  filter as the row kernels take it (they do its row DFT on-chip). One pass of the signal's
+  column kernel (a batch of one) instead of a spectrum from XLA's FFT, whose rfft, conjugate
+  half and tile-order transpose moved more bytes than the convolution kernels (issue 24)."""
+  plan = ex.plan
+  cols = _col_forward(_scaled(k_eff, plan)[None], None, ex)
+  return tuple(x.reshape(k_eff.shape[0], plan.n1, plan.p, plan.q) for x in cols)
+
+
+def two_pass_forward(u, k_eff, gate, ex):
+  """u, gate: [B, C, L]; k_eff: [C, L] float32 (the skip term folded in) -> y [B, C, L]."""
   plan = ex.plan
   b, c, _ = u.shape
+  spec = _filter_columns(k_eff, ex)
   ar, ai = _col_forward(u, None, ex)
   consts = ex.consts(tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
@@ -362,9 +387,11 @@ def two_pass_forward(u, spec, gate, ex):
   return _col_inverse(flat(cr), flat(ci), gate, u.dtype, ex)
 
 
-def two_pass_backward(u, gate, dy, spec, ex):
+def two_pass_backward(u, gate, dy, k_eff, ex):
+  """-> du, dgate [B, C, L] and dk_eff [C, L] float32."""
   plan = ex.plan
   b, c, _ = u.shape
+  spec = _filter_columns(k_eff, ex)
   aur, aui = _col_forward(u, None, ex)
   azr, azi = _col_forward(dy, gate, ex)
   consts = ex.consts(tile_consts(plan.p, plan.q))
