@@ -37,6 +37,10 @@ Schemes (see `make_plan`):
     the length-n1 DFTs down the columns of the [n1, m] view (plus twiddles) and writes them to
     HBM, kernel 2 does each row's length-m DFT on-chip as a [p, q] tile, the spectrum product and
     the row's inverse DFT, kernel 3 does the inverse column DFTs, the gate and the output cast.
+    Every signal is real, so row n1 - g1 of a column spectrum is the conjugate of row g1: only
+    rows 0 .. n1/2 are computed and stored (n1/2 + `Plan.tail` for block sizes; the tail past
+    n1/2 is weighted 0), and kernel 3 takes Re(.) with the mirrored rows' terms doubled. This
+    halves the intermediates' HBM traffic and the matmul flops of all three kernels.
 
 Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
     du = corr(z, k_eff)                (spectrum product with conj(K)),

@@ -124,7 +124,8 @@ def _single_bwd_kernel(u_ref, g_ref, dy_ref, k_ref, *refs, dot):
 
 
 def _col_fwd_kernel(*refs, has_pre, dot):
-  """A[rows, cols] = T * (F_n1[rows, :n1/2] @ x[:n1/2, cols]) for x = u (or u * pre)."""
+  """A[rows, cols] = T * (F_n1[rows, :n1/2] @ x[:n1/2, cols]) for x = u (or u * pre), rows among
+  the kept ones."""
   x_ref = refs[0]
   pre_ref = refs[1] if has_pre else None
   gr_ref, gi_ref, twr_ref, twi_ref, ar_ref, ai_ref = refs[1 + has_pre:]
@@ -161,12 +162,17 @@ def _row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, d
 
 
 def _col_inv_kernel(*refs, has_post, dot):
-  """y[rows, cols] = Re(conj(F_n1)[rows, :] @ (conj(T) * C[:, cols])) (* post)."""
-  cr_ref, ci_ref = refs[:2]
-  post_ref = refs[2] if has_post else None
-  hr_ref, hi_ref, twr_ref, twi_ref, y_ref = refs[2 + has_post:]
+  """y[rows, cols] = Re(H[rows, :] @ (conj(T) * C[:, cols])) (* post) over the kept rows of C,
+  given as its first n1/2 rows and its tail: H = conj(F_n1) with the columns of the dropped
+  rows' mirrors doubled (`_inverse_weights`)."""
+  cr_ref, ci_ref, tr_ref, ti_ref = refs[:4]
+  post_ref = refs[4] if has_post else None
+  hr_ref, hi_ref, htr_ref, hti_ref, twr_ref, twi_ref, ttr_ref, tti_ref, y_ref = \
+      refs[4 + has_post:]
   cr, ci = _cmul_conj(cr_ref[...], ci_ref[...], twr_ref[...], twi_ref[...])
-  y = _mm(hr_ref[...], cr, dot) + _mm(hi_ref[...], ci, dot)
+  tr, ti = _cmul_conj(tr_ref[...], ti_ref[...], ttr_ref[...], tti_ref[...])
+  y = (_mm(hr_ref[...], cr, dot) + _mm(hi_ref[...], ci, dot)
+       + _mm(htr_ref[...], tr, dot) + _mm(hti_ref[...], ti, dot))
   if has_post:
     y = y * post_ref[...].astype(jnp.float32)
   y_ref[...] = y.astype(y_ref.dtype)
@@ -307,42 +313,64 @@ def single_backward(u, gate, dy, k_eff, ex):
 
 
 def _col_forward(x, pre, ex):
-  """x (and pre): [B, C, L] real -> column-transformed (re, im) [B, C, n1, m] float32."""
+  """x (and pre): [B, C, L] real -> column-transformed (re, im) [B, C, kept, m] float32: the
+  first n1/2 + tail of the n1 rows (the rest mirror them)."""
   plan = ex.plan
   b, c, _ = x.shape
-  n1, n1h, m = plan.n1, plan.n1 // 2, plan.m
-  bm, bk = plan.col_block, plan.row_block
+  n1, n1h, m, kept = plan.n1, plan.n1 // 2, plan.m, plan.kept
+  bm, bk = plan.col_block, plan.tail   # the largest power of two that divides `kept`
   fr, fi = dft(n1)
   twr, twi = twiddle(n1, m)
-  consts = ex.consts([fr[:, :n1h], fi[:, :n1h], twr, twi])
-  grid = (c, b, m // bm, n1 // bk)
+  consts = ex.consts([fr[:kept, :n1h], fi[:kept, :n1h], twr[:kept], twi[:kept]])
+  grid = (c, b, m // bm, kept // bk)
   xspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
   gspec = pl.BlockSpec((bk, n1h), lambda ci, bi, j, i: (i, 0))
   tspec = pl.BlockSpec((bk, bm), lambda ci, bi, j, i: (i, j))
   ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
   ins = [_halves(x, plan, n1h)] + ([_halves(pre, plan, n1h)] if pre is not None else [])
   kernel = functools.partial(_col_fwd_kernel, has_pre=pre is not None, dot=ex.dot)
-  out = ex.sds((b, c, n1, m), jnp.float32)
+  out = ex.sds((b, c, kept, m), jnp.float32)
   return _call(kernel, grid, [xspec] * len(ins) + [gspec, gspec, tspec, tspec], [ospec, ospec],
                [out, out], ex)(*ins, *consts)
 
 
+def _inverse_weights(plan: Plan) -> np.ndarray:
+  """[kept]: how often each kept row of a real signal's column spectrum counts in its inverse.
+  Row g1 in 1 .. n1/2 - 1 stands for itself and its conjugate mirror n1 - g1 (whose term is the
+  conjugate of its own, so Re(both) = 2 Re(its own)); rows 0 and n1/2 are their own mirrors;
+  the tail past n1/2 is not used."""
+  weights = np.zeros(plan.kept, np.float32)
+  weights[:plan.n1 // 2 + 1] = 2.0
+  weights[0] = weights[plan.n1 // 2] = 1.0
+  return weights
+
+
 def _col_inverse(cr, ci, post, out_dtype, ex):
-  """(re, im) [B, C, n1, m] -> Re(inverse column DFT)[:, :, :n1/2] (* post) -> [B, C, L]."""
+  """(re, im) [B, C, kept, m] of a real signal -> Re(inverse column DFT)[:, :, :n1/2] (* post)
+  -> [B, C, L]."""
   plan = ex.plan
   b, c = cr.shape[:2]
-  n1, n1h, m = plan.n1, plan.n1 // 2, plan.m
+  n1, n1h, m, tail = plan.n1, plan.n1 // 2, plan.m, plan.tail
   bm, bk = plan.col_block, plan.row_block
   fr, fi = dft(n1)
   twr, twi = twiddle(n1, m)
-  consts = ex.consts([fr[:n1h], fi[:n1h], twr, twi])
+  weights = _inverse_weights(plan)
+  hr, hi = fr[:n1h, :plan.kept] * weights, fi[:n1h, :plan.kept] * weights
+  consts = ex.consts([hr[:, :n1h], hi[:, :n1h], hr[:, n1h:], hi[:, n1h:],
+                      twr[:n1h], twi[:n1h], twr[n1h:plan.kept], twi[n1h:plan.kept]])
   grid = (c, b, m // bm, n1h // bk)
-  cspec = pl.BlockSpec((None, None, n1, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
+  # The kept rows as two blocks of the same array: the first n1/2 and the tail.
+  cspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
+  tail_spec = pl.BlockSpec((None, None, tail, bm),
+                           lambda ci, bi, j, i: (bi, ci, n1h // tail, j))
   ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
-  hspec = pl.BlockSpec((bk, n1), lambda ci, bi, j, i: (i, 0))
-  tspec = pl.BlockSpec((n1, bm), lambda ci, bi, j, i: (0, j))
-  ins = [cr, ci] + ([_halves(post, plan, n1h)] if post is not None else [])
-  in_specs = [cspec, cspec] + ([ospec] if post is not None else []) + [hspec, hspec, tspec, tspec]
+  hspec = pl.BlockSpec((bk, n1h), lambda ci, bi, j, i: (i, 0))
+  htail = pl.BlockSpec((bk, tail), lambda ci, bi, j, i: (i, 0))
+  tspec = pl.BlockSpec((n1h, bm), lambda ci, bi, j, i: (0, j))
+  ttail = pl.BlockSpec((tail, bm), lambda ci, bi, j, i: (0, j))
+  ins = [cr, ci, cr, ci] + ([_halves(post, plan, n1h)] if post is not None else [])
+  in_specs = ([cspec, cspec, tail_spec, tail_spec] + ([ospec] if post is not None else [])
+              + [hspec, hspec, htail, htail, tspec, tspec, ttail, ttail])
   kernel = functools.partial(_col_inv_kernel, has_post=post is not None, dot=ex.dot)
   y = _call(kernel, grid, in_specs, ospec, ex.sds((b, c, n1h, m), out_dtype),
             ex)(*ins, *consts)
@@ -361,13 +389,13 @@ def _rows(x, plan):
 
 
 def _filter_columns(k_eff, ex):
-  """k_eff [C, L] -> (re, im) of the column-transformed k_eff / n as rows [C, n1, p, q]: the
+  """k_eff [C, L] -> (re, im) of the column-transformed k_eff / n as rows [C, kept, p, q]: the
   filter as the row kernels take it (they do its row DFT on-chip). One pass of the signal's
   column kernel (a batch of one) instead of a spectrum from XLA's FFT, whose rfft, conjugate
   half and tile-order transpose moved more bytes than the convolution kernels (issue 24)."""
   plan = ex.plan
   cols = _col_forward(_scaled(k_eff, plan)[None], None, ex)
-  return tuple(x.reshape(k_eff.shape[0], plan.n1, plan.p, plan.q) for x in cols)
+  return tuple(x.reshape(k_eff.shape[0], plan.kept, plan.p, plan.q) for x in cols)
 
 
 def two_pass_forward(u, k_eff, gate, ex):
@@ -378,12 +406,12 @@ def two_pass_forward(u, k_eff, gate, ex):
   ar, ai = _col_forward(u, None, ex)
   consts = ex.consts(tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
-  out = ex.sds((b, c, plan.n1, plan.p, plan.q), jnp.float32)
+  out = ex.sds((b, c, plan.kept, plan.p, plan.q), jnp.float32)
   cr, ci = _call(
-      functools.partial(_row_fwd_kernel, dot=ex.dot), (c, plan.n1, b),
+      functools.partial(_row_fwd_kernel, dot=ex.dot), (c, plan.kept, b),
       [row, row, kspec, kspec] + _const_specs(consts), [row, row], [out, out], ex,
   )(_rows(ar, plan), _rows(ai, plan), *spec, *consts)
-  flat = lambda x: x.reshape(b, c, plan.n1, plan.m)  # noqa: E731
+  flat = lambda x: x.reshape(b, c, plan.kept, plan.m)  # noqa: E731
   return _col_inverse(flat(cr), flat(ci), gate, u.dtype, ex)
 
 
@@ -396,13 +424,13 @@ def two_pass_backward(u, gate, dy, k_eff, ex):
   azr, azi = _col_forward(dy, gate, ex)
   consts = ex.consts(tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
-  out = ex.sds((b, c, plan.n1, plan.p, plan.q), jnp.float32)
+  out = ex.sds((b, c, plan.kept, plan.p, plan.q), jnp.float32)
   kernel = functools.partial(_row_bwd_kernel, dot=ex.dot)
   outs = _call(
-      kernel, (c, plan.n1, b), [row] * 4 + [kspec, kspec] + _const_specs(consts), [row] * 6,
+      kernel, (c, plan.kept, b), [row] * 4 + [kspec, kspec] + _const_specs(consts), [row] * 6,
       [out] * 6, ex,
   )(*(_rows(x, plan) for x in (aur, aui, azr, azi)), *spec, *consts)
-  flat = [x.reshape(b, c, plan.n1, plan.m) for x in outs]
+  flat = [x.reshape(b, c, plan.kept, plan.m) for x in outs]
   dg = _col_inverse(flat[0], flat[1], dy, gate.dtype, ex)
   du = _col_inverse(flat[2], flat[3], None, u.dtype, ex)
   dkb = _col_inverse(flat[4], flat[5], None, jnp.float32, ex)

@@ -63,6 +63,18 @@ class Plan:
   def m(self) -> int:
     return self.p * self.q
 
+  @property
+  def tail(self) -> int:
+    """Two pass: rows of the column spectrum kept past n1/2, the smallest row block the backend
+    takes. The first is the Nyquist row n1/2; the others are computed and weighted 0."""
+    return RULES[self.platform].p_min
+
+  @property
+  def kept(self) -> int:
+    """Two pass: rows of the column spectrum computed and stored, n1/2 + tail of n1. A real
+    signal's row n1 - g1 is the conjugate mirror of row g1, so rows past n1/2 are never needed."""
+    return self.n1 // 2 + self.tail
+
 
 def _pow2_at_least(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
