@@ -18,7 +18,7 @@ from flax import nnx
 import hyena_jax
 from conftest import shared_path
 from hyena_jax.model import fftconv
-from hyena_jax.model.kernels import pallas_conv, pallas_kernels
+from hyena_jax.model.kernels import pallas_conv
 
 F32_TOL = 2e-5
 BF16_TOL = 1e-2
