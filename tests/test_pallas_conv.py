@@ -195,14 +195,25 @@ def test_sharded_over_batch_axes_under_a_mesh_and_inside_shard_map():
     _assert_close(g, r, F32_TOL, f"{name} inside shard_map")
 
 
-def test_two_pass_in_channel_groups(monkeypatch):
-  """Long two-pass convolutions run channels in groups (memory); forced here at a small size."""
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "under_a_mesh"])
+def test_two_pass_in_channel_groups(monkeypatch, sharded):
+  """Long two-pass convolutions run channels in groups (memory), each writing its channels of
+  the whole outputs in place; forced here at a small size, on one device and inside the
+  op's own shard_map (one sequence per device there)."""
+  if sharded and jax.device_count() < 4:
+    pytest.skip("needs 4 devices (conftest makes 8 fake CPU devices)")
   plan = pallas_conv.make_plan(1000, "gpu", 512)
-  monkeypatch.setattr(pallas_conv, "_GROUP_BYTES", 2 * plan.n * 8)   # 2 of the 6 channels a group
-  assert pallas_conv._channel_groups(plan, 1, 6) == 3
-  args = _inputs(1, 6, 1000, jnp.float32, seed=4)
-  out, grads = _value_and_grads(
-      lambda *a: pallas_conv.long_conv(*a, interpret=True, max_onchip=512), *args)
+  local_batch = 1 if sharded else 2
+  # 2 of the 6 channels a group
+  monkeypatch.setattr(pallas_conv, "_GROUP_BYTES", 2 * local_batch * plan.kept * plan.m * 8)
+  assert pallas_conv._channel_groups(plan, local_batch, 6) == 3
+  args = _inputs(4 if sharded else 2, 6, 1000, jnp.float32, seed=4)
+  conv = functools.partial(pallas_conv.long_conv, interpret=True, max_onchip=512)
+  if sharded:
+    with jax.set_mesh(_mesh_2x2()):
+      out, grads = _value_and_grads(conv, *args)
+  else:
+    out, grads = _value_and_grads(conv, *args)
   ref_out, ref_grads = _value_and_grads(fftconv.fft_long_conv, *args)
   _assert_close(out, ref_out, F32_TOL, "grouped output")
   for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):

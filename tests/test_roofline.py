@@ -6,13 +6,14 @@ there is, and count what XLA cannot see (GEMM and Pallas custom calls) from thei
 metadata.
 """
 
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from hyena_jax.model.kernels import matmul, pallas_conv, pallas_kernels
+from hyena_jax.model.kernels import matmul, pallas_calls, pallas_conv, pallas_kernels
 from hyena_jax.training import roofline
 
 
@@ -99,14 +100,27 @@ def test_a_kernels_flops_are_its_matmuls_times_its_grid():
   per (batch, channel) program."""
   plan = pallas_conv.make_plan(1000, "gpu")
   ex = pallas_conv._Exec(plan, False, pallas_conv._dot_for("gpu", "highest", False))
-  consts, row, kspec, _, _ = pallas_kernels._single_specs(ex)
-  in_specs = [row, kspec, row] + pallas_kernels._const_specs(consts)
-  kernel = pallas_kernels.functools.partial(pallas_kernels._single_fwd_kernel, has_gate=True,
-                                            dot=ex.dot)
+  consts, row, kspec, _, _ = pallas_calls._single_specs(ex)
+  in_specs = [row, kspec, row] + pallas_calls._const_specs(consts)
+  kernel = functools.partial(pallas_kernels.single_fwd_kernel, has_gate=True, dot=ex.dot)
   flops = matmul.kernel_flops(kernel, (3, 2), in_specs, [jnp.float32] * len(in_specs),
                                       [jnp.float32])
   p, q = plan.p, plan.q
   assert flops == 3 * 2 * (6 * p * p * q + 24 * p * q * q)
+
+
+def test_a_kernels_bytes_are_the_blocks_it_visits():
+  """A channel group's call reads and writes its own channels of whole arrays (an aliased
+  output among them): its bytes are those blocks, not the arrays; a constant every program
+  reads counts once; a raw HBM ref (an aliased buffer the kernel never reads) counts nothing."""
+  from jax.experimental import pallas as pl
+  whole = jax.ShapeDtypeStruct((2, 8, 64), jnp.bfloat16)        # [batch, channels, length]
+  const = jax.ShapeDtypeStruct((16, 64), jnp.float32)
+  group = pl.BlockSpec((None, None, 64), lambda c, b: (b, c + 4, 0))   # channels 4 and 5
+  every = pl.BlockSpec((16, 64), lambda c, b: (0, 0))
+  unread = pl.BlockSpec(memory_space=pl.ANY)
+  moved = matmul.kernel_bytes((2, 2), [group, every, unread, group], [whole, const, whole, whole])
+  assert moved == 2 * (2 * 2 * 64 * 2) + 16 * 64 * 4
 
 
 def test_the_bound_is_the_slower_of_compute_and_memory():

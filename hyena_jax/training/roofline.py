@@ -9,8 +9,10 @@ Pallas kernels). `program_cost` takes the optimized HLO text and
     arithmetic) on the module and, for every while loop, on a copy of the module whose entry
     is the loop's body, so a body runs `known_trip_count` times and nested loops multiply;
   * counts each custom call itself: bytes = its operands and results (a kernel reads and
-    writes HBM), flops = a GEMM's from its dot dimensions, a Pallas kernel's from the matmul
-    count it carries in its metadata (`kernels.matmul.KERNEL_FLOPS_KEY`), 0 otherwise.
+    writes HBM; a Pallas kernel carries the bytes of the blocks it visits in its metadata,
+    `kernels.matmul.KERNEL_BYTES_KEY`, which is less where it writes part of an aliased
+    array), flops = a GEMM's from its dot dimensions, a Pallas kernel's from the matmul count
+    it carries in its metadata (`kernels.matmul.KERNEL_FLOPS_KEY`), 0 otherwise.
 
 On a program without loops or custom calls the result is XLA's count exactly (tests check it).
 Bytes are XLA's "bytes accessed": every top-level op (fusion, copy, collective, ...) reads its
@@ -27,7 +29,7 @@ import json
 import math
 import re
 
-from hyena_jax.model.kernels.matmul import KERNEL_FLOPS_KEY
+from hyena_jax.model.kernels.matmul import KERNEL_BYTES_KEY, KERNEL_FLOPS_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,7 @@ _WHILE = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 # In a GPU kernel's serialized metadata quotes are written \22; in a TPU kernel's, " or \".
 _KERNEL_FLOPS = re.compile(KERNEL_FLOPS_KEY + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
+_KERNEL_BYTES = re.compile(KERNEL_BYTES_KEY + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
 
 
@@ -160,7 +163,9 @@ class _Module:
       operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in operand_names)
       kernel = _KERNEL_FLOPS.search(line)
       if kernel:
-        moved = shape_bytes(shape) + operand_bytes
+        # The blocks the kernel visits (its metadata), else all of its operands and results.
+        visited = _KERNEL_BYTES.search(line)
+        moved = float(visited.group(1)) if visited else shape_bytes(shape) + operand_bytes
         comp.custom.add(Cost(flops=float(kernel.group(1)), bytes=moved,
                              kernel_flops=float(kernel.group(1)), kernel_bytes=moved))
       elif any(t in line for t in _GEMM_TARGETS):

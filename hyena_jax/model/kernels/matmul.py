@@ -1,6 +1,7 @@
 """The float32 matmuls of the Pallas kernels: how they run on each target (`Dot`), emulated in
-interpret mode, and how many flops a kernel's matmuls cost (`kernel_flops`), which a compiled
-kernel call carries in its metadata for the program's cost count (training/roofline.py).
+interpret mode, and what a kernel call costs: its matmul flops (`kernel_flops`) and the HBM
+bytes of the blocks it visits (`kernel_bytes`), which a compiled kernel call carries in its
+metadata for the program's cost count (training/roofline.py).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hyena_jax.model.kernels.plan import HIGHEST
 
-# The metadata key under which a compiled kernel call carries its matmul flops.
+# The metadata keys under which a compiled kernel call carries its matmul flops and HBM bytes.
 KERNEL_FLOPS_KEY = "hyena_kernel_flops"
+KERNEL_BYTES_KEY = "hyena_kernel_bytes"
 
 # The matmul flops counted while `kernel_flops` traces a kernel (a stack: one entry per count).
 _MATMUL_FLOPS: list[int] = []
@@ -87,3 +90,20 @@ def kernel_flops(kernel, grid, in_specs, in_dtypes, out_dtypes) -> int:
   finally:
     per_program = _MATMUL_FLOPS.pop()
   return per_program * math.prod(grid)
+
+
+def kernel_bytes(grid, specs, arrays) -> int:
+  """HBM bytes of a pallas_call: for each operand and result (`specs[i]` of `arrays[i]`), the
+  distinct blocks its index map visits over the grid, each moved once. An array the call
+  writes only part of (a channel group's share of an aliased output) counts that part; a spec
+  without a block shape (a raw HBM ref the kernel never reads) counts nothing."""
+  points = np.indices(grid).reshape(len(grid), -1)
+  total = 0
+  for spec, array in zip(specs, arrays):
+    if spec.block_shape is None:
+      continue
+    index = spec.index_map(*points)
+    visited = np.stack([np.broadcast_to(np.asarray(i), points.shape[1:]) for i in index])
+    block = math.prod(d for d in spec.block_shape if d is not None)
+    total += len(np.unique(visited, axis=1).T) * block * jnp.dtype(array.dtype).itemsize
+  return int(total)

@@ -1,5 +1,6 @@
 """Pallas long convolution: FFTs as matrix multiplications, fused with the skip term and the gate.
-This is the op; plan.py plans it, pallas_kernels.py holds the kernels, matmul.py their matmuls.
+This is the op; plan.py plans it, pallas_calls.py calls the kernels of pallas_kernels.py,
+matmul.py holds their matmuls.
 
 Computes exactly what `fftconv.fft_long_conv` computes,
 
@@ -82,7 +83,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hyena_jax.model import mesh_axes
-from hyena_jax.model.kernels import pallas_kernels as kernels
+from hyena_jax.model.kernels import pallas_calls as kernels
 from hyena_jax.model.kernels.matmul import Dot
 from hyena_jax.model.kernels.plan import HIGHEST, RULES, Plan, Platform, make_plan
 
@@ -133,8 +134,8 @@ class _Exec:
     return [_varying(jnp.asarray(a), self.vma) for a in arrays]
 
 
-# Two-pass intermediates are float32 complex signals of the FFT size (16 MiB per channel and
-# sequence at 1M tokens; the backward holds ten of them): channels are processed in groups
+# Two-pass intermediates are float32 complex signals of `kept` x m points (8.5 MiB per channel
+# and sequence at 1M tokens; the backward holds nine of them): channels are processed in groups
 # holding at most this many bytes per such signal, so that the kernel needs no more memory than
 # XLA's FFT path.
 _GROUP_BYTES = 2 ** 29
@@ -143,41 +144,18 @@ _GROUP_BYTES = 2 ** 29
 def _channel_groups(plan: Plan, batch: int, channels: int) -> int:
   if plan.n1 == 1:
     return 1
-  per_group = max(1, _GROUP_BYTES // (batch * plan.n * 8))
+  per_group = max(1, _GROUP_BYTES // (batch * plan.kept * plan.m * 8))
   while channels % per_group:
     per_group -= 1
   return channels // per_group
 
 
-def _by_channel_groups(fn, groups, args, axes, out_axes):
-  """fn over `groups` slices of the channel axis (`axes[i]` of args[i]), one after another
-  (lax.map), outputs concatenated back along `out_axes`."""
-  if groups == 1:
-    return fn(*args)
-
-  def split(x, a):
-    if x is None:
-      return None
-    x = x.reshape(x.shape[:a] + (groups, x.shape[a] // groups) + x.shape[a + 1:])
-    return jnp.moveaxis(x, a, 0)
-
-  def merge(y, a):
-    y = jnp.moveaxis(y, 0, a)
-    return y.reshape(y.shape[:a] + (-1,) + y.shape[a + 2:])
-
-  outs = jax.lax.map(lambda xs: fn(*xs), tuple(split(x, a) for x, a in zip(args, axes)))
-  if isinstance(outs, tuple):
-    return tuple(merge(y, a) for y, a in zip(outs, out_axes))
-  return merge(outs, out_axes[0])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _conv(u, k_eff, gate, ex):
-  def one(u, k_eff, gate):
-    fwd = kernels.single_forward if ex.plan.n1 == 1 else kernels.two_pass_forward
-    return fwd(u, k_eff, gate, ex)
+  if ex.plan.n1 == 1:
+    return kernels.single_forward(u, k_eff, gate, ex)
   groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
-  return _by_channel_groups(one, groups, (u, k_eff, gate), (1, 0, 1), (1,))
+  return kernels.two_pass_forward(u, k_eff, gate, ex, groups)
 
 
 def _conv_fwd(u, k_eff, gate, ex):
@@ -187,12 +165,11 @@ def _conv_fwd(u, k_eff, gate, ex):
 def _conv_bwd(ex, residuals, dy):
   u, k_eff, gate = residuals
   g = jnp.ones_like(u) if gate is None else gate
-
-  def one(u, k_eff, g, dy):
-    bwd = kernels.single_backward if ex.plan.n1 == 1 else kernels.two_pass_backward
-    return bwd(u, g, dy, k_eff, ex)
-  groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
-  du, dg, dk = _by_channel_groups(one, groups, (u, k_eff, g, dy), (1, 0, 1, 1), (1, 1, 0))
+  if ex.plan.n1 == 1:
+    du, dg, dk = kernels.single_backward(u, g, dy, k_eff, ex)
+  else:
+    groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
+    du, dg, dk = kernels.two_pass_backward(u, g, dy, k_eff, ex, groups)
   return du, dk.astype(k_eff.dtype), None if gate is None else dg
 
 
