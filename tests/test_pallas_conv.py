@@ -218,3 +218,14 @@ def test_two_pass_in_channel_groups(monkeypatch, sharded):
   _assert_close(out, ref_out, F32_TOL, "grouped output")
   for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
     _assert_close(g, r, F32_TOL, f"grouped {name}")
+
+
+def test_auto_precision_is_one_tf32_pass_for_bfloat16_signals_on_gpu_only():
+  """bfloat16 signals carry ~3.9e-3 relative rounding; one TF32 pass errs ~3e-4 (the bfloat16
+  CASES above run it, emulated, within their tolerance), so 'auto' spends a third of the
+  tensor-core work there. float32 signals, and the TPU, keep float32-accurate matmuls."""
+  resolve = pallas_conv.resolve_precision
+  assert resolve("auto", "gpu", jnp.bfloat16) == "default"
+  assert resolve("auto", "gpu", jnp.float32) == "highest"
+  assert resolve("auto", "tpu", jnp.bfloat16) == "highest"
+  assert resolve("highest", "gpu", jnp.bfloat16) == "highest"

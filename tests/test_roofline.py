@@ -66,32 +66,36 @@ def test_a_trip_count_is_read_off_the_condition_when_xla_does_not_record_it():
 
 _CUSTOM_CALLS = """HloModule custom_calls
 
-ENTRY %main (a: f32[32,64], b: f32[64,16], u: bf16[4,8,256]) -> (f32[32,16], bf16[4,8,256]) {
+ENTRY %main (a: f32[32,64], b: f32[64,16], u: bf16[4,8,256]) -> (f32[32,16], bf16[4,8,256], bf16[4,8,256]) {
   %a = f32[32,64]{1,0} parameter(0)
   %b = f32[64,16]{1,0} parameter(1)
   %u = bf16[4,8,256]{2,1,0} parameter(2)
   %gemm = (f32[32,16]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
   %out = f32[32,16]{1,0} get-tuple-element(%gemm), index=0
   %kernel = bf16[4,8,256]{2,1,0} custom-call(%u), custom_call_target="__gpu$xla.gpu.triton", backend_config={name = "k", serialized_metadata = "{\\22hyena_kernel_flops\\22: \\22123456\\22}"}
-  ROOT %t = (f32[32,16]{1,0}, bf16[4,8,256]{2,1,0}) tuple(%out, %kernel)
+  %said = bf16[4,8,256]{2,1,0} custom-call(%u), custom_call_target="__gpu$xla.gpu.triton", backend_config={name = "k2", serialized_metadata = "{\\22hyena_kernel_flops\\22: \\221000\\22, \\22hyena_kernel_passes\\22: \\222\\22, \\22hyena_kernel_bytes\\22: \\22777\\22}"}
+  ROOT %t = (f32[32,16]{1,0}, bf16[4,8,256]{2,1,0}, bf16[4,8,256]{2,1,0}) tuple(%out, %kernel, %said)
 }
 """
 
 
 def test_gemm_and_kernel_custom_calls_are_counted_from_their_shapes_and_metadata():
+  """A kernel's flops come from its metadata; its bytes and passes too where it says them
+  (%said), else its operands and results and six passes (float32-accurate matmuls)."""
   cost = roofline.program_cost(_CUSTOM_CALLS)
-  gemm_flops, kernel_flops = 2 * 32 * 64 * 16, 123456
+  gemm_flops, kernel_flops = 2 * 32 * 64 * 16, 123456 + 1000
   assert cost.flops == gemm_flops + kernel_flops and cost.kernel_flops == kernel_flops
+  assert cost.kernel_pass_flops == 123456 * 6 + 1000 * 2
   gemm_bytes = 4 * (32 * 64 + 64 * 16 + 32 * 16)       # operands + result, not the workspace
-  kernel_bytes = 2 * 2 * (4 * 8 * 256)                  # bf16 in and out
+  kernel_bytes = 2 * 2 * (4 * 8 * 256) + 777            # bf16 in and out; what %said says
   assert cost.kernel_bytes == kernel_bytes
   # Plus XLA's own count of the rest (the root tuple), where each custom call counted -1.
   from jax._src.lib import _jax
   from jaxlib import _hlo
   xla = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client,
                                       _hlo.hlo_module_from_text(_CUSTOM_CALLS))
-  assert xla["flops"] == -2  # XLA's "unknown", once per custom call
-  assert cost.bytes == gemm_bytes + kernel_bytes + (xla["bytes accessed"] + 2)
+  assert xla["flops"] == -3  # XLA's "unknown", once per custom call
+  assert cost.bytes == gemm_bytes + kernel_bytes + (xla["bytes accessed"] + 3)
 
 
 def test_a_kernels_flops_are_its_matmuls_times_its_grid():
@@ -124,12 +128,13 @@ def test_a_kernels_bytes_are_the_blocks_it_visits():
 
 
 def test_the_bound_is_the_slower_of_compute_and_memory():
-  peak = roofline.Peak("test", bf16_flops=1e12, hbm_bytes_per_s=1e9, kernel_passes=6)
+  peak = roofline.Peak("test", bf16_flops=1e12, hbm_bytes_per_s=1e9)
   memory_bound = roofline.roofline(roofline.Cost(flops=1e9, bytes=1e9), peak, tokens=1000)
   assert memory_bound["bound"] == "memory" and memory_bound["bound_s"] == pytest.approx(1.0)
   assert memory_bound["tokens_per_s"] == pytest.approx(1000.0)
-  # Kernel matmuls (float32-accurate) cost `kernel_passes` bf16 passes each.
+  # Kernel matmuls cost the bf16 passes they say (here 6 each: float32-accurate).
   compute_bound = roofline.roofline(
-      roofline.Cost(flops=3e12, bytes=1e6, kernel_flops=1e12), peak, tokens=1000)
+      roofline.Cost(flops=3e12, bytes=1e6, kernel_flops=1e12, kernel_pass_flops=6e12), peak,
+      tokens=1000)
   assert compute_bound["bound"] == "compute"
   assert compute_bound["compute_s"] == pytest.approx(2.0 + 6.0)

@@ -29,7 +29,7 @@ import json
 import math
 import re
 
-from hyena_jax.model.kernels.matmul import KERNEL_BYTES_KEY, KERNEL_FLOPS_KEY
+from hyena_jax.model.kernels.matmul import KERNEL_BYTES_KEY, KERNEL_FLOPS_KEY, KERNEL_PASSES_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,19 +38,15 @@ class Peak:
   name: str
   bf16_flops: float       # per second
   hbm_bytes_per_s: float
-  # How many bf16-rate matmul passes a float32-accurate Pallas DFT matmul costs: three TF32
-  # passes at half the bf16 rate on tensor cores (6), six bf16 passes on the MXU
-  # (Precision.HIGHEST).
-  kernel_passes: int
 
 
 PEAKS = {
-    "h100": Peak("H100 SXM: 989 TFLOP/s bf16, 3.35 TB/s", 989e12, 3.35e12, 6),
-    "h200": Peak("H200 SXM: 989 TFLOP/s bf16, 4.8 TB/s", 989e12, 4.8e12, 6),
-    "v4": Peak("TPU v4: 275 TFLOP/s bf16, 1.2 TB/s", 275e12, 1.2e12, 6),
-    "v5e": Peak("TPU v5e: 197 TFLOP/s bf16, 819 GB/s", 197e12, 0.819e12, 6),
-    "v5p": Peak("TPU v5p: 459 TFLOP/s bf16, 2.765 TB/s", 459e12, 2.765e12, 6),
-    "v6e": Peak("TPU v6e: 918 TFLOP/s bf16, 1.64 TB/s", 918e12, 1.64e12, 6),
+    "h100": Peak("H100 SXM: 989 TFLOP/s bf16, 3.35 TB/s", 989e12, 3.35e12),
+    "h200": Peak("H200 SXM: 989 TFLOP/s bf16, 4.8 TB/s", 989e12, 4.8e12),
+    "v4": Peak("TPU v4: 275 TFLOP/s bf16, 1.2 TB/s", 275e12, 1.2e12),
+    "v5e": Peak("TPU v5e: 197 TFLOP/s bf16, 819 GB/s", 197e12, 0.819e12),
+    "v5p": Peak("TPU v5p: 459 TFLOP/s bf16, 2.765 TB/s", 459e12, 2.765e12),
+    "v6e": Peak("TPU v6e: 918 TFLOP/s bf16, 1.64 TB/s", 918e12, 1.64e12),
 }
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -66,6 +62,10 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 # In a GPU kernel's serialized metadata quotes are written \22; in a TPU kernel's, " or \".
 _KERNEL_FLOPS = re.compile(KERNEL_FLOPS_KEY + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
 _KERNEL_BYTES = re.compile(KERNEL_BYTES_KEY + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
+_KERNEL_PASSES = re.compile(KERNEL_PASSES_KEY + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
+# A kernel that does not say what its matmuls cost: float32-accurate ones (three TF32 passes at
+# half the bf16 rate on tensor cores; six bf16 passes on the MXU).
+_DEFAULT_PASSES = 6
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
 
 
@@ -79,13 +79,14 @@ def shape_bytes(shape: str) -> float:
 class Cost:
   flops: float = 0.0
   bytes: float = 0.0
-  kernel_flops: float = 0.0      # of `flops`: Pallas kernels' matmuls (float32-accurate passes)
+  kernel_flops: float = 0.0      # of `flops`: Pallas kernels' matmuls
+  kernel_pass_flops: float = 0.0  # those, times the bf16-rate passes each costs
   kernel_bytes: float = 0.0      # of `bytes`: Pallas kernels' operands and results
   loops: int = 0                 # while loops multiplied by their trip count
   unknown_loops: int = 0         # while loops without a known trip count (counted once)
 
   def add(self, other: "Cost", times: float = 1.0) -> None:
-    for f in ("flops", "bytes", "kernel_flops", "kernel_bytes"):
+    for f in ("flops", "bytes", "kernel_flops", "kernel_pass_flops", "kernel_bytes"):
       setattr(self, f, getattr(self, f) + times * getattr(other, f))
     self.loops += other.loops
     self.unknown_loops += other.unknown_loops
@@ -166,8 +167,11 @@ class _Module:
         # The blocks the kernel visits (its metadata), else all of its operands and results.
         visited = _KERNEL_BYTES.search(line)
         moved = float(visited.group(1)) if visited else shape_bytes(shape) + operand_bytes
-        comp.custom.add(Cost(flops=float(kernel.group(1)), bytes=moved,
-                             kernel_flops=float(kernel.group(1)), kernel_bytes=moved))
+        passes = _KERNEL_PASSES.search(line)
+        flops = float(kernel.group(1))
+        comp.custom.add(Cost(flops=flops, bytes=moved, kernel_flops=flops, kernel_bytes=moved,
+                             kernel_pass_flops=flops * (int(passes.group(1)) if passes
+                                                        else _DEFAULT_PASSES)))
       elif any(t in line for t in _GEMM_TARGETS):
         moved = shape_bytes(_ARRAY.search(shape).group(0)) + operand_bytes  # no s8 workspace
         comp.custom.add(Cost(flops=_gemm_flops(line, [shapes.get(o, "") for o in operand_names]),
@@ -291,9 +295,8 @@ def roofline(cost: Cost, peak: Peak, tokens: int) -> dict[str, float]:
   """The bound max(compute time, HBM time) of one step and the tokens/s it allows.
 
   Compute time counts XLA's flops at the bf16 matmul peak (a lower bound: elementwise and FFT
-  work runs slower) and the Pallas kernels' float32-accurate matmuls at peak / passes."""
-  compute_s = ((cost.flops - cost.kernel_flops) + cost.kernel_flops * peak.kernel_passes) \
-      / peak.bf16_flops
+  work runs slower) and each Pallas kernel's matmuls at peak / the passes it says they cost."""
+  compute_s = (cost.flops - cost.kernel_flops + cost.kernel_pass_flops) / peak.bf16_flops
   memory_s = cost.bytes / peak.hbm_bytes_per_s
   bound = max(compute_s, memory_s)
   return {"flops": cost.flops, "bytes": cost.bytes, "kernel_flops": cost.kernel_flops,

@@ -16,8 +16,10 @@ import numpy as np
 
 from hyena_jax.model.kernels.plan import HIGHEST
 
-# The metadata keys under which a compiled kernel call carries its matmul flops and HBM bytes.
+# The metadata keys under which a compiled kernel call carries its matmul flops, the bf16-rate
+# passes each of those matmuls costs (`Dot.passes`) and its HBM bytes.
 KERNEL_FLOPS_KEY = "hyena_kernel_flops"
+KERNEL_PASSES_KEY = "hyena_kernel_passes"
 KERNEL_BYTES_KEY = "hyena_kernel_bytes"
 
 # The matmul flops counted while `kernel_flops` traces a kernel (a stack: one entry per count).
@@ -36,10 +38,13 @@ class Dot:
   precision: what jnp.dot is given (a Precision or a DotAlgorithmPreset). emulate: in interpret
   mode, round the operands as the target's matrix units would ('tf32': one TF32 pass, 'tf32x3':
   hi/lo TF32 split, three passes, 'bf16': one bfloat16 pass), so that errors measured on CPU are
-  the target's (accumulation order is not emulated).
+  the target's (accumulation order is not emulated). passes: what one of these matmuls costs
+  compiled, in matmuls at the chip's bf16 peak (three TF32 passes at half that rate: 6), for
+  the roofline count.
   """
   precision: object
   emulate: str | None = None
+  passes: int = 6
 
   def __call__(self, a, b):
     if _MATMUL_FLOPS:  # counting a kernel's matmuls (kernel_flops), not lowering it

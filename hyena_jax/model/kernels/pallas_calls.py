@@ -14,8 +14,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from hyena_jax.model.kernels import pallas_kernels as kernels
-from hyena_jax.model.kernels.matmul import (KERNEL_BYTES_KEY, KERNEL_FLOPS_KEY, kernel_bytes,
-                                            kernel_flops)
+from hyena_jax.model.kernels.matmul import (KERNEL_BYTES_KEY, KERNEL_FLOPS_KEY,
+                                            KERNEL_PASSES_KEY, kernel_bytes, kernel_flops)
 from hyena_jax.model.kernels.plan import Plan, Platform, dft, tile_consts, twiddle
 
 
@@ -85,16 +85,17 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, ex, into=None):
     return lambda *args: call(interpret=True)(*args, *buffers)
 
   def compiled(*args):
-    # What the program's cost count (training/roofline.py) reads: the kernel's matmul flops and
-    # the HBM bytes of the blocks it visits in its metadata (kept in the compiled HLO on TPU and
-    # GPU) and, for XLA's TPU scheduler, a cost estimate.
+    # What the program's cost count (training/roofline.py) reads: the kernel's matmul flops, their
+    # passes and the HBM bytes of the blocks it visits, in its metadata (kept in the compiled HLO
+    # on TPU and GPU) and, for XLA's TPU scheduler, a cost estimate.
     flops = kernel_flops(kernel, grid, in_specs, [x.dtype for x in args],
                          [o.dtype for o in outs])
     moved = kernel_bytes(grid, [*in_specs, *ospecs], [*args, *outs])
     return call(
         compiler_params=_compiler_params(plan.platform, interpret, len(grid)),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved),
-        metadata={KERNEL_FLOPS_KEY: str(flops), KERNEL_BYTES_KEY: str(moved)},
+        metadata={KERNEL_FLOPS_KEY: str(flops), KERNEL_PASSES_KEY: str(ex.dot.passes),
+                  KERNEL_BYTES_KEY: str(moved)},
     )(*args, *buffers)
   return compiled
 

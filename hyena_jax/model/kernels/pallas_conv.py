@@ -87,22 +87,35 @@ from hyena_jax.model.kernels import pallas_calls as kernels
 from hyena_jax.model.kernels.matmul import Dot
 from hyena_jax.model.kernels.plan import HIGHEST, RULES, Plan, Platform, make_plan
 
-PrecisionName = Literal["highest", "default", "float32"]
+PrecisionName = Literal["auto", "highest", "default", "float32"]
 
 
-# What the kernels' matmuls run as, compiled, per (block rules, precision).
+# What the kernels' matmuls run as, compiled, per (block rules, precision), and their cost in
+# bf16-rate passes.
 _COMPILED_DOTS = {
-    # MXU: HIGHEST is the multi-pass bf16 product (float32 accuracy), DEFAULT one bf16 pass.
-    ("tpu", "highest"): Dot(HIGHEST),
-    ("tpu", "default"): Dot(jax.lax.Precision.DEFAULT),
-    ("tpu", "float32"): Dot(HIGHEST),
+    # MXU: HIGHEST is the six-pass bf16 product (float32 accuracy), DEFAULT one bf16 pass.
+    ("tpu", "highest"): Dot(HIGHEST, passes=6),
+    ("tpu", "default"): Dot(jax.lax.Precision.DEFAULT, passes=1),
+    ("tpu", "float32"): Dot(HIGHEST, passes=6),
     # Tensor cores: three TF32 passes (hi*hi + hi*lo + lo*hi) keep ~22 mantissa bits; one TF32
-    # pass keeps 10. IEEE float32 ("float32") uses no tensor cores: Triton unrolls it into FMA
-    # code that ptxas does not finish compiling at L = 131k (issue 17), so it is for tests only.
-    ("gpu", "highest"): Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3),
-    ("gpu", "default"): Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32),
-    ("gpu", "float32"): Dot(HIGHEST),
+    # pass keeps 10 (TF32 runs at half the bf16 rate). IEEE float32 ("float32") uses no tensor
+    # cores (67 of 989 TFLOP/s on an H100): Triton unrolls it into FMA code that ptxas does not
+    # finish compiling at L = 131k (issue 17), so it is for tests only.
+    ("gpu", "highest"): Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, passes=6),
+    ("gpu", "default"): Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32, passes=2),
+    ("gpu", "float32"): Dot(HIGHEST, passes=15),
 }
+
+
+def resolve_precision(precision: str, platform: Platform, dtype) -> str:
+  """'auto' -> 'highest', except bfloat16 signals on GPU: one TF32 pass ('default'), whose
+  ~3e-4 relative error sits below the bfloat16 rounding of the signal and of the output
+  (3.9e-3), for a third of the tensor-core work (the kernels are compute-bound at three
+  passes on an H100). On TPU 'auto' stays 'highest': one bf16 pass would err like bfloat16
+  itself."""
+  if precision != "auto":
+    return precision
+  return "default" if platform == "gpu" and jnp.dtype(dtype) == jnp.bfloat16 else "highest"
 
 
 # The operand rounding interpret mode emulates for the same requests (see Dot).
@@ -210,7 +223,8 @@ def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, precision):
   def run(target, u, k_eff, gate):
     interp = target == "cpu" if interpret is None else interpret
     plan = make_plan(length, rules(target), max_onchip)
-    return _conv(u, k_eff, gate, _Exec(plan, interp, _dot_for(plan.platform, precision, interp),
+    numerics = resolve_precision(precision, plan.platform, u.dtype)
+    return _conv(u, k_eff, gate, _Exec(plan, interp, _dot_for(plan.platform, numerics, interp),
                                        vma))
 
   target = "cpu" if interpret else target_platform()
@@ -260,7 +274,7 @@ def _batch_shard_map(fn, u, k_eff, gate, batch_axes):
 
 def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | None = None, *,
               interpret: bool | None = None, platform: Platform | None = None,
-              max_onchip: int | None = None, precision: PrecisionName = "highest",
+              max_onchip: int | None = None, precision: PrecisionName = "auto",
               batch_axes: tuple[str, ...] = mesh_axes.BATCH_AXES) -> jax.Array:
   """Gated causal long convolution, `(causal_conv(u, k) + d_bias[:, None] * u) * gate`.
 
@@ -286,11 +300,12 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
       them from the target ('gpu' rules on the CPU). Tests use it to run both in interpret mode.
     max_onchip: largest FFT done in one kernel (default: the platform's); smaller values force
       the two-pass scheme (tests use it at small lengths).
-    precision: numerics of the DFT matmuls. 'highest' (default) keeps float32-level accuracy on
-      the matrix units: multi-pass bf16 on the TPU MXU, three TF32 passes on tensor cores.
-      'default': one bf16 / TF32 pass (about 1e-3 relative error). 'float32': IEEE float32
-      (on GPU without tensor cores; Triton/ptxas compile times explode at long lengths). In
-      interpret mode the TF32 / bf16 operand rounding of the target is emulated.
+    precision: numerics of the DFT matmuls. 'highest' keeps float32-level accuracy on the
+      matrix units: multi-pass bf16 on the TPU MXU, three TF32 passes on tensor cores.
+      'default': one bf16 / TF32 pass (about 3e-4 relative error with TF32). 'auto' (default):
+      'highest', but 'default' for bfloat16 signals on GPU (`resolve_precision`). 'float32':
+      IEEE float32 (on GPU without tensor cores; Triton/ptxas compile times explode at long
+      lengths). In interpret mode the TF32 / bf16 operand rounding of the target is emulated.
     batch_axes: mesh axes the batch is split over when the op shards itself.
 
   Returns:
@@ -304,8 +319,9 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
     raise ValueError(f"gate must have u's shape {u.shape}, got {gate.shape}")
   if not jnp.issubdtype(u.dtype, jnp.floating):
     raise TypeError(f"u must be a float array (float32 or bfloat16), got {u.dtype}")
-  if precision not in ("highest", "default", "float32"):
-    raise ValueError(f"precision must be 'highest', 'default' or 'float32', got {precision!r}")
+  if precision not in ("auto", "highest", "default", "float32"):
+    raise ValueError("precision must be 'auto', 'highest', 'default' or 'float32', got "
+                     f"{precision!r}")
   if platform is not None and platform not in RULES:
     raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
   make_plan(u.shape[-1], platform or "tpu", max_onchip)  # a length no platform takes fails here
