@@ -44,7 +44,12 @@ def _tiny_config(conv_impl):
 def v5e_4():
   if jax.default_backend() != "cpu":
     pytest.skip("deviceless TPU compiles need JAX_PLATFORMS=cpu")
-  return aot.target_devices(aot.get_target("v5e-4"))
+  # Deviceless executables cannot be loaded back from the persistent cache (no client), as in
+  # `python -m hyena_jax.aot`: without this, every compile warns that it could not read it.
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield aot.target_devices(aot.get_target("v5e-4"))
+  jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 @pytest.fixture(scope="module", params=["fft", "pallas"])
