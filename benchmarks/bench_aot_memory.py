@@ -9,6 +9,8 @@ with the longest context that fits per target. Needs `pip install -e .[tpu]` / `
 
   JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 nice -n 5 python benchmarks/bench_aot_memory.py \
       --targets=h100,v5p-2 --lengths=131072,1048576,2097152,4194304 --remat=block,offload
+`--kernel_only` compiles one layer's long convolution (forward and backward) instead of the
+train step, into results/aot_long_conv.json: what the convolution itself costs.
 GPU compiles run ptxas per kernel (minutes at 1M); TPU compiles of large configs take minutes
 on a small host.
 """
@@ -32,6 +34,7 @@ from hyena_jax.training import aot  # noqa: E402
 from hyena_jax.training import run_config
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "aot_memory.json")
+KERNEL_OUT = os.path.join(os.path.dirname(__file__), "results", "aot_long_conv.json")
 
 
 def large_1m_config(seq_len: int, remat: str, conv_impl: str):
@@ -101,10 +104,14 @@ def main():
   parser.add_argument("--lengths", default="131072,1048576,2097152,4194304")
   parser.add_argument("--remat", default="block,offload")
   parser.add_argument("--conv", default="fft,pallas")
-  parser.add_argument("--out", default=DEFAULT_OUT)
+  parser.add_argument("--kernel_only", action="store_true",
+                      help="one layer's long convolution, not the train step")
+  parser.add_argument("--out", default=None,
+                      help="JSON file (default results/aot_memory.json, or aot_long_conv.json)")
   parser.add_argument("--table_only", action="store_true", help="print the table of --out")
   parser.add_argument("--markdown", action="store_true", help="also print README's table")
   args = parser.parse_args()
+  args.out = args.out or (KERNEL_OUT if args.kernel_only else DEFAULT_OUT)
   results = json.load(open(args.out)) if os.path.exists(args.out) else []
   if not args.table_only:
     done = {_key(r) for r in results}
@@ -115,7 +122,8 @@ def main():
           for conv in args.conv.split(","):
             if (target.name, seq_len, remat, conv) in done:
               continue
-            report = aot.compile_for_target(large_1m_config(seq_len, remat, conv), target)
+            report = aot.compile_for_target(large_1m_config(seq_len, remat, conv), target,
+                                            kernel_only=args.kernel_only)
             print(json.dumps(report), flush=True)
             results.append(report)
             os.makedirs(os.path.dirname(args.out), exist_ok=True)
