@@ -10,7 +10,9 @@ with the longest context that fits per target. Needs `pip install -e .[tpu]` / `
   JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 nice -n 5 python benchmarks/bench_aot_memory.py \
       --targets=h100,v5p-2 --lengths=131072,1048576,2097152,4194304 --remat=block,offload
 `--kernel_only` compiles one layer's long convolution (forward and backward) instead of the
-train step, into results/aot_long_conv.json: what the convolution itself costs.
+train step, into results/aot_long_conv.json: what the convolution itself costs. `--conv=none`
+compiles the train step with the long convolution replaced by a pointwise product (every other
+op and gradient kept): the floor that no convolution can go below.
 GPU compiles run ptxas per kernel (minutes at 1M); TPU compiles of large configs take minutes
 on a small host.
 """
@@ -37,13 +39,27 @@ DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "aot_memory.jso
 KERNEL_OUT = os.path.join(os.path.dirname(__file__), "results", "aot_long_conv.json")
 
 
+def _pointwise_instead_of_the_convolution():
+  """fftconv.long_conv -> u * (k[:, 0] + D) (* gate): the same inputs and gradient paths (the
+  filter MLP still runs) at the cost of an elementwise product."""
+  from hyena_jax.model import fftconv  # pylint: disable=g-import-not-at-top
+
+  def pointwise(u, k, d_bias, gate=None, *, impl):
+    y = u * (k[:, :1] + d_bias[:, None]).astype(u.dtype)[None]
+    return y if gate is None else y * gate
+  fftconv.long_conv = pointwise
+
+
 def large_1m_config(seq_len: int, remat: str, conv_impl: str):
-  """configs/1m.py's model and precision (bf16, scan_layers) at batch 1, one stage at seq_len."""
+  """configs/1m.py's model and precision (bf16, scan_layers) at batch 1, one stage at seq_len
+  (conv_impl 'none': see `_pointwise_instead_of_the_convolution`)."""
+  if conv_impl == "none":
+    _pointwise_instead_of_the_convolution()
   config = run_config.release_config("large-1m")
   config.model.dtype = "bfloat16"
   config.model.scan_layers = True
   config.model.remat = remat
-  config.model.conv_impl = conv_impl
+  config.model.conv_impl = "fft" if conv_impl == "none" else conv_impl
   config.model.l_max = max(config.model.l_max, seq_len + 2)
   config.train.global_batch_size = 1
   config.train.stages = ((1, seq_len, 1),)
@@ -112,6 +128,8 @@ def main():
   parser.add_argument("--markdown", action="store_true", help="also print README's table")
   args = parser.parse_args()
   args.out = args.out or (KERNEL_OUT if args.kernel_only else DEFAULT_OUT)
+  if "none" in args.conv.split(",") and args.conv != "none":
+    parser.error("--conv=none replaces the convolution for the whole process: run it alone")
   results = json.load(open(args.out)) if os.path.exists(args.out) else []
   if not args.table_only:
     done = {_key(r) for r in results}
@@ -124,6 +142,7 @@ def main():
               continue
             report = aot.compile_for_target(large_1m_config(seq_len, remat, conv), target,
                                             kernel_only=args.kernel_only)
+            report["conv_impl"] = conv
             print(json.dumps(report), flush=True)
             results.append(report)
             os.makedirs(os.path.dirname(args.out), exist_ok=True)

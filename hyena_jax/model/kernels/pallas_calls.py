@@ -240,8 +240,8 @@ def _filter_columns(kh, ex, c0, cg):
   """kh: k_eff / n as [1, C, n1/2, m] -> (re, im) of channels c0 .. c0 + cg column-transformed,
   as rows [cg, kept, p, q]: the filter as the row kernels take it (they do its row DFT
   on-chip). One pass of the signal's column kernel (a batch of one) instead of a spectrum from
-  XLA's FFT, whose rfft, conjugate half and tile-order transpose moved more bytes than the
-  convolution kernels (issue 24)."""
+  XLA's FFT, whose rfft, conjugate half and tile-order transpose moved ~7x the bytes (issue
+  24)."""
   plan = ex.plan
   cols = _col_forward(kh, None, ex, c0, cg)
   return tuple(x.reshape(cg, plan.kept, plan.p, plan.q) for x in cols)

@@ -26,10 +26,9 @@ Two tricks keep the kernels small:
   * the filter is transformed by the kernels themselves, beside the signal: the single-pass
     kernel takes k_eff / n as a half tile, the two-pass row kernels take its column transform
     (the signal's column kernel, run once per call on the batch-independent filter) and do its
-    row DFT on-chip. A precomputed spectrum costs more HBM traffic than the convolution (XLA's
-    rfft, the conjugate half and the tile-order transpose moved ~130 MB per channel at 1M
-    tokens, the kernels ~280 MB for forward and backward) while the kernels have flops to
-    spare (memory-bound on H100 and TPU; issue 24).
+    row DFT on-chip. A precomputed spectrum costs more HBM traffic than its matmuls cost time
+    (XLA's rfft, the conjugate half and the tile-order transpose moved ~95 MB per channel each
+    time at 1M tokens; the filter's column pass moves 13 MB; issue 24).
 
 Schemes (see `make_plan`):
   * single pass, n <= `max_onchip` (GPU 4096, TPU 16384): one kernel per (batch, channel) row
