@@ -25,12 +25,16 @@ raised to match). GPU compiles run ptxas on every kernel: minutes per kernel at 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
 import importlib.util
 import math
+import os
 import re
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -104,6 +108,32 @@ def _gpu_config_text(filename: str) -> str:
   return importlib.resources.files("hyena_jax").joinpath("gpu_targets", filename).read_text()
 
 
+# What libtpu prints when it starts on a host that is not a TPU VM: true, and beside the point for a
+# deviceless compile (setting TPU_ACCELERATOR_TYPE would silence it, and change the host bounds
+# libtpu assumes for multi-chip topologies).
+_LIBTPU_HOST_NOTICE = "could not determine TPU accelerator type"
+
+
+@contextlib.contextmanager
+def _without_libtpu_host_notice():
+  """Runs the block with file descriptor 2 captured, then writes back what was printed there
+  except libtpu's notice (C++ writes to the descriptor, not to sys.stderr)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = [line for line in captured.read().decode(errors="replace").splitlines(True)
+              if _LIBTPU_HOST_NOTICE not in line]
+      sys.stderr.write("".join(kept))
+      sys.stderr.flush()
+
+
 def target_devices(target: Target) -> list:
   """The target's devices as the deviceless compiler describes them (no hardware needed)."""
   from jax.experimental import topologies
@@ -112,8 +142,9 @@ def target_devices(target: Target) -> list:
     # A single chip is a host of its own (the default host is 2x2 chips).
     kwargs = {"chips_per_host_bounds": [1, 1, 1]} if chips == 1 else {}
     try:
-      return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                                **kwargs).devices)
+      with _without_libtpu_host_notice():
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
+                                                  **kwargs).devices)
     except Exception as e:  # libtpu missing or not loadable: say how to get it
       raise errors.InputError(
           f"cannot describe TPU topology {target.topology!r} ({type(e).__name__}: {e}); install "
