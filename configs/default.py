@@ -3,7 +3,8 @@
 Run (laptop CPU, 2+ cores):
   python -m hyena_jax.main --workdir=runs/default
 What to expect: 300 steps (about 3.5M tokens) with a sequence-length warm-up 256 -> 512 -> 1024,
-190 s on 2 CPU cores (139 s when the compilation cache is warm; see README "Set up"). The train loss falls from ln(16) = 2.77 to about 1.35 nats/base,
+2-3 min on 2 CPU cores (123-190 s; 85-139 s when the compilation cache is warm; see README "Set
+up"). The train loss falls from ln(16) = 2.77 to about 1.35 nats/base,
 below ln(4) = 1.386 (better than guessing bases uniformly); validation loss about 1.35
 (perplexity about 3.87) on the held-out last 5% of the chromosome. The validation after the
 first stage is worse (about 1.6): it runs at the final length 1024, 4x longer than anything the
