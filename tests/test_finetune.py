@@ -23,7 +23,7 @@ from hyena_jax.errors import InputError, OutputExistsError
 from hyena_jax.model import config as config_lib
 from hyena_jax.model.hyenadna import HyenaLM, SequenceClassifier
 from hyena_jax.training import checkpoint as ckpt_lib
-from hyena_jax.training import resume, steps
+from hyena_jax.training import resume
 
 TINY = dict(d_model=32, n_layer=2, d_inner=64, filter_order=16, l_max=256)
 
