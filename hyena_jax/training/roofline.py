@@ -59,10 +59,17 @@ _CALLS = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%([\
 _CALL_LISTS = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
 _WHILE = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-# In a GPU kernel's serialized metadata quotes are written \22; in a TPU kernel's, " or \".
-_KERNEL_FLOPS = re.compile(KERNEL_FLOPS_KEY + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
-_KERNEL_BYTES = re.compile(KERNEL_BYTES_KEY + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
-_KERNEL_PASSES = re.compile(KERNEL_PASSES_KEY + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
+
+
+def _metadata_number(key: str) -> re.Pattern:
+  r"""`"key": "123"` in a kernel's serialized metadata: on GPU quotes are written \22, on TPU
+  " or \"."""
+  return re.compile(key + r'(?:\\22|\\?")\s*:\s*(?:\\22|\\?")(\d+)')
+
+
+_KERNEL_FLOPS = _metadata_number(KERNEL_FLOPS_KEY)
+_KERNEL_BYTES = _metadata_number(KERNEL_BYTES_KEY)
+_KERNEL_PASSES = _metadata_number(KERNEL_PASSES_KEY)
 # A kernel that does not say what its matmuls cost: float32-accurate ones (three TF32 passes at
 # half the bf16 rate on tensor cores; six bf16 passes on the MXU).
 _DEFAULT_PASSES = 6

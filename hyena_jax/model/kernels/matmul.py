@@ -110,5 +110,5 @@ def kernel_bytes(grid, specs, arrays) -> int:
     index = spec.index_map(*points)
     visited = np.stack([np.broadcast_to(np.asarray(i), points.shape[1:]) for i in index])
     block = math.prod(d for d in spec.block_shape if d is not None)
-    total += len(np.unique(visited, axis=1).T) * block * jnp.dtype(array.dtype).itemsize
+    total += np.unique(visited, axis=1).shape[1] * block * jnp.dtype(array.dtype).itemsize
   return int(total)

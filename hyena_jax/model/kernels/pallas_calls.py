@@ -263,7 +263,7 @@ def _in_groups(groups, channels, arrays, step):
 
 def two_pass_forward(u, k_eff, gate, ex, groups=1):
   """u, gate: [B, C, L]; k_eff: [C, L] float32 (the skip term folded in) -> y [B, C, L]. The
-  channels run in `groups` groups (their intermediates, ~8 n bytes per channel and sequence
+  channels run in `groups` groups (their intermediates, ~4 n bytes per channel and sequence
   each, exist for one group at a time); every group reads and writes the whole arrays in
   place, so grouping copies nothing."""
   plan = ex.plan

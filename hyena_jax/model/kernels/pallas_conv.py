@@ -147,7 +147,7 @@ class _Exec:
 
 
 # Two-pass intermediates are float32 complex signals of `kept` x m points (8.5 MiB per channel
-# and sequence at 1M tokens; the backward holds nine of them): channels are processed in groups
+# and sequence at 1M tokens; the backward's row kernel reads three and writes three): channels are processed in groups
 # holding at most this many bytes per such signal, so that the kernel needs no more memory than
 # XLA's FFT path.
 _GROUP_BYTES = 2 ** 29
