@@ -91,6 +91,35 @@ def test_forward_and_gradients_match_fft(length, dtype, options):
     _assert_close(g, r, tol if g.dtype != jnp.float32 else max(F32_TOL, tol / 10), name)
 
 
+SPLIT_CASES = [
+    # (length, dtype, options, halvings): sequences whose FFT exceeds max_fft are split in halves
+    # (four half-length convolutions each); odd lengths pad, the pieces run either scheme.
+    (1000, jnp.float32, {"max_fft": 1024}, 1),
+    (777, jnp.float32, {"max_fft": 512}, 2),
+    (3000, jnp.bfloat16, {"max_fft": 4096, "max_onchip": 512}, 1),
+    (3001, jnp.float32, {"platform": "tpu", "max_fft": 2048}, 2),
+]
+
+
+@pytest.mark.parametrize("length,dtype,options,halvings", SPLIT_CASES,
+                         ids=[_case_id(c[:3]) for c in SPLIT_CASES])
+def test_sequences_past_max_fft_are_split_in_halves(length, dtype, options, halvings):
+  platform = options.get("platform", "gpu")
+  assert pallas_conv.halvings(length, platform, options.get("max_onchip"),
+                              options["max_fft"]) == halvings
+  args = _inputs(2, 3, length, dtype, seed=2)
+  out, grads = _value_and_grads(
+      lambda *a: pallas_conv.long_conv(*a, interpret=True, **options), *args)
+  ref_out, ref_grads = _value_and_grads(fftconv.fft_long_conv, *args)
+  tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
+  _assert_close(out, ref_out, tol, "output")
+  for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
+    _assert_close(g, r, tol if g.dtype != jnp.float32 else max(F32_TOL, tol / 10), name)
+  # Without a gate too (the pieces then take none).
+  no_gate = jax.jit(lambda u, k, d: pallas_conv.long_conv(u, k, d, interpret=True, **options))
+  _assert_close(no_gate(*args[:3]), jax.jit(fftconv.fft_long_conv)(*args[:3]), tol, "no gate")
+
+
 def test_no_gate_and_vmap():
   """gate=None is the plain skip-term conv, and the op (and its gradient) vmaps."""
   u, k, d_bias, _, _ = _inputs(2, 2, 37, jnp.float32, seed=1)
@@ -121,8 +150,11 @@ def test_plans_respect_block_rules():
       if plan.n1 > 1:
         assert plan.m % plan.col_block == 0 and (plan.n1 // 2) % plan.row_block == 0
   assert pallas_conv.make_plan(1 << 20, "gpu").n1 > 1   # 1M tokens run two-pass
-  with pytest.raises(ValueError, match="conv_impl='fft'"):
-    pallas_conv.make_plan(1 << 22, "gpu")
+  with pytest.raises(ValueError, match="splits such sequences in halves"):
+    pallas_conv.make_plan(1 << 21, "gpu")
+  # Past the two-pass limit long_conv halves the sequence: GPU from 2M tokens, TPU from 8M.
+  assert [pallas_conv.halvings(1 << e, "gpu") for e in (20, 21, 22)] == [0, 1, 2]
+  assert [pallas_conv.halvings(1 << e, "tpu") for e in (22, 23)] == [0, 1]
 
 
 def test_bad_inputs_raise():

@@ -33,14 +33,18 @@ Two tricks keep the kernels small:
 Schemes (see `make_plan`):
   * single pass, n <= `max_onchip` (GPU 4096, TPU 16384): one kernel per (batch, channel) row
     does DFT, spectrum product, inverse DFT and gate on a [p, q] tile that lives on-chip.
-  * two pass, larger n (up to 1M tokens and beyond): n = n1 * m with m on-chip; kernel 1 does
-    the length-n1 DFTs down the columns of the [n1, m] view (plus twiddles) and writes them to
-    HBM, kernel 2 does each row's length-m DFT on-chip as a [p, q] tile, the spectrum product and
-    the row's inverse DFT, kernel 3 does the inverse column DFTs, the gate and the output cast.
+  * two pass, larger n (up to 1M tokens on GPU, 4M on TPU): n = n1 * m with m on-chip;
+    kernel 1 does the length-n1 DFTs down the columns of the [n1, m] view (plus twiddles) and
+    writes them to HBM, kernel 2 does each row's length-m DFT on-chip as a [p, q] tile, the
+    spectrum product and the row's inverse DFT, kernel 3 does the inverse column DFTs, the gate
+    and the output cast.
     Every signal is real, so row n1 - g1 of a column spectrum is the conjugate of row g1: only
     rows 0 .. n1/2 are computed and stored (n1/2 + `Plan.tail` for block sizes; the tail past
     n1/2 is weighted 0), and kernel 3 takes Re(.) with the mirrored rows' terms doubled. This
     halves the intermediates' HBM traffic and the matmul flops of all three kernels.
+  * past the two-pass limit (2^21 points on GPU: L > 1M; 2^23 on TPU: L > 4M) the sequence is
+    split in halves, and its convolution is four half-length ones (`_in_halves`) run by the
+    schemes above: the kernel is kept, at twice the work per halving.
 
 Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
     du = corr(z, k_eff)                (spectrum product with conj(K)),
@@ -84,7 +88,8 @@ from jax.sharding import PartitionSpec as P
 from hyena_jax.model import mesh_axes
 from hyena_jax.model.kernels import pallas_calls as kernels
 from hyena_jax.model.kernels.matmul import Dot
-from hyena_jax.model.kernels.plan import HIGHEST, RULES, Plan, Platform, make_plan
+from hyena_jax.model.kernels.plan import (HIGHEST, RULES, Plan, Platform, make_plan,
+                                          two_pass_limit)
 
 PrecisionName = Literal["auto", "highest", "default", "float32"]
 
@@ -147,9 +152,9 @@ class _Exec:
 
 
 # Two-pass intermediates are float32 complex signals of `kept` x m points (8.5 MiB per channel
-# and sequence at 1M tokens; the backward's row kernel reads three and writes three): channels are processed in groups
-# holding at most this many bytes per such signal, so that the kernel needs no more memory than
-# XLA's FFT path.
+# and sequence at 1M tokens; the backward's row kernel reads three and writes three): channels
+# are processed in groups holding at most this many bytes per such signal, so that the kernel
+# needs no more memory than XLA's FFT path.
 _GROUP_BYTES = 2 ** 29
 
 
@@ -206,7 +211,56 @@ def _varying(x, vma: frozenset):
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, precision):
+def halvings(length: int, platform: Platform, max_onchip: int | None = None,
+             max_fft: int | None = None) -> int:
+  """How many times `long_conv` halves a length-`length` sequence before each piece's FFT
+  (2 x its length, rounded up to a power of two) fits `max_fft`, by default the kernels'
+  two-pass limit: 0 up to 1M tokens on GPU and 4M on TPU, 1 at 2M on GPU."""
+  limit = two_pass_limit(platform, max_onchip)
+  limit = min(limit, max_fft) if max_fft else limit
+  levels = 0
+  while 1 << (2 * length - 1).bit_length() > limit:
+    length = -(-length // 2)
+    levels += 1
+  return levels
+
+
+def _flip1(x: jax.Array) -> jax.Array:
+  """x[..., B - 2 - t] for t < B - 1, and 0 at t = B - 1 (x: [..., B])."""
+  return jnp.pad(x[..., -2::-1], [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+
+
+def _in_halves(conv, u, k_eff, gate):
+  """A causal convolution of length L from four of length B = ceil(L / 2), each by `conv`.
+
+  With u = [u0 | u1] and k = [k0 | k1] (zero-padded to 2B),
+      y[:B] = conv(u0, k0)
+      y[B:] = conv(u1, k0) + conv(u0, k1) + spill,   spill[t] = sum_{s > t} u0[s] k0[B + t - s],
+  where the spill (the part of u0 * k0 past B) is a causal convolution of the reversed halves:
+  spill = flip1(conv(reverse(u0), reverse(k0))). The gate is pointwise, so each piece takes its
+  own (flipped) slice of it and the kernels keep fusing it. The four pieces run as one lax.map,
+  so their kernels compile once; each halving doubles the work. Pieces in bfloat16 are rounded
+  before they are summed (three roundings instead of one in y[B:]).
+  """
+  length = u.shape[-1]
+  half = -(-length // 2)
+
+  def halves(x):
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 2 * half - length)])
+    return x[..., :half], x[..., half:]
+
+  (u0, u1), (k0, k1) = halves(u), halves(k_eff)
+  signals = jnp.stack([u0, u1, u0, u0[..., ::-1]])             # [4, batch, channels, B]
+  filters = jnp.stack([k0, k0, k1, k0[..., ::-1]])             # [4, channels, B]
+  gates = None
+  if gate is not None:
+    g0, g1 = halves(gate)
+    gates = jnp.stack([g0, g1, g1, _flip1(g1)])
+  y = jax.lax.map(lambda piece: conv(*piece), (signals, filters, gates))
+  return jnp.concatenate([y[0], y[1] + y[2] + _flip1(y[3])], axis=-1)[..., :length]
+
+
+def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, max_fft, precision):
   """The convolution on each device's own operands (inside a shard_map, or unsharded)."""
   operands = [x for x in (u, k_eff, gate) if x is not None]
   vma = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
@@ -214,14 +268,15 @@ def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, precision):
   # filter is made varying too, so its cotangent is summed over those axes by the transpose.
   u, k_eff = _varying(u, vma), _varying(k_eff, vma)
   gate = None if gate is None else _varying(gate, vma)
-  length = u.shape[-1]
 
   def rules(target):
     return platform or ("tpu" if target == "tpu" else "gpu")
 
   def run(target, u, k_eff, gate):
+    if halvings(u.shape[-1], rules(target), max_onchip, max_fft):
+      return _in_halves(functools.partial(run, target), u, k_eff, gate)
     interp = target == "cpu" if interpret is None else interpret
-    plan = make_plan(length, rules(target), max_onchip)
+    plan = make_plan(u.shape[-1], rules(target), max_onchip)
     numerics = resolve_precision(precision, plan.platform, u.dtype)
     return _conv(u, k_eff, gate, _Exec(plan, interp, _dot_for(plan.platform, numerics, interp),
                                        vma))
@@ -230,17 +285,9 @@ def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, precision):
   if target is not None:
     return run(target, u, k_eff, gate)
   # No mesh says where this runs: trace a branch per platform, and let lowering (which knows
-  # the target) keep one. Platforms whose block rules cannot take this length get no branch.
-  branches, errors = {}, []
-  for name in ("cpu", "tpu", "cuda", "rocm"):
-    try:
-      make_plan(length, rules(_TARGETS[name]), max_onchip)
-    except ValueError as e:
-      errors.append(e)
-      continue
-    branches[name] = functools.partial(run, _TARGETS[name])
-  if not branches:
-    raise errors[0]
+  # the target) keep one.
+  branches = {name: functools.partial(run, _TARGETS[name])
+              for name in ("cpu", "tpu", "cuda", "rocm")}
   return jax.lax.platform_dependent(u, k_eff, gate, **branches)
 
 
@@ -273,7 +320,8 @@ def _batch_shard_map(fn, u, k_eff, gate, batch_axes):
 
 def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | None = None, *,
               interpret: bool | None = None, platform: Platform | None = None,
-              max_onchip: int | None = None, precision: PrecisionName = "auto",
+              max_onchip: int | None = None, max_fft: int | None = None,
+              precision: PrecisionName = "auto",
               batch_axes: tuple[str, ...] = mesh_axes.BATCH_AXES) -> jax.Array:
   """Gated causal long convolution, `(causal_conv(u, k) + d_bias[:, None] * u) * gate`.
 
@@ -299,6 +347,9 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
       them from the target ('gpu' rules on the CPU). Tests use it to run both in interpret mode.
     max_onchip: largest FFT done in one kernel (default: the platform's); smaller values force
       the two-pass scheme (tests use it at small lengths).
+    max_fft: largest FFT the kernels do (default and cap: the two-pass limit, 2^21 points on
+      GPU, 2^23 on TPU); a longer sequence is split in halves until its pieces fit, four
+      convolutions of half the length per halving (`_in_halves`). Tests use small values.
     precision: numerics of the DFT matmuls. 'highest' keeps float32-level accuracy on the
       matrix units: multi-pass bf16 on the TPU MXU, three TF32 passes on tensor cores.
       'default': one bf16 / TF32 pass (about 3e-4 relative error with TF32). 'auto' (default):
@@ -323,10 +374,11 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
                      f"{precision!r}")
   if platform is not None and platform not in RULES:
     raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
-  make_plan(u.shape[-1], platform or "tpu", max_onchip)  # a length no platform takes fails here
+  if max_fft is not None and max_fft < 2:
+    raise ValueError(f"max_fft must be >= 2, got {max_fft}")
   # conv(u, k) + D u == conv(u, k + D delta): D joins the filter's first tap.
   k_eff = k.astype(jnp.float32).at[:, 0].add(d_bias.astype(jnp.float32))
   fn = functools.partial(_device_conv, interpret=interpret, platform=platform,
-                         max_onchip=max_onchip, precision=precision)
+                         max_onchip=max_onchip, max_fft=max_fft, precision=precision)
   return _batch_shard_map(fn, u, k_eff, gate, batch_axes)
 

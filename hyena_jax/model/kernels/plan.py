@@ -87,6 +87,12 @@ def _split(m: int, p_min: int, q_min: int) -> tuple[int, int]:
   return m // q, q
 
 
+def two_pass_limit(platform: Platform, max_onchip: int | None = None) -> int:
+  """The largest FFT the kernels do: n1_max columns of `max_onchip`-point rows (GPU 2^21
+  points, so 1M tokens; TPU 2^23, so 4M tokens)."""
+  return RULES[platform].n1_max * (max_onchip or RULES[platform].max_onchip)
+
+
 def make_plan(length: int, platform: Platform = "gpu", max_onchip: int | None = None) -> Plan:
   """Chooses the FFT size and factors for `length` under `platform`'s block rules."""
   if length < 1:
@@ -102,11 +108,11 @@ def make_plan(length: int, platform: Platform = "gpu", max_onchip: int | None = 
     return Plan(length, n, 1, p, q, platform)
   n1 = max(r.n1_min, n // max_onchip)
   m = max(n // n1, r.p_min * r.q_min)
-  if n1 > r.n1_max:
+  if n > two_pass_limit(platform, max_onchip):
     raise ValueError(
-        f"length {length} needs an FFT of size {n}, beyond this kernel's two-pass limit "
-        f"({r.n1_max} x {max_onchip} = {r.n1_max * max_onchip} points on {platform}); "
-        "use conv_impl='fft' for such lengths")
+        f"length {length} needs an FFT of size {n}, beyond the kernels' two-pass limit "
+        f"({r.n1_max} x {max_onchip} = {two_pass_limit(platform, max_onchip)} points on "
+        f"{platform}); long_conv splits such sequences in halves")
   p, q = _split(m, r.p_min, r.q_min)
   n1h = n1 // 2
   return Plan(length, n1 * m, n1, p, q, platform,
