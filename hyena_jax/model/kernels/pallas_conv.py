@@ -91,7 +91,7 @@ from hyena_jax.model.kernels.matmul import Dot
 from hyena_jax.model.kernels.plan import (HIGHEST, RULES, Plan, Platform, make_plan,
                                           two_pass_limit)
 
-PrecisionName = Literal["auto", "highest", "default", "float32"]
+PrecisionName = Literal["auto", "highest", "high", "default", "float32"]
 
 
 # What the kernels' matmuls run as, compiled, per (block rules, precision), and their cost in
@@ -101,6 +101,8 @@ _COMPILED_DOTS = {
     ("tpu", "highest"): Dot(HIGHEST, passes=6),
     ("tpu", "default"): Dot(jax.lax.Precision.DEFAULT, passes=1),
     ("tpu", "float32"): Dot(HIGHEST, passes=6),
+    # bf16x3, written out (see Dot): three bf16 passes, ~16 mantissa bits.
+    ("tpu", "high"): Dot(jax.lax.Precision.DEFAULT, passes=3, bf16x3=True),
     # Tensor cores: three TF32 passes (hi*hi + hi*lo + lo*hi) keep ~22 mantissa bits; one TF32
     # pass keeps 10 (TF32 runs at half the bf16 rate). IEEE float32 ("float32") uses no tensor
     # cores (67 of 989 TFLOP/s on an H100): Triton unrolls it into FMA code that ptxas does not
@@ -108,18 +110,22 @@ _COMPILED_DOTS = {
     ("gpu", "highest"): Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3, passes=6),
     ("gpu", "default"): Dot(jax.lax.DotAlgorithmPreset.TF32_TF32_F32, passes=2),
     ("gpu", "float32"): Dot(HIGHEST, passes=15),
+    ("gpu", "high"): Dot(jax.lax.Precision.DEFAULT, passes=3, bf16x3=True),
 }
 
 
 def resolve_precision(precision: str, platform: Platform, dtype) -> str:
-  """'auto' -> 'highest', except bfloat16 signals on GPU: one TF32 pass ('default'), whose
-  ~3e-4 relative error sits below the bfloat16 rounding of the signal and of the output
-  (3.9e-3), for a third of the tensor-core work (the kernels are compute-bound at three
-  passes on an H100). On TPU 'auto' stays 'highest': one bf16 pass would err like bfloat16
-  itself."""
+  """'auto' -> 'highest' for float32 signals. For bfloat16 signals, whose rounding (3.9e-3
+  relative, of the signal and of the output) dwarfs the matmuls' error, less: on GPU one TF32
+  pass ('default', ~3e-4) for a third of the tensor-core work (the kernels are compute-bound at
+  three passes on an H100); on TPU bf16x3 ('high', ~1.5e-5) for half the MXU passes of
+  'highest' (the kernels are compute-bound at six passes on a v5p). One bf16 pass would err like
+  bfloat16 itself."""
   if precision != "auto":
     return precision
-  return "default" if platform == "gpu" and jnp.dtype(dtype) == jnp.bfloat16 else "highest"
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return "highest"
+  return "default" if platform == "gpu" else "high"
 
 
 # The operand rounding interpret mode emulates for the same requests (see Dot).
@@ -127,7 +133,7 @@ _EMULATED = {("gpu", "highest"): "tf32x3", ("gpu", "default"): "tf32", ("tpu", "
 
 
 def _dot_for(platform: Platform, precision: str, interpret: bool) -> Dot:
-  if interpret:
+  if interpret and precision != "high":  # bf16x3 is written out: it interprets as it compiles
     return Dot(HIGHEST, _EMULATED.get((platform, precision)))
   return _COMPILED_DOTS[platform, precision]
 
@@ -352,8 +358,9 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
       convolutions of half the length per halving (`_in_halves`). Tests use small values.
     precision: numerics of the DFT matmuls. 'highest' keeps float32-level accuracy on the
       matrix units: multi-pass bf16 on the TPU MXU, three TF32 passes on tensor cores.
-      'default': one bf16 / TF32 pass (about 3e-4 relative error with TF32). 'auto' (default):
-      'highest', but 'default' for bfloat16 signals on GPU (`resolve_precision`). 'float32':
+      'high': bf16x3, three bf16 passes (~1.5e-5 relative error). 'default': one bf16 / TF32
+      pass (about 3e-4 relative error with TF32). 'auto' (default): 'highest', but for
+      bfloat16 signals 'default' on GPU and 'high' on TPU (`resolve_precision`). 'float32':
       IEEE float32 (on GPU without tensor cores; Triton/ptxas compile times explode at long
       lengths). In interpret mode the TF32 / bf16 operand rounding of the target is emulated.
     batch_axes: mesh axes the batch is split over when the op shards itself.
@@ -369,8 +376,8 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
     raise ValueError(f"gate must have u's shape {u.shape}, got {gate.shape}")
   if not jnp.issubdtype(u.dtype, jnp.floating):
     raise TypeError(f"u must be a float array (float32 or bfloat16), got {u.dtype}")
-  if precision not in ("auto", "highest", "default", "float32"):
-    raise ValueError("precision must be 'auto', 'highest', 'default' or 'float32', got "
+  if precision not in ("auto", "highest", "high", "default", "float32"):
+    raise ValueError("precision must be 'auto', 'highest', 'high', 'default' or 'float32', got "
                      f"{precision!r}")
   if platform is not None and platform not in RULES:
     raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
