@@ -43,7 +43,7 @@ Schemes (see `make_plan`):
     n1/2 is weighted 0), and kernel 3 takes Re(.) with the mirrored rows' terms doubled. This
     halves the intermediates' HBM traffic and the matmul flops of all three kernels.
   * past the two-pass limit (2^21 points on GPU: L > 1M; 2^23 on TPU: L > 4M) the sequence is
-    split in halves, and its convolution is four half-length ones (`_in_halves`) run by the
+    split in halves, and its convolution is four half-length ones (`_Halves`) run by the
     schemes above: the kernel is kept, at twice the work per halving.
 
 Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
@@ -173,8 +173,94 @@ def _channel_groups(plan: Plan, batch: int, channels: int) -> int:
   return channels // per_group
 
 
+@dataclasses.dataclass(frozen=True)
+class _Halves:
+  """A convolution past the two-pass limit: four of half the length, each by `inner`."""
+  inner: "_Exec | _Halves"
+
+
+def _flip1(x: jax.Array) -> jax.Array:
+  """x[..., B - 2 - t] for t < B - 1, and 0 at t = B - 1 (x: [..., B]). Its own transpose."""
+  return jnp.pad(x[..., -2::-1], [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+
+
+# A causal convolution of length L from four of length B = ceil(L / 2). With u = [u0 | u1] and
+# k = [k0 | k1] (zero-padded to 2B),
+#     y[:B] = conv(u0, k0)
+#     y[B:] = conv(u1, k0) + conv(u0, k1) + spill,   spill[t] = sum_{s > t} u0[s] k0[B + t - s],
+# and the spill (the part of u0 * k0 past B) is a causal convolution of the reversed halves:
+# spill = flip1(conv(reverse(u0), reverse(k0))). The gate is pointwise, so each piece takes its
+# own slice of it (flip1(g1) for the spill) and the kernels keep fusing it.
+#
+# Piece i reads its operands from the halves below (the last piece reversed or flipped, both
+# their own transposes) and adds its output to a half of y: the pieces run one at a time in a
+# fori_loop, so their kernels compile once and only one piece's operands exist at a time. The
+# backward runs their kernel backwards the same way, from the residuals u, k and gate alone,
+# adding each piece's gradients into the half it was read from. Each halving doubles the work.
+_SIGNAL, _FILTER, _GATE = (0, 1, 0, 0), (0, 0, 1, 0), (0, 1, 1, 1)   # half read, per piece
+
+
+def _reverse(x: jax.Array) -> jax.Array:
+  return x[..., ::-1]
+
+
+def _padded(x: jax.Array, half: int) -> jax.Array:
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 2 * half - x.shape[-1])])
+
+
+def _window(x: jax.Array, halves, mirror, i, half: int) -> jax.Array:
+  """Piece i's operand: half `halves[i]` of x ([..., 2B]), through `mirror` for the spill."""
+  w = jax.lax.dynamic_slice_in_dim(x, jnp.asarray(halves)[i] * half, half, axis=-1)
+  return jnp.where(i == 3, mirror(w), w)
+
+
+def _add_window(x: jax.Array, part: jax.Array, halves, mirror, i, half: int) -> jax.Array:
+  """The transpose of `_window`, added into x ([..., 2B])."""
+  part = part.astype(x.dtype)
+  start = jnp.asarray(halves)[i] * half
+  total = jax.lax.dynamic_slice_in_dim(x, start, half, axis=-1) + jnp.where(i == 3, mirror(part),
+                                                                            part)
+  return jax.lax.dynamic_update_slice_in_dim(x, total, start, axis=-1)
+
+
+def _halves_forward(u, k_eff, gate, ex: _Halves):
+  length, half = u.shape[-1], -(-u.shape[-1] // 2)
+  u, k_eff = _padded(u, half), _padded(k_eff, half)
+  gate = None if gate is None else _padded(gate, half)
+
+  def body(i, y):
+    piece = (_window(u, _SIGNAL, _reverse, i, half), _window(k_eff, _FILTER, _reverse, i, half),
+             None if gate is None else _window(gate, _GATE, _flip1, i, half))
+    return _add_window(y, _conv(*piece, ex.inner), _GATE, _flip1, i, half)
+
+  y = jax.lax.fori_loop(0, 4, body, jnp.zeros(u.shape, jnp.float32))
+  return y[..., :length].astype(u.dtype)
+
+
+def _halves_backward(u, k_eff, gate, dy, ex: _Halves):
+  length, half = u.shape[-1], -(-u.shape[-1] // 2)
+  dtypes = (u.dtype, k_eff.dtype, None if gate is None else gate.dtype)
+  u, k_eff, dy = _padded(u, half), _padded(k_eff, half), _padded(dy, half)
+  gate = None if gate is None else _padded(gate, half)
+
+  def body(i, grads):
+    du, dk, dg = grads
+    piece = (_window(u, _SIGNAL, _reverse, i, half), _window(k_eff, _FILTER, _reverse, i, half),
+             None if gate is None else _window(gate, _GATE, _flip1, i, half))
+    pu, pk, pg = _conv_bwd(ex.inner, piece, _window(dy, _GATE, _flip1, i, half))
+    return (_add_window(du, pu, _SIGNAL, _reverse, i, half),
+            _add_window(dk, pk, _FILTER, _reverse, i, half),
+            None if dg is None else _add_window(dg, pg, _GATE, _flip1, i, half))
+
+  zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+  grads = jax.lax.fori_loop(0, 4, body, (zeros(u), zeros(k_eff), zeros(gate)))
+  return tuple(None if g is None else g[..., :length].astype(d) for g, d in zip(grads, dtypes))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _conv(u, k_eff, gate, ex):
+  if isinstance(ex, _Halves):
+    return _halves_forward(u, k_eff, gate, ex)
   if ex.plan.n1 == 1:
     return kernels.single_forward(u, k_eff, gate, ex)
   groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
@@ -187,6 +273,8 @@ def _conv_fwd(u, k_eff, gate, ex):
 
 def _conv_bwd(ex, residuals, dy):
   u, k_eff, gate = residuals
+  if isinstance(ex, _Halves):
+    return _halves_backward(u, k_eff, gate, dy, ex)
   g = jnp.ones_like(u) if gate is None else gate
   if ex.plan.n1 == 1:
     du, dg, dk = kernels.single_backward(u, g, dy, k_eff, ex)
@@ -231,41 +319,6 @@ def halvings(length: int, platform: Platform, max_onchip: int | None = None,
   return levels
 
 
-def _flip1(x: jax.Array) -> jax.Array:
-  """x[..., B - 2 - t] for t < B - 1, and 0 at t = B - 1 (x: [..., B])."""
-  return jnp.pad(x[..., -2::-1], [(0, 0)] * (x.ndim - 1) + [(0, 1)])
-
-
-def _in_halves(conv, u, k_eff, gate):
-  """A causal convolution of length L from four of length B = ceil(L / 2), each by `conv`.
-
-  With u = [u0 | u1] and k = [k0 | k1] (zero-padded to 2B),
-      y[:B] = conv(u0, k0)
-      y[B:] = conv(u1, k0) + conv(u0, k1) + spill,   spill[t] = sum_{s > t} u0[s] k0[B + t - s],
-  where the spill (the part of u0 * k0 past B) is a causal convolution of the reversed halves:
-  spill = flip1(conv(reverse(u0), reverse(k0))). The gate is pointwise, so each piece takes its
-  own (flipped) slice of it and the kernels keep fusing it. The four pieces run as one lax.map,
-  so their kernels compile once; each halving doubles the work. Pieces in bfloat16 are rounded
-  before they are summed (three roundings instead of one in y[B:]).
-  """
-  length = u.shape[-1]
-  half = -(-length // 2)
-
-  def halves(x):
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 2 * half - length)])
-    return x[..., :half], x[..., half:]
-
-  (u0, u1), (k0, k1) = halves(u), halves(k_eff)
-  signals = jnp.stack([u0, u1, u0, u0[..., ::-1]])             # [4, batch, channels, B]
-  filters = jnp.stack([k0, k0, k1, k0[..., ::-1]])             # [4, channels, B]
-  gates = None
-  if gate is not None:
-    g0, g1 = halves(gate)
-    gates = jnp.stack([g0, g1, g1, _flip1(g1)])
-  y = jax.lax.map(lambda piece: conv(*piece), (signals, filters, gates))
-  return jnp.concatenate([y[0], y[1] + y[2] + _flip1(y[3])], axis=-1)[..., :length]
-
-
 def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, max_fft, precision):
   """The convolution on each device's own operands (inside a shard_map, or unsharded)."""
   operands = [x for x in (u, k_eff, gate) if x is not None]
@@ -279,13 +332,17 @@ def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, max_fft, pr
     return platform or ("tpu" if target == "tpu" else "gpu")
 
   def run(target, u, k_eff, gate):
-    if halvings(u.shape[-1], rules(target), max_onchip, max_fft):
-      return _in_halves(functools.partial(run, target), u, k_eff, gate)
     interp = target == "cpu" if interpret is None else interpret
-    plan = make_plan(u.shape[-1], rules(target), max_onchip)
+    levels = halvings(u.shape[-1], rules(target), max_onchip, max_fft)
+    piece_length = u.shape[-1]
+    for _ in range(levels):
+      piece_length = -(-piece_length // 2)
+    plan = make_plan(piece_length, rules(target), max_onchip)
     numerics = resolve_precision(precision, plan.platform, u.dtype)
-    return _conv(u, k_eff, gate, _Exec(plan, interp, _dot_for(plan.platform, numerics, interp),
-                                       vma))
+    ex = _Exec(plan, interp, _dot_for(plan.platform, numerics, interp), vma)
+    for _ in range(levels):
+      ex = _Halves(ex)
+    return _conv(u, k_eff, gate, ex)
 
   target = "cpu" if interpret else target_platform()
   if target is not None:
@@ -355,7 +412,7 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
       the two-pass scheme (tests use it at small lengths).
     max_fft: largest FFT the kernels do (default and cap: the two-pass limit, 2^21 points on
       GPU, 2^23 on TPU); a longer sequence is split in halves until its pieces fit, four
-      convolutions of half the length per halving (`_in_halves`). Tests use small values.
+      convolutions of half the length per halving (`_Halves`). Tests use small values.
     precision: numerics of the DFT matmuls. 'highest' keeps float32-level accuracy on the
       matrix units: multi-pass bf16 on the TPU MXU, three TF32 passes on tensor cores.
       'high': bf16x3, three bf16 passes (~1.5e-5 relative error). 'default': one bf16 / TF32
