@@ -121,7 +121,8 @@ def test_sequences_past_max_fft_are_split_in_halves(length, dtype, options, halv
   _assert_close(no_gate(*args[:3]), jax.jit(fftconv.fft_long_conv)(*args[:3]), tol, "no gate")
 
 
-def test_no_gate_and_vmap():
+@pytest.mark.parametrize("options", [{}, {"max_fft": 32}], ids=["whole", "split_in_halves"])
+def test_no_gate_and_vmap(options):
   """gate=None is the plain skip-term conv, and the op (and its gradient) vmaps."""
   u, k, d_bias, _, _ = _inputs(2, 2, 37, jnp.float32, seed=1)
   stacked = jnp.stack([u, -2 * u])                                   # [2, B, C, L]
@@ -131,7 +132,7 @@ def test_no_gate_and_vmap():
     return jax.vmap(lambda u: (conv(u, k, d_bias), jax.grad(loss, argnums=(0, 1))(u, k)))(stacked)
 
   out, grads = jax.jit(functools.partial(
-      run, lambda *a: pallas_conv.long_conv(*a, interpret=True)))()
+      run, lambda *a: pallas_conv.long_conv(*a, interpret=True, **options)))()
   ref_out, ref_grads = jax.jit(functools.partial(run, fftconv.fft_long_conv))()
   _assert_close(out, ref_out, F32_TOL, "vmapped output without gate")
   for name, g, r in zip(("du", "dk"), grads, ref_grads):
@@ -220,16 +221,18 @@ def _mesh_2x2():
   return sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4])
 
 
-def test_sharded_over_batch_axes_under_a_mesh_and_inside_shard_map():
+@pytest.mark.parametrize("options", [{}, {"max_fft": 256}], ids=["whole", "split_in_halves"])
+def test_sharded_over_batch_axes_under_a_mesh_and_inside_shard_map(options):
   """Under `jax.set_mesh` the op shard_maps itself over data x fsdp (Mosaic cannot be
   partitioned by XLA); inside a user's shard_map it runs on the local block. Both give the fft
-  path's values and gradients: dk and dD, summed over batch shards, test the vma handling."""
+  path's values and gradients: dk and dD, summed over batch shards, test the vma handling (of
+  the halves' loop carries too)."""
   from jax.sharding import PartitionSpec as P
   if jax.device_count() < 4:
     pytest.skip("needs 4 devices (conftest makes 8 fake CPU devices)")
   mesh = _mesh_2x2()
   args = _inputs(4, 3, 300, jnp.float32, seed=3)
-  conv = functools.partial(pallas_conv.long_conv, interpret=True)
+  conv = functools.partial(pallas_conv.long_conv, interpret=True, **options)
   ref_out, ref_grads = _value_and_grads(fftconv.fft_long_conv, *args)
 
   with jax.set_mesh(mesh):

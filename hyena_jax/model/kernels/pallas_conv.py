@@ -178,6 +178,14 @@ class _Halves:
   """A convolution past the two-pass limit: four of half the length, each by `inner`."""
   inner: "_Exec | _Halves"
 
+  @property
+  def vma(self) -> frozenset:
+    return self.inner.vma
+
+  def zeros(self, shape) -> jax.Array:
+    """A float32 loop carry that varies like the pieces' outputs (inside a shard_map)."""
+    return _varying(jnp.zeros(shape, jnp.float32), self.vma)
+
 
 def _flip1(x: jax.Array) -> jax.Array:
   """x[..., B - 2 - t] for t < B - 1, and 0 at t = B - 1 (x: [..., B]). Its own transpose."""
@@ -233,7 +241,7 @@ def _halves_forward(u, k_eff, gate, ex: _Halves):
              None if gate is None else _window(gate, _GATE, _flip1, i, half))
     return _add_window(y, _conv(*piece, ex.inner), _GATE, _flip1, i, half)
 
-  y = jax.lax.fori_loop(0, 4, body, jnp.zeros(u.shape, jnp.float32))
+  y = jax.lax.fori_loop(0, 4, body, ex.zeros(u.shape))
   return y[..., :length].astype(u.dtype)
 
 
@@ -252,7 +260,7 @@ def _halves_backward(u, k_eff, gate, dy, ex: _Halves):
             _add_window(dk, pk, _FILTER, _reverse, i, half),
             None if dg is None else _add_window(dg, pg, _GATE, _flip1, i, half))
 
-  zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+  zeros = lambda x: None if x is None else ex.zeros(x.shape)  # noqa: E731
   grads = jax.lax.fori_loop(0, 4, body, (zeros(u), zeros(k_eff), zeros(gate)))
   return tuple(None if g is None else g[..., :length].astype(d) for g, d in zip(grads, dtypes))
 
