@@ -14,6 +14,7 @@ from conftest import shared_path
 from hyena_jax.interop import weights
 from hyena_jax.model import config as config_lib
 from hyena_jax.model import fftconv
+from hyena_jax.model import hyenadna
 from hyena_jax.model.config import HyenaConfig
 from hyena_jax.model.hyenadna import HyenaLM, SequenceClassifier
 
@@ -176,12 +177,26 @@ def test_filter_mlp_and_lm_head_matmuls_run_at_highest_precision():
   assert proj == [None] * 3
 
 
-@pytest.mark.parametrize("remat", ["block", "offload"])
-def test_scanned_layers_equal_the_unrolled_stack(remat):
-  """Also with the block inputs offloaded to host memory (remat='offload')."""
+@pytest.mark.parametrize("remat", ["block", "offload", "offload_in_slices"])
+def test_scanned_layers_equal_the_unrolled_stack(remat, monkeypatch):
+  """Also with the block inputs offloaded to host memory (remat='offload'), and offloaded in
+  channel slices, as sequences past 1M tokens are (libtpu cannot offload > 1 GiB at once)."""
+  ids = jax.random.randint(jax.random.key(0), (2, 50), 7, 12)
+  if remat == "offload_in_slices":
+    remat = "offload"
+    monkeypatch.setattr(hyenadna, "_OFFLOAD_PIECE_BYTES", 50 * TINY.d_model)  # a quarter
+    names = []
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "name" and eqn.params["name"] == "block_input":
+          names.append(eqn.invars[0].aval.shape)
+        for sub in jaxprs_in_params(eqn.params):
+          walk(sub)
+    x = jnp.ones((2, 50, TINY.d_model))
+    walk(jax.make_jaxpr(hyenadna._named_block_input)(x).jaxpr)
+    assert len(names) == 4 and sum(shape[2] for shape in names) == TINY.d_model, names
   unrolled = HyenaLM(TINY.replace(n_layer=3), rngs=nnx.Rngs(0))
   scanned = HyenaLM(TINY.replace(n_layer=3, scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
-  ids = jax.random.randint(jax.random.key(0), (2, 50), 7, 12)
   key = jax.random.key(3)  # training mode: dropout masks must match too
   out_u = unrolled.backbone(ids, return_layers=True, dropout_key=key)
   out_s = scanned.backbone(ids, return_layers=True, dropout_key=key)

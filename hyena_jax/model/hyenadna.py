@@ -105,6 +105,25 @@ _REMAT_POLICIES = {
 }
 
 
+# The largest block input offloaded as one buffer. libtpu (0.0.42.1) aborts compiling a host
+# offload of a larger one inside the layer scan (a negative loop trip count in its strided host
+# DMA, `LloLoop::trip_count`; seen at 4M tokens, 4 GiB per layer), so longer sequences offload
+# their block input in channel slices of at most this size.
+_OFFLOAD_PIECE_BYTES = 2 ** 30
+
+
+def _named_block_input(h: jax.Array) -> jax.Array:
+  """h: [B, L, d] named "block_input" (what remat="offload" sends to the host), in channel slices
+  of at most `_OFFLOAD_PIECE_BYTES` per sequence. Slices along d, not L or B, so that batch and
+  sequence sharding are untouched; the concatenation is exact."""
+  per_sequence = h.shape[1] * h.shape[2] * h.dtype.itemsize
+  pieces = min(h.shape[2], -(-per_sequence // _OFFLOAD_PIECE_BYTES))
+  if pieces == 1:
+    return checkpoint_name(h, "block_input")
+  parts = jnp.array_split(h, pieces, axis=2)
+  return jnp.concatenate([checkpoint_name(part, "block_input") for part in parts], axis=2)
+
+
 @dataclasses.dataclass
 class BackboneOutput:
   hidden: jax.Array                  # [B, L, d] after ln_f
@@ -186,7 +205,7 @@ def run_blocks(blocks: nnx.List, x: jax.Array, apply: Callable[[Block, jax.Array
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
 
   def body(h, layer_state):
-    h = apply(nnx.merge(graphdef, layer_state), checkpoint_name(h, "block_input"))
+    h = apply(nnx.merge(graphdef, layer_state), _named_block_input(h))
     return h, (h if return_layers else None)
 
   if remat != "none":
