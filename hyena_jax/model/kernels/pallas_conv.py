@@ -152,9 +152,9 @@ class _Exec:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
   def consts(self, arrays) -> list[jax.Array]:
-    """numpy constants as operands that vary like the others (the interpreter adds them to
-    varying blocks, which check_vma refuses for unvarying ones)."""
-    return [_varying(jnp.asarray(a), self.vma) for a in arrays]
+    """Constants as operands that vary like the others (the interpreter adds them to varying
+    blocks, which check_vma refuses for unvarying ones)."""
+    return [_varying(a, self.vma) for a in arrays]
 
 
 # Two-pass intermediates are float32 complex signals of `kept` x m points (8.5 MiB per channel

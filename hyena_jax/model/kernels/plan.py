@@ -143,7 +143,7 @@ def twiddle(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
   return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
-def tile_consts(p: int, q: int) -> list[np.ndarray]:
+def tile_consts(p: int, q: int) -> tuple[np.ndarray, ...]:
   """Constants of one on-chip [p, q] tile, in the order the kernels unpack them.
 
   fp: F_p [p, p], fph: F_p[:, :p/2] (forward of a half-filled tile), fhp: F_p[:p/2, :] (inverse
@@ -153,8 +153,8 @@ def tile_consts(p: int, q: int) -> list[np.ndarray]:
   fqr, fqi = dft(q)
   twr, twi = twiddle(p, q)
   h = p // 2
-  return [fpr, fpi, fpr[:, :h].copy(), fpi[:, :h].copy(), fpr[:h].copy(), fpi[:h].copy(),
-          fqr, fqi, twr, twi]
+  return (fpr, fpi, fpr[:, :h].copy(), fpi[:, :h].copy(), fpr[:h].copy(), fpi[:h].copy(),
+          fqr, fqi, twr, twi)
 
 
 # ----------------------------------------------------------------------------------------------
