@@ -8,6 +8,7 @@ Tolerances, measured here and kept with ~10x headroom:
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -272,6 +273,26 @@ def test_two_pass_in_channel_groups(monkeypatch, sharded):
   _assert_close(out, ref_out, F32_TOL, "grouped output")
   for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
     _assert_close(g, r, F32_TOL, f"grouped {name}")
+
+
+def test_channel_groups_share_one_copy_of_the_twiddles(monkeypatch):
+  """The column twiddles are [kept, m], half the FFT size (17 MB each at 4M tokens on TPU): the
+  program holds the same number of copies however many channel groups use them (a copy per
+  group put 3.4 GB of constants into the v5p 4M step)."""
+  plan = pallas_conv.make_plan(1000, "gpu", 512)
+  args = _inputs(1, 6, 1000, jnp.float32, seed=6)
+
+  def twiddle_copies(groups):
+    monkeypatch.setattr(pallas_conv, "_GROUP_BYTES", 6 // groups * plan.kept * plan.m * 8)
+    assert pallas_conv._channel_groups(plan, 1, 6) == groups
+    def loss(*a):
+      return jnp.sum(pallas_conv.long_conv(*a, interpret=True, max_onchip=512))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args[:4]).as_text()
+    return len(re.findall(rf"stablehlo.constant dense<[^>]*> : tensor<{plan.kept}x{plan.m}xf32>",
+                          text))
+
+  one = twiddle_copies(1)
+  assert one > 0 and twiddle_copies(3) == one
 
 
 def test_auto_precision_spends_less_on_bfloat16_signals():
