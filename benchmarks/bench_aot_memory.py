@@ -102,8 +102,6 @@ def markdown(results: list[dict]) -> str:
       continue
     if not r.get("ok"):
       error = r.get("error", "")
-      if "two-pass limit" in error:
-        error = "refused: beyond the kernel's two-pass FFT size (use conv_impl='fft')"
       rows.append(f"{head} | no | | | | | {r.get('compile_s', '')} | {error[:80]} |")
       continue
     kernels = ", ".join(f"{r[k]} {k}" for k in ("mosaic", "triton") if r.get(k)) or "none"
