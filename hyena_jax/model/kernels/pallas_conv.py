@@ -225,9 +225,9 @@ def _window(x: jax.Array, halves, mirror, i, half: int) -> jax.Array:
 def _add_window(x: jax.Array, part: jax.Array, halves, mirror, i, half: int) -> jax.Array:
   """The transpose of `_window`, added into x ([..., 2B])."""
   part = part.astype(x.dtype)
+  part = jnp.where(i == 3, mirror(part), part)
   start = jnp.asarray(halves)[i] * half
-  total = jax.lax.dynamic_slice_in_dim(x, start, half, axis=-1) + jnp.where(i == 3, mirror(part),
-                                                                            part)
+  total = jax.lax.dynamic_slice_in_dim(x, start, half, axis=-1) + part
   return jax.lax.dynamic_update_slice_in_dim(x, total, start, axis=-1)
 
 
