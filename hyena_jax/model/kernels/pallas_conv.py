@@ -1,6 +1,6 @@
 """Pallas long convolution: FFTs as matrix multiplications, fused with the skip term and the gate.
 This is the op; plan.py plans it, pallas_calls.py calls the kernels of pallas_kernels.py,
-matmul.py holds their matmuls.
+matmul.py holds their matmuls, halves.py splits sequences past the two-pass limit.
 
 Computes exactly what `fftconv.fft_long_conv` computes,
 
@@ -43,7 +43,7 @@ Schemes (see `make_plan`):
     n1/2 is weighted 0), and kernel 3 takes Re(.) with the mirrored rows' terms doubled. This
     halves the intermediates' HBM traffic and the matmul flops of all three kernels.
   * past the two-pass limit (2^21 points on GPU: L > 1M; 2^23 on TPU: L > 4M) the sequence is
-    split in halves, and its convolution is four half-length ones (`_Halves`) run by the
+    split in halves, and its convolution is four half-length ones (halves.py) run by the
     schemes above: the kernel is kept, at twice the work per halving.
 
 Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
@@ -86,6 +86,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hyena_jax.model import mesh_axes
+from hyena_jax.model.kernels import halves
 from hyena_jax.model.kernels import pallas_calls as kernels
 from hyena_jax.model.kernels.matmul import Dot
 from hyena_jax.model.kernels.plan import (HIGHEST, RULES, Plan, Platform, make_plan,
@@ -175,7 +176,8 @@ def _channel_groups(plan: Plan, batch: int, channels: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Halves:
-  """A convolution past the two-pass limit: four of half the length, each by `inner`."""
+  """A convolution past the two-pass limit: four of half the length (halves.py), each by
+  `inner`."""
   inner: "_Exec | _Halves"
 
   @property
@@ -187,88 +189,10 @@ class _Halves:
     return _varying(jnp.zeros(shape, jnp.float32), self.vma)
 
 
-def _flip1(x: jax.Array) -> jax.Array:
-  """x[..., B - 2 - t] for t < B - 1, and 0 at t = B - 1 (x: [..., B]). Its own transpose."""
-  return jnp.pad(x[..., -2::-1], [(0, 0)] * (x.ndim - 1) + [(0, 1)])
-
-
-# A causal convolution of length L from four of length B = ceil(L / 2). With u = [u0 | u1] and
-# k = [k0 | k1] (zero-padded to 2B),
-#     y[:B] = conv(u0, k0)
-#     y[B:] = conv(u1, k0) + conv(u0, k1) + spill,   spill[t] = sum_{s > t} u0[s] k0[B + t - s],
-# and the spill (the part of u0 * k0 past B) is a causal convolution of the reversed halves:
-# spill = flip1(conv(reverse(u0), reverse(k0))). The gate is pointwise, so each piece takes its
-# own slice of it (flip1(g1) for the spill) and the kernels keep fusing it.
-#
-# Piece i reads its operands from the halves below (the last piece reversed or flipped, both
-# their own transposes) and adds its output to a half of y: the pieces run one at a time in a
-# fori_loop, so their kernels compile once and only one piece's operands exist at a time. The
-# backward runs their kernel backwards the same way, from the residuals u, k and gate alone,
-# adding each piece's gradients into the half it was read from. Each halving doubles the work.
-_SIGNAL, _FILTER, _GATE = (0, 1, 0, 0), (0, 0, 1, 0), (0, 1, 1, 1)   # half read, per piece
-
-
-def _reverse(x: jax.Array) -> jax.Array:
-  return x[..., ::-1]
-
-
-def _padded(x: jax.Array, half: int) -> jax.Array:
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 2 * half - x.shape[-1])])
-
-
-def _window(x: jax.Array, halves, mirror, i, half: int) -> jax.Array:
-  """Piece i's operand: half `halves[i]` of x ([..., 2B]), through `mirror` for the spill."""
-  w = jax.lax.dynamic_slice_in_dim(x, jnp.asarray(halves)[i] * half, half, axis=-1)
-  return jnp.where(i == 3, mirror(w), w)
-
-
-def _add_window(x: jax.Array, part: jax.Array, halves, mirror, i, half: int) -> jax.Array:
-  """The transpose of `_window`, added into x ([..., 2B])."""
-  part = part.astype(x.dtype)
-  part = jnp.where(i == 3, mirror(part), part)
-  start = jnp.asarray(halves)[i] * half
-  total = jax.lax.dynamic_slice_in_dim(x, start, half, axis=-1) + part
-  return jax.lax.dynamic_update_slice_in_dim(x, total, start, axis=-1)
-
-
-def _halves_forward(u, k_eff, gate, ex: _Halves):
-  length, half = u.shape[-1], -(-u.shape[-1] // 2)
-  u, k_eff = _padded(u, half), _padded(k_eff, half)
-  gate = None if gate is None else _padded(gate, half)
-
-  def body(i, y):
-    piece = (_window(u, _SIGNAL, _reverse, i, half), _window(k_eff, _FILTER, _reverse, i, half),
-             None if gate is None else _window(gate, _GATE, _flip1, i, half))
-    return _add_window(y, _conv(*piece, ex.inner), _GATE, _flip1, i, half)
-
-  y = jax.lax.fori_loop(0, 4, body, ex.zeros(u.shape))
-  return y[..., :length].astype(u.dtype)
-
-
-def _halves_backward(u, k_eff, gate, dy, ex: _Halves):
-  length, half = u.shape[-1], -(-u.shape[-1] // 2)
-  dtypes = (u.dtype, k_eff.dtype, None if gate is None else gate.dtype)
-  u, k_eff, dy = _padded(u, half), _padded(k_eff, half), _padded(dy, half)
-  gate = None if gate is None else _padded(gate, half)
-
-  def body(i, grads):
-    du, dk, dg = grads
-    piece = (_window(u, _SIGNAL, _reverse, i, half), _window(k_eff, _FILTER, _reverse, i, half),
-             None if gate is None else _window(gate, _GATE, _flip1, i, half))
-    pu, pk, pg = _conv_bwd(ex.inner, piece, _window(dy, _GATE, _flip1, i, half))
-    return (_add_window(du, pu, _SIGNAL, _reverse, i, half),
-            _add_window(dk, pk, _FILTER, _reverse, i, half),
-            None if dg is None else _add_window(dg, pg, _GATE, _flip1, i, half))
-
-  zeros = lambda x: None if x is None else ex.zeros(x.shape)  # noqa: E731
-  grads = jax.lax.fori_loop(0, 4, body, (zeros(u), zeros(k_eff), zeros(gate)))
-  return tuple(None if g is None else g[..., :length].astype(d) for g, d in zip(grads, dtypes))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _conv(u, k_eff, gate, ex):
   if isinstance(ex, _Halves):
-    return _halves_forward(u, k_eff, gate, ex)
+    return halves.forward(u, k_eff, gate, lambda *piece: _conv(*piece, ex.inner), ex.zeros)
   if ex.plan.n1 == 1:
     return kernels.single_forward(u, k_eff, gate, ex)
   groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
@@ -282,7 +206,7 @@ def _conv_fwd(u, k_eff, gate, ex):
 def _conv_bwd(ex, residuals, dy):
   u, k_eff, gate = residuals
   if isinstance(ex, _Halves):
-    return _halves_backward(u, k_eff, gate, dy, ex)
+    return halves.backward(u, k_eff, gate, dy, functools.partial(_conv_bwd, ex.inner), ex.zeros)
   g = jnp.ones_like(u) if gate is None else gate
   if ex.plan.n1 == 1:
     du, dg, dk = kernels.single_backward(u, g, dy, k_eff, ex)
@@ -420,7 +344,7 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
       the two-pass scheme (tests use it at small lengths).
     max_fft: largest FFT the kernels do (default and cap: the two-pass limit, 2^21 points on
       GPU, 2^23 on TPU); a longer sequence is split in halves until its pieces fit, four
-      convolutions of half the length per halving (`_Halves`). Tests use small values.
+      convolutions of half the length per halving (halves.py). Tests use small values.
     precision: numerics of the DFT matmuls. 'highest' keeps float32-level accuracy on the
       matrix units: multi-pass bf16 on the TPU MXU, three TF32 passes on tensor cores.
       'high': bf16x3, three bf16 passes (~1.5e-5 relative error). 'default': one bf16 / TF32
