@@ -64,6 +64,8 @@ class _QuietLibraries(py_logging.Filter):
     from_orbax = "/orbax/" in record.pathname or record.name.startswith("orbax")
     if from_orbax and record.exc_info and errors.is_storage_failure(record.exc_info[1]):
       return False  # a failed background save: train reports it as one `error:` line
+    if from_orbax and record.exc_info and _lost_a_peer(record.exc_info[1]):
+      return False  # its barrier lost a peer: main reports it as one `error:` line
     if record.levelno >= py_logging.WARNING:
       return True
     if "/orbax/" in record.pathname or record.name.startswith(("orbax", "gcsfs", "fsspec")):
@@ -71,6 +73,11 @@ class _QuietLibraries(py_logging.Filter):
     # "Unable to initialize backend 'tpu': ... libtpu.so ..." on every start of a non-TPU machine.
     return not (record.name == "jax._src.xla_bridge"
                 and str(record.msg).startswith("Unable to initialize backend"))
+
+
+def _lost_a_peer(error: BaseException | None) -> bool:
+  from hyena_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  return error is not None and distributed.lost_a_peer(error)
 
 
 _FILTER = _QuietLibraries()
@@ -93,7 +100,11 @@ _default_thread_excepthook: list[Callable[..., Any]] = [threading.excepthook]
 
 
 def _thread_excepthook(args: Any) -> None:
-  if args.exc_value is not None and errors.is_storage_failure(args.exc_value):
+  # A failed background save, or a background save's barrier that lost a peer (orbax's commit
+  # thread, when another process of the run is killed): the main thread meets the same failure
+  # and reports it in one line.
+  if args.exc_value is not None and (errors.is_storage_failure(args.exc_value)
+                                     or _lost_a_peer(args.exc_value)):
     logging.debug("background thread %s stopped: %s", getattr(args.thread, "name", "?"),
                   args.exc_value)
     return

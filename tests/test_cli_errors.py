@@ -378,3 +378,37 @@ def test_aot_advice_offers_only_what_applies():
   config.train.global_batch_size = 32
   assert "grad_accum" in aot.fit_advice(20.0, 15.75, config, devices=8)
   assert aot.fit_advice(15.0, 15.75, config, devices=8) == ""
+
+
+def test_a_background_thread_that_lost_a_peer_leaves_no_traceback(monkeypatch):
+  """When a process of a multi-process run is killed during a checkpoint save, orbax's commit
+  thread meets the lost peer too (its barrier's allgather fails). The main thread reports it in
+  one `error:` line, so the thread's traceback is not printed; other thread errors still are."""
+  import logging as py_logging
+  import threading
+
+  import jax
+  from hyena_jax import cli
+  printed = []
+  monkeypatch.setattr(cli, "_default_thread_excepthook", [printed.append])
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+  def hook_args(error):
+    return threading.ExceptHookArgs([type(error), error, None, threading.current_thread()])
+
+  lost = jax.errors.JaxRuntimeError(
+      "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+      "Connection closed by peer [127.0.0.1]:34723")
+  bug = ValueError("a bug in a background thread")
+  cli._thread_excepthook(hook_args(lost))
+  assert printed == []
+  cli._thread_excepthook(hook_args(bug))
+  assert len(printed) == 1
+  # orbax's commit thread logs it with logging.exception: that record is dropped too.
+  def orbax_record(error):
+    return py_logging.LogRecord(
+        "absl", py_logging.ERROR, "/venv/orbax/checkpoint/_src/futures/future.py", 387,
+        "_SignalingThread.run() raised an exception: %s", (error,),
+        (type(error), error, None))
+  assert not cli._FILTER.filter(orbax_record(lost))
+  assert cli._FILTER.filter(orbax_record(bug))
