@@ -112,12 +112,12 @@ _REMAT_POLICIES = {
 _OFFLOAD_PIECE_BYTES = 2 ** 30
 
 
-def _named_block_input(h: jax.Array) -> jax.Array:
-  """h: [B, L, d] named "block_input" (what remat="offload" sends to the host), in channel slices
-  of at most `_OFFLOAD_PIECE_BYTES` per sequence. Slices along d, not L or B, so that batch and
-  sequence sharding are untouched; the concatenation is exact."""
+def _named_block_input(h: jax.Array, offloaded: bool = True) -> jax.Array:
+  """h: [B, L, d] named "block_input" (what remat="offload" sends to the host); when `offloaded`,
+  in channel slices of at most `_OFFLOAD_PIECE_BYTES` per sequence. Slices along d, not L or B,
+  so that batch and sequence sharding are untouched; the concatenation is exact."""
   per_sequence = h.shape[1] * h.shape[2] * h.dtype.itemsize
-  pieces = min(h.shape[2], -(-per_sequence // _OFFLOAD_PIECE_BYTES))
+  pieces = min(h.shape[2], -(-per_sequence // _OFFLOAD_PIECE_BYTES)) if offloaded else 1
   if pieces == 1:
     return checkpoint_name(h, "block_input")
   parts = jnp.array_split(h, pieces, axis=2)
@@ -205,7 +205,7 @@ def run_blocks(blocks: nnx.List, x: jax.Array, apply: Callable[[Block, jax.Array
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
 
   def body(h, layer_state):
-    h = apply(nnx.merge(graphdef, layer_state), _named_block_input(h))
+    h = apply(nnx.merge(graphdef, layer_state), _named_block_input(h, remat == "offload"))
     return h, (h if return_layers else None)
 
   if remat != "none":
