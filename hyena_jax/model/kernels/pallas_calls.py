@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from hyena_jax.model.kernels import pallas_kernels as kernels
 from hyena_jax.model.kernels.matmul import (KERNEL_BYTES_KEY, KERNEL_FLOPS_KEY,
                                             KERNEL_PASSES_KEY, kernel_bytes, kernel_flops)
-from hyena_jax.model.kernels.plan import Plan, Platform, dft, tile_consts, twiddle
+from hyena_jax.model.kernels.plan import Plan, Platform, odd_dft, odd_twiddle, tile_consts
 
 
 def _compiler_params(platform: Platform, interpret: bool, ndim: int):
@@ -160,12 +160,12 @@ def single_backward(u, gate, dy, k_eff, ex):
 
 def _col_forward(xh, preh, ex, c0, cg):
   """Channels c0 .. c0 + cg of xh (and preh), real [B, C, n1/2, m] (`_halves`), -> their column
-  transform, (re, im) [B, cg, kept, m] float32: the first n1/2 + tail of the n1 rows (the rest
-  mirror them)."""
+  transform, (re, im) [B, cg, kept, m] float32: the first n1/2 of the n1 rows (the rest mirror
+  them)."""
   plan = ex.plan
   b = xh.shape[0]
   n1h, m, kept = plan.n1 // 2, plan.m, plan.kept
-  bm, bk = plan.col_block, plan.tail   # the largest power of two that divides `kept`
+  bm, bk = plan.col_block, plan.row_block
   consts = ex.consts(_col_forward_consts(plan))
   grid = (cg, b, m // bm, kept // bk)
   xspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci + c0, 0, j))
@@ -189,35 +189,20 @@ def _shared(numpy_constants):
 
 @_shared
 def _col_forward_consts(plan: Plan) -> tuple[np.ndarray, ...]:
-  fr, fi = dft(plan.n1)
-  twr, twi = twiddle(plan.n1, plan.m)
-  n1h, kept = plan.n1 // 2, plan.kept
-  return fr[:kept, :n1h], fi[:kept, :n1h], twr[:kept], twi[:kept]
+  """The kept rows' half-bin-shifted column DFT G [kept, n1/2] and twiddles T [kept, m]."""
+  return (*odd_dft(plan.n1), *odd_twiddle(plan.kept, plan.m, plan.n))
 
 
 @_shared
 def _col_inverse_consts(plan: Plan) -> tuple[np.ndarray, ...]:
-  fr, fi = dft(plan.n1)
-  twr, twi = twiddle(plan.n1, plan.m)
-  n1h, kept = plan.n1 // 2, plan.kept
-  weights = _inverse_weights(plan)
-  hr, hi = fr[:n1h, :kept] * weights, fi[:n1h, :kept] * weights
-  return (hr[:, :n1h], hi[:, :n1h], hr[:, n1h:], hi[:, n1h:],
-          twr[:n1h], twi[:n1h], twr[n1h:kept], twi[n1h:kept])
+  """H = 2 conj(G)^T [n1/2, kept] and the twiddles T [kept, m] (conjugated in the kernel). Each
+  kept row g1 stands for itself and its mirror n1 - 1 - g1, whose term in the inverse is the
+  conjugate of its own: Re(both) = 2 Re(its own)."""
+  gr, gi = odd_dft(plan.n1)
+  return (2 * gr.T, -2 * gi.T, *odd_twiddle(plan.kept, plan.m, plan.n))
 
 
 _tile_consts = _shared(tile_consts)
-
-
-def _inverse_weights(plan: Plan) -> np.ndarray:
-  """[kept]: how often each kept row of a real signal's column spectrum counts in its inverse.
-  Row g1 in 1 .. n1/2 - 1 stands for itself and its conjugate mirror n1 - g1 (whose term is the
-  conjugate of its own, so Re(both) = 2 Re(its own)); rows 0 and n1/2 are their own mirrors;
-  the tail past n1/2 is not used."""
-  weights = np.zeros(plan.kept, np.float32)
-  weights[:plan.n1 // 2 + 1] = 2.0
-  weights[0] = weights[plan.n1 // 2] = 1.0
-  return weights
 
 
 def _col_inverse(cr, ci, posth, out_dtype, ex, c0, into, channels):
@@ -227,22 +212,17 @@ def _col_inverse(cr, ci, posth, out_dtype, ex, c0, into, channels):
   left for later groups to write)."""
   plan = ex.plan
   b, cg = cr.shape[:2]
-  n1h, m, tail = plan.n1 // 2, plan.m, plan.tail
+  n1h, m, kept = plan.n1 // 2, plan.m, plan.kept
   bm, bk = plan.col_block, plan.row_block
   consts = ex.consts(_col_inverse_consts(plan))
   grid = (cg, b, m // bm, n1h // bk)
-  # The kept rows as two blocks of the same array: the first n1/2 and the tail.
-  cspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
-  tail_spec = pl.BlockSpec((None, None, tail, bm),
-                           lambda ci, bi, j, i: (bi, ci, n1h // tail, j))
+  cspec = pl.BlockSpec((None, None, kept, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
   ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci + c0, i, j))
-  hspec = pl.BlockSpec((bk, n1h), lambda ci, bi, j, i: (i, 0))
-  htail = pl.BlockSpec((bk, tail), lambda ci, bi, j, i: (i, 0))
-  tspec = pl.BlockSpec((n1h, bm), lambda ci, bi, j, i: (0, j))
-  ttail = pl.BlockSpec((tail, bm), lambda ci, bi, j, i: (0, j))
-  ins = [cr, ci, cr, ci] + ([posth] if posth is not None else [])
-  in_specs = ([cspec, cspec, tail_spec, tail_spec] + ([ospec] if posth is not None else [])
-              + [hspec, hspec, htail, htail, tspec, tspec, ttail, ttail])
+  hspec = pl.BlockSpec((bk, kept), lambda ci, bi, j, i: (i, 0))
+  tspec = pl.BlockSpec((kept, bm), lambda ci, bi, j, i: (0, j))
+  ins = [cr, ci] + ([posth] if posth is not None else [])
+  in_specs = [cspec, cspec] + ([ospec] if posth is not None else []) + [hspec, hspec, tspec,
+                                                                         tspec]
   kernel = functools.partial(kernels.col_inv_kernel, has_post=posth is not None, dot=ex.dot)
   return _call(kernel, grid, in_specs, ospec, ex.sds((b, channels, n1h, m), out_dtype), ex,
                into=[into])(*ins, *consts)

@@ -38,10 +38,16 @@ Schemes (see `make_plan`):
     writes them to HBM, kernel 2 does each row's length-m DFT on-chip as a [p, q] tile, the
     spectrum product and the row's inverse DFT, kernel 3 does the inverse column DFTs, the gate
     and the output cast.
-    Every signal is real, so row n1 - g1 of a column spectrum is the conjugate of row g1: only
-    rows 0 .. n1/2 are computed and stored (n1/2 + `Plan.tail` for block sizes; the tail past
-    n1/2 is weighted 0), and kernel 3 takes Re(.) with the mirrored rows' terms doubled. This
-    halves the intermediates' HBM traffic and the matmul flops of all three kernels.
+    Every signal is real and the column DFT is shifted by half a bin (frequencies g1 + 1/2:
+    kernel 1's matrix G[g1, j1] = exp(-2 pi i j1 (g1 + 1/2) / n1), twiddles
+    exp(-2 pi i j2 (g1 + 1/2) / n)), so row n1 - 1 - g1 of a column spectrum is the conjugate
+    of row g1 and no row is its own mirror: exactly the first n1/2 rows are computed and stored
+    (a power of two, as the block rules want), and kernel 3 takes Re(.) with every row's term
+    doubled. The shift makes the transform's convolution negacyclic instead of cyclic, which is
+    the same causal convolution here: the zero padding to n >= 2L means nothing wraps. This
+    halves the intermediates' HBM traffic and the matmul flops of all three kernels. (The
+    unshifted DFT needs rows 0 .. n1/2, its Nyquist row n1/2 being its own mirror: n1/2 + 1
+    rows, which the block rules rounded up to n1/2 + 16 on GPU, 48 of 64 rows at 131k tokens.)
   * past the two-pass limit (2^21 points on GPU: L > 1M; 2^23 on TPU: L > 4M) the sequence is
     split in halves, and its convolution is four half-length ones (halves.py) run by the
     schemes above: the kernel is kept, at twice the work per halving.
@@ -158,7 +164,7 @@ class _Exec:
     return [_varying(a, self.vma) for a in arrays]
 
 
-# Two-pass intermediates are float32 complex signals of `kept` x m points (8.5 MiB per channel
+# Two-pass intermediates are float32 complex signals of `kept` x m points (8 MiB per channel
 # and sequence at 1M tokens; the backward's row kernel reads three and writes three): channels
 # are processed in groups holding at most this many bytes per such signal, so that the kernel
 # needs no more memory than XLA's FFT path.

@@ -118,8 +118,8 @@ def single_bwd_kernel(u_ref, g_ref, dy_ref, k_ref, *refs, dot):
 
 
 def col_fwd_kernel(*refs, has_pre, dot):
-  """A[rows, cols] = T * (F_n1[rows, :n1/2] @ x[:n1/2, cols]) for x = u (or u * pre), rows among
-  the kept ones."""
+  """A[rows, cols] = T * (G[rows, :] @ x[:n1/2, cols]) for x = u (or u * pre), rows among the
+  kept ones (G: the half-bin-shifted column DFT, `plan.odd_dft`)."""
   x_ref = refs[0]
   pre_ref = refs[1] if has_pre else None
   gr_ref, gi_ref, twr_ref, twi_ref, ar_ref, ai_ref = refs[1 + has_pre:]
@@ -156,17 +156,14 @@ def row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, do
 
 
 def col_inv_kernel(*refs, has_post, dot):
-  """y[rows, cols] = Re(H[rows, :] @ (conj(T) * C[:, cols])) (* post) over the kept rows of C,
-  given as its first n1/2 rows and its tail: H = conj(F_n1) with the columns of the dropped
-  rows' mirrors doubled (`_inverse_weights`)."""
-  cr_ref, ci_ref, tr_ref, ti_ref = refs[:4]
-  post_ref = refs[4] if has_post else None
-  hr_ref, hi_ref, htr_ref, hti_ref, twr_ref, twi_ref, ttr_ref, tti_ref, y_ref = \
-      refs[4 + has_post:]
+  """y[rows, cols] = Re(H[rows, :] @ (conj(T) * C[:, cols])) (* post) over the kept rows of C:
+  H = 2 conj(G)^T, the inverse of the half-bin-shifted column DFT with each kept row standing
+  for its conjugate mirror too (`pallas_calls._col_inverse_consts`)."""
+  cr_ref, ci_ref = refs[:2]
+  post_ref = refs[2] if has_post else None
+  hr_ref, hi_ref, twr_ref, twi_ref, y_ref = refs[2 + has_post:]
   cr, ci = _cmul_conj(cr_ref[...], ci_ref[...], twr_ref[...], twi_ref[...])
-  tr, ti = _cmul_conj(tr_ref[...], ti_ref[...], ttr_ref[...], tti_ref[...])
-  y = (_mm(hr_ref[...], cr, dot) + _mm(hi_ref[...], ci, dot)
-       + _mm(htr_ref[...], tr, dot) + _mm(hti_ref[...], ti, dot))
+  y = _mm(hr_ref[...], cr, dot) - _mm(hi_ref[...], ci, dot)
   if has_post:
     y = y * post_ref[...].astype(jnp.float32)
   y_ref[...] = y.astype(y_ref.dtype)

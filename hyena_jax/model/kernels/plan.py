@@ -64,16 +64,11 @@ class Plan:
     return self.p * self.q
 
   @property
-  def tail(self) -> int:
-    """Two pass: rows of the column spectrum kept past n1/2, the smallest row block the backend
-    takes. The first is the Nyquist row n1/2; the others are computed and weighted 0."""
-    return RULES[self.platform].p_min
-
-  @property
   def kept(self) -> int:
-    """Two pass: rows of the column spectrum computed and stored, n1/2 + tail of n1. A real
-    signal's row n1 - g1 is the conjugate mirror of row g1, so rows past n1/2 are never needed."""
-    return self.n1 // 2 + self.tail
+    """Two pass: rows of the column spectrum computed and stored, n1/2 of n1. The column DFT is
+    shifted by half a bin (`odd_dft`), so a real signal's row n1 - 1 - g1 is the conjugate
+    mirror of row g1 and no row is its own mirror: the first half stands for all of them."""
+    return self.n1 // 2
 
 
 def _pow2_at_least(x: int) -> int:
@@ -140,6 +135,22 @@ def twiddle(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
   """T[f1, j2] = exp(-2 pi i f1 j2 / (rows * cols)): [rows, cols]."""
   n = rows * cols
   angle = -2.0 * np.pi * (np.outer(np.arange(rows), np.arange(cols)) % n) / n
+  return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def odd_dft(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """G[g, j] = exp(-2 pi i j (g + 1/2) / n) for g, j < n/2: [n/2, n/2], the first half of the
+  frequencies of the half-bin-shifted DFT acting on the first half of a zero-padded input."""
+  h = n // 2
+  angle = -np.pi * (np.outer(2 * np.arange(h) + 1, np.arange(h)) % (2 * n)) / n
+  return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def odd_twiddle(rows: int, cols: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """T[g, j] = exp(-2 pi i j (g + 1/2) / n): [rows, cols], the twiddles between the columns'
+  half-bin-shifted DFT and the rows' plain one in an n-point transform."""
+  angle = -np.pi * (np.outer(2 * np.arange(rows) + 1, np.arange(cols)) % (2 * n)) / n
   return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
