@@ -251,10 +251,16 @@ def halvings(length: int, platform: Platform, max_onchip: int | None = None,
   limit = two_pass_limit(platform, max_onchip)
   limit = min(limit, max_fft) if max_fft else limit
   levels = 0
-  while 1 << (2 * length - 1).bit_length() > limit:
-    length = -(-length // 2)
+  while 1 << (2 * _piece_length(length, levels) - 1).bit_length() > limit:
     levels += 1
   return levels
+
+
+def _piece_length(length: int, levels: int) -> int:
+  """The length of each piece after `levels` halvings (odd lengths round up: the pieces pad)."""
+  for _ in range(levels):
+    length = -(-length // 2)
+  return length
 
 
 def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, max_fft, precision):
@@ -272,10 +278,7 @@ def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, max_fft, pr
   def run(target, u, k_eff, gate):
     interp = target == "cpu" if interpret is None else interpret
     levels = halvings(u.shape[-1], rules(target), max_onchip, max_fft)
-    piece_length = u.shape[-1]
-    for _ in range(levels):
-      piece_length = -(-piece_length // 2)
-    plan = make_plan(piece_length, rules(target), max_onchip)
+    plan = make_plan(_piece_length(u.shape[-1], levels), rules(target), max_onchip)
     numerics = resolve_precision(precision, plan.platform, u.dtype)
     ex = _Exec(plan, interp, _dot_for(plan.platform, numerics, interp), vma)
     for _ in range(levels):
