@@ -142,9 +142,7 @@ def twiddle(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
 def odd_dft(n: int) -> tuple[np.ndarray, np.ndarray]:
   """G[g, j] = exp(-2 pi i j (g + 1/2) / n) for g, j < n/2: [n/2, n/2], the first half of the
   frequencies of the half-bin-shifted DFT acting on the first half of a zero-padded input."""
-  h = n // 2
-  angle = -np.pi * (np.outer(2 * np.arange(h) + 1, np.arange(h)) % (2 * n)) / n
-  return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+  return odd_twiddle(n // 2, n // 2, n)   # the same exponent, j (g + 1/2) / n
 
 
 def odd_twiddle(rows: int, cols: int, n: int) -> tuple[np.ndarray, np.ndarray]:
