@@ -160,8 +160,8 @@ def single_backward(u, gate, dy, k_eff, ex):
 
 def _col_forward(xh, preh, ex, c0, cg):
   """Channels c0 .. c0 + cg of xh (and preh), real [B, C, n1/2, m] (`_halves`), -> their column
-  transform, (re, im) [B, cg, kept, m] float32: the first n1/2 of the n1 rows (the rest mirror
-  them)."""
+  transform, (re, im) [B, cg, kept, m] in `ex.spectra_dtype`: the first n1/2 of the n1 rows
+  (the rest mirror them)."""
   plan = ex.plan
   b = xh.shape[0]
   n1h, m, kept = plan.n1 // 2, plan.m, plan.kept
@@ -174,7 +174,7 @@ def _col_forward(xh, preh, ex, c0, cg):
   ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci, i, j))
   ins = [xh] + ([preh] if preh is not None else [])
   kernel = functools.partial(kernels.col_fwd_kernel, has_pre=preh is not None, dot=ex.dot)
-  out = ex.sds((b, cg, kept, m), jnp.float32)
+  out = ex.sds((b, cg, kept, m), ex.spectra_dtype)
   return _call(kernel, grid, [xspec] * len(ins) + [gspec, gspec, tspec, tspec], [ospec, ospec],
                [out, out], ex)(*ins, *consts)
 
@@ -279,7 +279,7 @@ def two_pass_forward(u, k_eff, gate, ex, groups=1):
 
   def step(c0, cg, arrays, y):
     uh, kh, gh = arrays
-    out = ex.sds((b, cg, plan.kept, plan.p, plan.q), jnp.float32)
+    out = ex.sds((b, cg, plan.kept, plan.p, plan.q), ex.spectra_dtype)
     ar, ai = _col_forward(uh, None, ex, c0, cg)
     cr, ci = _call(
         functools.partial(kernels.row_fwd_kernel, dot=ex.dot), (cg, plan.kept, b),
@@ -306,7 +306,7 @@ def two_pass_backward(u, gate, dy, k_eff, ex, groups=1):
     du, dg, dkb = partial if partial is not None else (None, None, None)
     aur, aui = _col_forward(uh, None, ex, c0, cg)
     azr, azi = _col_forward(dyh, gh, ex, c0, cg)
-    out = ex.sds((b, cg, plan.kept, plan.p, plan.q), jnp.float32)
+    out = ex.sds((b, cg, plan.kept, plan.p, plan.q), ex.spectra_dtype)
     outs = _call(
         functools.partial(kernels.row_bwd_kernel, dot=ex.dot), (cg, plan.kept, b),
         [row] * 4 + [kspec, kspec] + _const_specs(consts), [row] * 6, [out] * 6, ex,

@@ -16,6 +16,17 @@ def _mm(a, b, dot: Dot):
   return dot(a, b)
 
 
+def _load(ref):
+  """A stored spectrum block as float32 (its storage may be bfloat16: `pallas_conv`'s
+  `spectra_dtype`); all arithmetic is float32."""
+  return ref[...].astype(jnp.float32)
+
+
+def _store(ref_pair, values):
+  for ref, value in zip(ref_pair, values, strict=True):
+    ref[...] = value.astype(ref.dtype)
+
+
 def _cmul(ar, ai, br, bi):
   return ar * br - ai * bi, ar * bi + ai * br
 
@@ -128,7 +139,7 @@ def col_fwd_kernel(*refs, has_pre, dot):
     x = x * pre_ref[...].astype(jnp.float32)
   ar = _mm(gr_ref[...], x, dot)
   ai = _mm(gi_ref[...], x, dot)
-  ar_ref[...], ai_ref[...] = _cmul(ar, ai, twr_ref[...], twi_ref[...])
+  _store((ar_ref, ai_ref), _cmul(ar, ai, twr_ref[...], twi_ref[...]))
 
 
 def row_fwd_kernel(ar_ref, ai_ref, kr_ref, ki_ref, *refs, dot):
@@ -136,23 +147,23 @@ def row_fwd_kernel(ar_ref, ai_ref, kr_ref, ki_ref, *refs, dot):
   complex [p, q]."""
   consts, (cr_ref, ci_ref) = refs[:-2], refs[-2:]
   tile = _Tile(consts, dot)
-  xr, xi = tile.forward(ar_ref[...], ai_ref[...])
-  kr, ki = tile.forward(kr_ref[...], ki_ref[...])
-  cr_ref[...], ci_ref[...] = tile.inverse(*_cmul(xr, xi, kr, ki))
+  xr, xi = tile.forward(_load(ar_ref), _load(ai_ref))
+  kr, ki = tile.forward(_load(kr_ref), _load(ki_ref))
+  _store((cr_ref, ci_ref), tile.inverse(*_cmul(xr, xi, kr, ki)))
 
 
 def row_bwd_kernel(aur_ref, aui_ref, azr_ref, azi_ref, kr_ref, ki_ref, *refs, dot):
   """Row-pass of the backward: U K (for dgate), Z conj(K) (for du), Z conj(U) (for dk, times n)."""
   consts, outs = refs[:-6], refs[-6:]
   tile = _Tile(consts, dot)
-  ur, ui = tile.forward(aur_ref[...], aui_ref[...])
-  zr, zi = tile.forward(azr_ref[...], azi_ref[...])
-  kr, ki = tile.forward(kr_ref[...], ki_ref[...])
+  ur, ui = tile.forward(_load(aur_ref), _load(aui_ref))
+  zr, zi = tile.forward(_load(azr_ref), _load(azi_ref))
+  kr, ki = tile.forward(_load(kr_ref), _load(ki_ref))
   wr, wi = _cmul_conj(zr, zi, ur, ui)
   # The dk product is left unscaled (x n), as in _single_bwd_kernel.
   products = (_cmul(ur, ui, kr, ki), _cmul_conj(zr, zi, kr, ki), (wr, wi))
   for i, spec in enumerate(products):
-    outs[2 * i][...], outs[2 * i + 1][...] = tile.inverse(*spec)
+    _store(outs[2 * i:2 * i + 2], tile.inverse(*spec))
 
 
 def col_inv_kernel(*refs, has_post, dot):
@@ -162,7 +173,7 @@ def col_inv_kernel(*refs, has_post, dot):
   cr_ref, ci_ref = refs[:2]
   post_ref = refs[2] if has_post else None
   hr_ref, hi_ref, twr_ref, twi_ref, y_ref = refs[2 + has_post:]
-  cr, ci = _cmul_conj(cr_ref[...], ci_ref[...], twr_ref[...], twi_ref[...])
+  cr, ci = _cmul_conj(_load(cr_ref), _load(ci_ref), twr_ref[...], twi_ref[...])
   y = _mm(hr_ref[...], cr, dot) - _mm(hi_ref[...], ci, dot)
   if has_post:
     y = y * post_ref[...].astype(jnp.float32)
