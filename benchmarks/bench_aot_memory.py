@@ -13,6 +13,8 @@ with the longest context that fits per target. Needs `pip install -e .[tpu]` / `
 train step, into results/aot_long_conv.json: what the convolution itself costs. `--conv=none`
 compiles the train step with the long convolution replaced by a pointwise product (every other
 op and gradient kept): the floor that no convolution can go below.
+`--conv=pallas-bf16` is the Pallas kernel with its spectra stored in bfloat16
+(`--config.model.pallas_spectra_dtype=bfloat16`).
 GPU compiles run ptxas per kernel (minutes at 1M); TPU compiles of large configs take minutes
 on a small host.
 """
@@ -52,14 +54,17 @@ def _pointwise_instead_of_the_convolution():
 
 def large_1m_config(seq_len: int, remat: str, conv_impl: str):
   """configs/1m.py's model and precision (bf16, scan_layers) at batch 1, one stage at seq_len
-  (conv_impl 'none': see `_pointwise_instead_of_the_convolution`)."""
+  (conv_impl 'none': see `_pointwise_instead_of_the_convolution`; 'pallas-bf16': pallas with
+  bfloat16 spectra)."""
   if conv_impl == "none":
     _pointwise_instead_of_the_convolution()
   config = run_config.release_config("large-1m")
   config.model.dtype = "bfloat16"
   config.model.scan_layers = True
   config.model.remat = remat
-  config.model.conv_impl = "fft" if conv_impl == "none" else conv_impl
+  config.model.conv_impl = {"none": "fft", "pallas-bf16": "pallas"}.get(conv_impl, conv_impl)
+  if conv_impl == "pallas-bf16":
+    config.model.pallas_spectra_dtype = "bfloat16"
   config.model.l_max = max(config.model.l_max, seq_len + 2)
   config.train.global_batch_size = 1
   config.train.stages = ((1, seq_len, 1),)
@@ -74,7 +79,7 @@ def _key(r):
 def summary(results: list[dict]) -> str:
   lines = [aot.format_table(results), "", "longest context that fits (batch 1):"]
   for target in dict.fromkeys(r["target"] for r in results):
-    for conv in ("fft", "pallas"):
+    for conv in ("fft", "pallas", "pallas-bf16"):
       fits = [r["seq_len"] for r in results
               if r["target"] == target and r["conv_impl"] == conv and r.get("fits")]
       tried = [r for r in results if r["target"] == target and r["conv_impl"] == conv]

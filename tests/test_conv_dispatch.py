@@ -1,8 +1,10 @@
-"""`conv_impl` is honoured on every path: the model, context parallelism and cached decoding.
+"""`conv_impl` (and the Pallas kernel's `pallas_spectra_dtype`) is honoured on every path: the
+model, context parallelism and cached decoding.
 
 Both implementations are replaced by call-counting fakes (the pallas fake computes with the FFT,
 so nothing here runs the slow Pallas interpreter); each path is traced once per conv_impl and
-must call the chosen implementation once per layer and the other one never. The numerical
+must call the chosen implementation once per layer, with the chosen spectra dtype, and the other
+one never. The numerical
 equalities with the real kernel (interpret mode) are in test_context_parallel.py,
 test_inference.py and test_pallas_conv.py.
 """
@@ -27,7 +29,8 @@ from hyena_jax.training import sharding
 # An l_max used by no other test file: jit caches key on the config, so every path here is
 # traced afresh (a cache hit would skip the Python calls being counted).
 CFG = HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=40)
-IMPLS = ("fft", "pallas")
+# "pallas-bf16": conv_impl="pallas" with pallas_spectra_dtype="bfloat16".
+IMPLS = ("fft", "pallas", "pallas-bf16")
 
 
 @pytest.fixture
@@ -36,20 +39,24 @@ def calls(monkeypatch):
   counts = collections.Counter()
   real_fft = fftconv.fft_long_conv
 
-  def fake(name):
-    def conv(u, k, d_bias, gate=None, **kwargs):
-      assert not kwargs, f"the dispatch passed {kwargs} to {name}"
-      counts[name] += 1
-      return real_fft(u, k, d_bias, gate)
-    return conv
+  def fake_fft(u, k, d_bias, gate=None, **kwargs):
+    assert not kwargs, f"the dispatch passed {kwargs} to the fft path"
+    counts["fft"] += 1
+    return real_fft(u, k, d_bias, gate)
 
-  monkeypatch.setattr(fftconv, "fft_long_conv", fake("fft"))
-  monkeypatch.setattr(pallas_conv, "long_conv", fake("pallas"))
+  def fake_pallas(u, k, d_bias, gate=None, *, spectra_dtype):
+    counts[{"float32": "pallas", "bfloat16": "pallas-bf16"}[spectra_dtype]] += 1
+    return real_fft(u, k, d_bias, gate)
+
+  monkeypatch.setattr(fftconv, "fft_long_conv", fake_fft)
+  monkeypatch.setattr(pallas_conv, "long_conv", fake_pallas)
   return counts
 
 
 def _model(impl, train=False):
-  model = HyenaLM(CFG.replace(conv_impl=impl), rngs=nnx.Rngs(0))
+  spectra = "bfloat16" if impl == "pallas-bf16" else "float32"
+  model = HyenaLM(CFG.replace(conv_impl=impl.removesuffix("-bf16"), pallas_spectra_dtype=spectra),
+                  rngs=nnx.Rngs(0))
   model.train() if train else model.eval()
   return model
 
@@ -101,6 +108,9 @@ def test_unknown_conv_impl_is_refused_with_the_choices():
   u = jnp.zeros((1, 2, 4))
   with pytest.raises(InputError, match="conv_impl must be one of"):
     fftconv.long_conv(u, u[0], jnp.zeros(2), impl="direct")
+  with pytest.raises(InputError, match=r"pallas_spectra_dtype must be one of \('float32', "
+                     r"'bfloat16'\)"):
+    HyenaConfig(conv_impl="pallas", pallas_spectra_dtype="float16")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -156,9 +156,8 @@ def _layer(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, *, chunk: int
     c = g * group
     k = mixer.filter_fn.taps(h, t, channels=(c, group))
     u = jax.lax.dynamic_slice_in_dim(vx, c, group, axis=1)
-    y = fftconv.long_conv(u, k, jax.lax.dynamic_slice_in_dim(d_bias, c, group),
-                          jax.lax.dynamic_slice_in_dim(gate, c, group, axis=1),
-                          impl=mixer.conv_impl)
+    y = mixer.long_conv(u, k, jax.lax.dynamic_slice_in_dim(d_bias, c, group),
+                        jax.lax.dynamic_slice_in_dim(gate, c, group, axis=1))
     return jax.lax.dynamic_update_slice_in_dim(vx, y, c, axis=1)
 
   y = jax.lax.fori_loop(0, d // group, convolve, vx)

@@ -23,11 +23,12 @@ RematPolicy = Literal["none", "block", "dots", "offload"]
 CONV_IMPLS: tuple[str, ...] = typing.get_args(ConvImpl)
 REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
 _DTYPES = ("float32", "bfloat16", "float16")
+SPECTRA_DTYPES = ("float32", "bfloat16")
 
 # How the model computes, not what it computes or which weights it has: a loaded model, a resumed
 # run or a fine-tune of a pretrained one may set these freely (everything else of a checkpoint's
 # architecture is fixed by its weights).
-EXECUTION_FIELDS = ("dtype", "conv_impl", "remat", "scan_layers")
+EXECUTION_FIELDS = ("dtype", "conv_impl", "pallas_spectra_dtype", "remat", "scan_layers")
 # What a run starting from pretrained weights (pretraining's init_from, fine-tuning, ICL) takes
 # from its own config rather than the checkpoint's: how it computes and its embedding dropout.
 STARTING_POINT_OVERRIDES = EXECUTION_FIELDS + ("embed_dropout",)
@@ -60,6 +61,10 @@ class HyenaConfig:
   dtype: str = "float32"                  # compute dtype of projections/MLP; FFT, norms and the
                                           # residual stream always stay float32
   conv_impl: ConvImpl = "fft"
+  pallas_spectra_dtype: str = "float32"   # what conv_impl='pallas' stores its spectra in between
+                                          # kernels (past 2k tokens on GPU, 8k on TPU); bfloat16
+                                          # halves its HBM traffic at bf16-level error
+                                          # (pallas_conv.long_conv). fft stores none
   remat: RematPolicy = "none"             # jax.checkpoint per block: none | block | dots |
                                           # offload (block, inputs kept in host memory)
   scan_layers: bool = False               # run blocks with lax.scan (one block's temporaries live)
@@ -96,6 +101,9 @@ class HyenaConfig:
       # step is a dot product, not a convolution), so only unknown values are refused here.
       errors.append(f"conv_impl must be one of {CONV_IMPLS} (XLA FFT, or the Pallas kernel of "
                     f"hyena_jax.model.kernels), got {self.conv_impl!r}")
+    if self.pallas_spectra_dtype not in SPECTRA_DTYPES:
+      errors.append(f"pallas_spectra_dtype must be one of {SPECTRA_DTYPES}, got "
+                    f"{self.pallas_spectra_dtype!r}")
     if self.remat not in REMAT_POLICIES:
       errors.append(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.remat == "offload" and not self.scan_layers:

@@ -200,19 +200,20 @@ def direct_long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array,
 
 
 def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | None = None, *,
-              impl: str) -> jax.Array:
+              impl: str, pallas_spectra_dtype: str = "float32") -> jax.Array:
   """The long-convolution dispatch: `impl` is the model's `conv_impl`, honoured on every path.
 
   Same contract as `fft_long_conv` (u [B, C, L], k [C, L], d_bias [C], gate [B, C, L] or None;
   returns [B, C, L] in u's dtype). "pallas" calls `pallas_conv.long_conv` with its defaults (its
-  interpreter on CPU).
+  interpreter on CPU) but for `pallas_spectra_dtype`, the dtype of its stored spectra (the fft
+  path stores none and ignores it).
   """
   if impl == "fft":
     return fft_long_conv(u, k, d_bias, gate)
   if impl == "pallas":
     # Imported lazily: Pallas is optional at import time.
     from hyena_jax.model.kernels import pallas_conv  # pylint: disable=g-import-not-at-top
-    return pallas_conv.long_conv(u, k, d_bias, gate)
+    return pallas_conv.long_conv(u, k, d_bias, gate, spectra_dtype=pallas_spectra_dtype)
   raise InputError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
 
 

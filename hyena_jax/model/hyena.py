@@ -4,8 +4,8 @@ Stages (`HyenaOperator` methods and members), composed by three callers that sha
   * `project`: in_proj + the 3-tap `ShortFilter`, with an optional halo (the two positions
     before the input: zeros, a ppermute from the previous shard, or a decoding cache);
   * `filter_fn` (`HyenaFilter`): the implicit long filter for positions start .. start+L-1;
-  * the long convolution: `fftconv.long_conv(..., impl=conv_impl)`, the one dispatch
-    (fftconv.py holds all convolution maths);
+  * `long_conv`: the long convolution through `fftconv.long_conv`, the one dispatch (fftconv.py
+    holds all convolution maths), with the mixer's conv_impl and pallas_spectra_dtype;
   * `output`: gating (when the convolution did not fuse it) and out_proj;
   * `prefill` / `step`: cached decoding, the forward over a buffer plus a `DecodeCache`, then one
     position at a time.
@@ -184,15 +184,18 @@ class HyenaOperator(nnx.Module):
   and `prefill`/`step` (cached decoding):
     `project`    in_proj + short filter, with an optional halo (the two positions before u)
     `filter_fn`  the implicit filter k for a range of positions (`HyenaFilter.__call__`)
-    the long convolution: `fftconv.long_conv(..., impl=conv_impl)`, the one dispatch
+    `long_conv`  the long convolution through `fftconv.long_conv`, the one dispatch, with this
+                 mixer's conv_impl and pallas_spectra_dtype
     `output`     gating (when the convolution did not fuse it) and out_proj
     `step`       one position on a `DecodeCache`
   """
 
   def __init__(self, d_model: int, *, l_max: int, n_layer: int, emb_dim: int, filter_order: int,
                num_inner_mlps: int, activation_freq: float, shift: float, modulate: bool,
-               initializer_range: float, dtype: jnp.dtype, conv_impl: str, rngs: nnx.Rngs):
+               initializer_range: float, dtype: jnp.dtype, conv_impl: str,
+               pallas_spectra_dtype: str = "float32", rngs: nnx.Rngs):
     self.d_model, self.dtype, self.conv_impl = d_model, dtype, conv_impl
+    self.pallas_spectra_dtype = pallas_spectra_dtype
     init = _normal(initializer_range)
     self.in_proj = nnx.Linear(d_model, 3 * d_model, kernel_init=init, dtype=dtype, rngs=rngs)
     self.out_proj = nnx.Linear(d_model, d_model, dtype=dtype, rngs=rngs,
@@ -254,8 +257,14 @@ class HyenaOperator(nnx.Module):
     x0, x1, v, z = self.project(u)
     vx = v * x1                                                       # [B, d, L]
     k = self.filter_fn(u.shape[1])                                    # [d, L] float32
-    y = fftconv.long_conv(vx, k, self.filter_fn.bias[...], x0, impl=self.conv_impl)
+    y = self.long_conv(vx, k, self.filter_fn.bias[...], x0)
     return self.output(y), (z, vx, k)
+
+  def long_conv(self, u: jax.Array, k: jax.Array, d_bias: jax.Array,
+                gate: jax.Array | None = None) -> jax.Array:
+    """`fftconv.long_conv` as this mixer executes it: u, gate [B, C, L], k [C, L], d_bias [C]."""
+    return fftconv.long_conv(u, k, d_bias, gate, impl=self.conv_impl,
+                             pallas_spectra_dtype=self.pallas_spectra_dtype)
 
   def __call__(self, u: jax.Array) -> jax.Array:
     """u: [B, L, d] -> [B, L, d] in the compute dtype."""

@@ -70,7 +70,7 @@ class Block(nnx.Module):
         filter_order=cfg.filter_order, num_inner_mlps=cfg.num_inner_mlps,
         activation_freq=cfg.activation_freq, shift=cfg.shift, modulate=cfg.modulate,
         initializer_range=cfg.initializer_range, dtype=self.dtype, conv_impl=cfg.conv_impl,
-        rngs=rngs)
+        pallas_spectra_dtype=cfg.pallas_spectra_dtype, rngs=rngs)
     self.norm2 = _layer_norm(cfg.d_model, cfg, rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
 

@@ -197,7 +197,8 @@ def lower_long_conv(config: ml_collections.ConfigDict, *, stage: int = -1,
   replicated = sharding.replicated(run.mesh)
 
   def loss(u, k, d_bias, gate):  # through the model's own dispatch
-    conv = fftconv.long_conv(u, k, d_bias, gate, impl=config.model.conv_impl)
+    conv = fftconv.long_conv(u, k, d_bias, gate, impl=config.model.conv_impl,
+                             pallas_spectra_dtype=config.model.pallas_spectra_dtype)
     return jnp.sum(conv.astype(jnp.float32))
 
   args = (jax.ShapeDtypeStruct((batch, d, seq_len), dtype, sharding=batch_sharding),
@@ -295,7 +296,7 @@ def compile_for_target(config: ml_collections.ConfigDict, target: Target | str, 
   report: dict[str, Any] = {
       "target": target.name, "topology": target.topology, "what": "long_conv" if kernel_only
       else "train_step", "seq_len": seq_len, "global_batch_size":
-      config.train.global_batch_size, "grad_accum": accum, "conv_impl": config.model.conv_impl,
+      config.train.global_batch_size, "grad_accum": accum, "conv_impl": conv_label(config),
       "remat": config.model.remat, "scan_layers": config.model.scan_layers,
       "dtype": config.model.dtype, "hbm_gib": target.hbm_gib}
   devices = target_devices(target)
@@ -339,19 +340,26 @@ def compile_for_target(config: ml_collections.ConfigDict, target: Target | str, 
   return report
 
 
-TABLE_HEADER = (f"{'target':>9} {'what':>10} {'L':>9} {'conv':>6} {'remat':>5} {'ok':>3} "
+TABLE_HEADER = (f"{'target':>9} {'what':>10} {'L':>9} {'conv':>11} {'remat':>5} {'ok':>3} "
                 f"{'arg':>6} {'temp':>6} {'peak':>6} {'HBM':>6} {'fits':>4} {'compile_s':>9} "
                 f"{'mosaic':>6} {'triton':>6} {'TFLOP':>8} {'GB':>8} {'bound_s':>8} {'tok/s':>9}")
+
+
+def conv_label(config: ml_collections.ConfigDict) -> str:
+  """conv_impl, with '-bf16' when the Pallas kernel stores its spectra in bfloat16."""
+  model = config.model
+  bf16 = model.conv_impl == "pallas" and model.get("pallas_spectra_dtype") == "bfloat16"
+  return model.conv_impl + ("-bf16" if bf16 else "")
 
 
 def format_row(r: dict[str, Any]) -> str:
   """One report as a table line (plus a line of advice where it does not fit)."""
   if not r.get("ok"):
-    line = (f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
+    line = (f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>11} "
             f"{r['remat']:>5} {'no':>3}  {r.get('error', '')}")
   else:
     line = (
-        f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>6} "
+        f"{r['target']:>9} {r['what']:>10} {r['seq_len']:>9} {r['conv_impl']:>11} "
         f"{r['remat']:>5} {'yes':>3} {r.get('argument_gib', math.nan):>6.2f} "
         f"{r.get('temp_gib', math.nan):>6.2f} {r.get('peak_gib', math.nan):>6.2f} "
         f"{r['hbm_gib']:>6.2f} {('yes' if r.get('fits') else 'NO'):>4} {r['compile_s']:>9.1f} "

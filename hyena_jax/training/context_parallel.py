@@ -11,7 +11,7 @@ Layout (N = size of the `sequence` mesh axis, c = Lp / N positions per device):
                                                      (`ppermute`; shard 0 receives zeros = causal)
       long convolution                               all-to-all [b, d, c] -> [b, d / N, Lp]: whole
                                                      sequences of d / N channels, the conv_impl
-                                                     dispatch (`fftconv.long_conv`) locally,
+                                                     dispatch (`HyenaOperator.long_conv`) locally,
                                                      all-to-all back to [b, d, c]
       implicit filter                                each shard builds the taps of its own
                                                      positions [d, c] and the same all-to-all
@@ -56,7 +56,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hyena_jax.model import fftconv, mesh_axes
+from hyena_jax.model import mesh_axes
 from hyena_jax.model.config import HyenaConfig
 from hyena_jax.model.hyena import HyenaFilter, HyenaOperator
 from hyena_jax.model.hyenadna import Backbone, HyenaLM
@@ -163,8 +163,7 @@ def _mixer(mixer: HyenaOperator, u: jax.Array, sh: _Shard) -> tuple[jax.Array, N
                                         jax.lax.axis_index(sh.axis) * d_local, d_local)
   # float32 in, so the convolution comes back (and travels) unrounded: with the gate applied by
   # `output` in float32 this is exactly the unsharded op's long_conv(vx, k, D, gate=x0).
-  y = fftconv.long_conv(_to_channels(v * x1, sh).astype(jnp.float32), k, d_bias,
-                        impl=mixer.conv_impl)                       # [b, d / N, Lp]
+  y = mixer.long_conv(_to_channels(v * x1, sh).astype(jnp.float32), k, d_bias)  # [b, d / N, Lp]
   return mixer.output(_to_positions(y, sh), gate=x0), None
 
 
