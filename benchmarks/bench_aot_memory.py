@@ -84,7 +84,7 @@ def summary(results: list[dict]) -> str:
               if r["target"] == target and r["conv_impl"] == conv and r.get("fits")]
       tried = [r for r in results if r["target"] == target and r["conv_impl"] == conv]
       if tried:
-        lines.append(f"  {target:>8} {conv:>6}: "
+        lines.append(f"  {target:>8} {conv:>11}: "
                      + (f"{max(fits):,} tokens" if fits else "none of the lengths tried")
                      + f" (tried {sorted({r['seq_len'] for r in tried})})")
   return "\n".join(lines)

@@ -16,9 +16,9 @@ The maths, for an FFT of size n = p * q (input index j = j1 q + j2, output index
 
 and its inverse conj(F_p) @ ((Y_tile @ conj(F_q)) * conj(T)). Spectra stay in this "tile order";
 every product between spectra is pointwise, so the order never needs undoing. Complex numbers are
-(real, imag) float32 pairs. n is a power of two >= 2L, so the input occupies the first half of
-the tile's rows (half of the first matmul is skipped) and only the first half of the output rows
-is ever computed.
+(real, imag) float32 pairs (stored between the two-pass kernels as `spectra_dtype` pairs). n is a
+power of two >= 2L, so the input occupies the first half of the tile's rows (half of the first
+matmul is skipped) and only the first half of the output rows is ever computed.
 
 Two tricks keep the kernels small:
   * the skip term is folded into the filter, conv(u, k) + D u = conv(u, k + D delta), so
