@@ -20,10 +20,11 @@ from hyena_jax.errors import InputError
 
 ConvImpl = Literal["fft", "pallas"]
 RematPolicy = Literal["none", "block", "dots", "offload"]
+SpectraDtype = Literal["float32", "bfloat16"]
 CONV_IMPLS: tuple[str, ...] = typing.get_args(ConvImpl)
 REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
+SPECTRA_DTYPES: tuple[str, ...] = typing.get_args(SpectraDtype)
 _DTYPES = ("float32", "bfloat16", "float16")
-SPECTRA_DTYPES = ("float32", "bfloat16")
 
 # How the model computes, not what it computes or which weights it has: a loaded model, a resumed
 # run or a fine-tune of a pretrained one may set these freely (everything else of a checkpoint's
@@ -61,10 +62,10 @@ class HyenaConfig:
   dtype: str = "float32"                  # compute dtype of projections/MLP; FFT, norms and the
                                           # residual stream always stay float32
   conv_impl: ConvImpl = "fft"
-  pallas_spectra_dtype: str = "float32"   # what conv_impl='pallas' stores its spectra in between
-                                          # kernels (past 2k tokens on GPU, 8k on TPU); bfloat16
-                                          # halves its HBM traffic at bf16-level error
-                                          # (pallas_conv.long_conv). fft stores none
+  # What conv_impl='pallas' stores its spectra in between kernels (past 2k tokens on GPU, 8k on
+  # TPU): bfloat16 halves its HBM traffic at bf16-level error (pallas_conv.long_conv's
+  # spectra_dtype). The fft path stores none.
+  pallas_spectra_dtype: SpectraDtype = "float32"
   remat: RematPolicy = "none"             # jax.checkpoint per block: none | block | dots |
                                           # offload (block, inputs kept in host memory)
   scan_layers: bool = False               # run blocks with lax.scan (one block's temporaries live)

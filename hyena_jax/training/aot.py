@@ -348,7 +348,7 @@ TABLE_HEADER = (f"{'target':>9} {'what':>10} {'L':>9} {'conv':>11} {'remat':>5} 
 def conv_label(config: ml_collections.ConfigDict) -> str:
   """conv_impl, with '-bf16' when the Pallas kernel stores its spectra in bfloat16."""
   model = config.model
-  bf16 = model.conv_impl == "pallas" and model.get("pallas_spectra_dtype") == "bfloat16"
+  bf16 = model.conv_impl == "pallas" and model.pallas_spectra_dtype == "bfloat16"
   return model.conv_impl + ("-bf16" if bf16 else "")
 
 

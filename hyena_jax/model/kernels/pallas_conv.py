@@ -92,6 +92,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hyena_jax.model import mesh_axes
+from hyena_jax.model.config import SPECTRA_DTYPES, SpectraDtype
 from hyena_jax.model.kernels import halves
 from hyena_jax.model.kernels import pallas_calls as kernels
 from hyena_jax.model.kernels.matmul import Dot
@@ -99,8 +100,6 @@ from hyena_jax.model.kernels.plan import (HIGHEST, RULES, Plan, Platform, make_p
                                           two_pass_limit)
 
 PrecisionName = Literal["auto", "highest", "high", "default", "float32"]
-SpectraDtype = Literal["float32", "bfloat16"]
-SPECTRA_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 
 # What the kernels' matmuls run as, compiled, per (block rules, precision), and their cost in
