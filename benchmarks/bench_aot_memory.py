@@ -13,6 +13,8 @@ with the longest context that fits per target. Needs `pip install -e .[tpu]` / `
 train step, into results/aot_long_conv.json: what the convolution itself costs. `--conv=none`
 compiles the train step with the long convolution replaced by a pointwise product (every other
 op and gradient kept): the floor that no convolution can go below.
+`--sequence=8` shards each sequence over 8 devices of the target (context parallelism,
+`mesh.sequence`; e.g. `--targets=v5p-16`); such rows name the target "v5p-16/cp8".
 `--conv=pallas-bf16` is the Pallas kernel with its spectra stored in bfloat16
 (`--config.model.pallas_spectra_dtype=bfloat16`).
 GPU compiles run ptxas per kernel (minutes at 1M); TPU compiles of large configs take minutes
@@ -52,10 +54,10 @@ def _pointwise_instead_of_the_convolution():
   fftconv.long_conv = pointwise
 
 
-def large_1m_config(seq_len: int, remat: str, conv_impl: str):
-  """configs/1m.py's model and precision (bf16, scan_layers) at batch 1, one stage at seq_len
-  (conv_impl 'none': see `_pointwise_instead_of_the_convolution`; 'pallas-bf16': pallas with
-  bfloat16 spectra)."""
+def large_1m_config(seq_len: int, remat: str, conv_impl: str, sequence: int = 1):
+  """configs/1m.py's model and precision (bf16, scan_layers) at batch 1, one stage at seq_len,
+  each sequence split over `sequence` devices (conv_impl 'none': see
+  `_pointwise_instead_of_the_convolution`; 'pallas-bf16': pallas with bfloat16 spectra)."""
   if conv_impl == "none":
     _pointwise_instead_of_the_convolution()
   config = run_config.release_config("large-1m")
@@ -69,6 +71,7 @@ def large_1m_config(seq_len: int, remat: str, conv_impl: str):
   config.train.global_batch_size = 1
   config.train.stages = ((1, seq_len, 1),)
   config.eval.batch_size = 1
+  config.mesh.sequence = sequence
   return config
 
 
@@ -123,6 +126,8 @@ def main():
   parser.add_argument("--lengths", default="131072,1048576,2097152,4194304")
   parser.add_argument("--remat", default="block,offload")
   parser.add_argument("--conv", default="fft,pallas")
+  parser.add_argument("--sequence", type=int, default=1,
+                      help="context parallelism: devices each sequence is split over")
   parser.add_argument("--kernel_only", action="store_true",
                       help="one layer's long convolution, not the train step")
   parser.add_argument("--out", default=None,
@@ -141,11 +146,12 @@ def main():
       for seq_len in (int(x) for x in args.lengths.split(",")):
         for remat in args.remat.split(","):
           for conv in args.conv.split(","):
-            if (target.name, seq_len, remat, conv) in done:
+            name = target.name + (f"/cp{args.sequence}" if args.sequence > 1 else "")
+            if (name, seq_len, remat, conv) in done:
               continue
-            report = aot.compile_for_target(large_1m_config(seq_len, remat, conv), target,
-                                            kernel_only=args.kernel_only)
-            report["conv_impl"] = conv
+            config = large_1m_config(seq_len, remat, conv, sequence=args.sequence)
+            report = aot.compile_for_target(config, target, kernel_only=args.kernel_only)
+            report["conv_impl"], report["target"] = conv, name
             print(json.dumps(report), flush=True)
             results.append(report)
             os.makedirs(os.path.dirname(args.out), exist_ok=True)
