@@ -158,15 +158,15 @@ def single_backward(u, gate, dy, k_eff, ex):
   return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0) / plan.n
 
 
-def _col_forward(xh, preh, ex, c0, cg):
+def _col_forward(xh, preh, ex, c0, cg, scale=1.0):
   """Channels c0 .. c0 + cg of xh (and preh), real [B, C, n1/2, m] (`_halves`), -> their column
-  transform, (re, im) [B, cg, kept, m] in `ex.spectra_dtype`: the first n1/2 of the n1 rows
-  (the rest mirror them)."""
+  transform times `scale`, (re, im) [B, cg, kept, m] in `ex.spectra_dtype`: the first n1/2 of
+  the n1 rows (the rest mirror them). `scale` rides on the DFT matrix (a power of two: exact)."""
   plan = ex.plan
   b = xh.shape[0]
   n1h, m, kept = plan.n1 // 2, plan.m, plan.kept
   bm, bk = plan.col_block, plan.row_block
-  consts = ex.consts(_col_forward_consts(plan))
+  consts = ex.consts(_col_forward_consts(plan, scale))
   grid = (cg, b, m // bm, kept // bk)
   xspec = pl.BlockSpec((None, None, n1h, bm), lambda ci, bi, j, i: (bi, ci + c0, 0, j))
   gspec = pl.BlockSpec((bk, n1h), lambda ci, bi, j, i: (i, 0))
@@ -188,33 +188,37 @@ def _shared(numpy_constants):
 
 
 @_shared
-def _col_forward_consts(plan: Plan) -> tuple[np.ndarray, ...]:
-  """The kept rows' half-bin-shifted column DFT G [kept, n1/2] and twiddles T [kept, m]."""
-  return (*odd_dft(plan.n1), *odd_twiddle(plan.kept, plan.m, plan.n))
+def _col_forward_consts(plan: Plan, scale: float = 1.0) -> tuple[np.ndarray, ...]:
+  """The kept rows' half-bin-shifted column DFT G [kept, n1/2] (times `scale`) and twiddles
+  T [kept, m]."""
+  gr, gi = odd_dft(plan.n1)
+  return (gr * np.float32(scale), gi * np.float32(scale),
+          *odd_twiddle(plan.kept, plan.m, plan.n))
 
 
 @_shared
-def _col_inverse_consts(plan: Plan) -> tuple[np.ndarray, ...]:
-  """H = 2 conj(G)^T [n1/2, kept] and the twiddles T [kept, m] (conjugated in the kernel). Each
-  kept row g1 stands for itself and its mirror n1 - 1 - g1, whose term in the inverse is the
-  conjugate of its own: Re(both) = 2 Re(its own)."""
+def _col_inverse_consts(plan: Plan, scale: float = 1.0) -> tuple[np.ndarray, ...]:
+  """H = 2 conj(G)^T [n1/2, kept] (times `scale`) and the twiddles T [kept, m] (conjugated in
+  the kernel). Each kept row g1 stands for itself and its mirror n1 - 1 - g1, whose term in the
+  inverse is the conjugate of its own: Re(both) = 2 Re(its own)."""
   gr, gi = odd_dft(plan.n1)
-  return (2 * gr.T, -2 * gi.T, *odd_twiddle(plan.kept, plan.m, plan.n))
+  return (np.float32(2 * scale) * gr.T, np.float32(-2 * scale) * gi.T,
+          *odd_twiddle(plan.kept, plan.m, plan.n))
 
 
 _tile_consts = _shared(tile_consts)
 
 
-def _col_inverse(cr, ci, posth, out_dtype, ex, c0, into, channels):
+def _col_inverse(cr, ci, posth, out_dtype, ex, c0, into, channels, scale=1.0):
   """(re, im) [B, cg, kept, m] of a real signal's column spectrum (channels c0 .. c0 + cg) ->
-  Re(inverse column DFT)[:, :, :n1/2] (* posth, [B, C, n1/2, m]) written into those channels
-  of `into` [B, C, n1/2, m] (C = `channels`; a new array when None, whose other channels are
-  left for later groups to write)."""
+  Re(inverse column DFT)[:, :, :n1/2] (* posth, [B, C, n1/2, m]) times `scale` (on the DFT
+  matrix) written into those channels of `into` [B, C, n1/2, m] (C = `channels`; a new array
+  when None, whose other channels are left for later groups to write)."""
   plan = ex.plan
   b, cg = cr.shape[:2]
   n1h, m, kept = plan.n1 // 2, plan.m, plan.kept
   bm, bk = plan.col_block, plan.row_block
-  consts = ex.consts(_col_inverse_consts(plan))
+  consts = ex.consts(_col_inverse_consts(plan, scale))
   grid = (cg, b, m // bm, n1h // bk)
   cspec = pl.BlockSpec((None, None, kept, bm), lambda ci, bi, j, i: (bi, ci, 0, j))
   ospec = pl.BlockSpec((None, None, bk, bm), lambda ci, bi, j, i: (bi, ci + c0, i, j))
@@ -239,15 +243,39 @@ def _rows(x, plan):
   return x.reshape(*x.shape[:-1], plan.p, plan.q)
 
 
-def _filter_columns(kh, ex, c0, cg):
-  """kh: k_eff / n as [1, C, n1/2, m] -> (re, im) of channels c0 .. c0 + cg column-transformed,
-  as rows [cg, kept, p, q]: the filter as the row kernels take it (they do its row DFT
-  on-chip). One pass of the signal's column kernel (a batch of one) instead of a spectrum from
-  XLA's FFT, whose rfft, conjugate half and tile-order transpose moved ~7x the bytes (issue
-  24)."""
+def _filter_columns(kh, d_bias, ex, c0, cg):
+  """kh: the filter k as [1, C, n1/2, m] (`_halves`), d_bias: [C] float32 or None -> (re, im)
+  of channels c0 .. c0 + cg of (k + d_bias delta) / n column-transformed, as rows
+  [cg, kept, p, q]: the filter as the row kernels take it (they do its row DFT on-chip). One
+  pass of the signal's column kernel (a batch of one) instead of a spectrum from XLA's FFT,
+  whose rfft, conjugate half and tile-order transpose moved ~7x the bytes (issue 24).
+
+  Neither the 1/n nor the skip term costs a pass over the filter: 1/n rides on the DFT matrix,
+  and the skip term's delta (j1 = j2 = 0, where G and the twiddles are 1) is d_bias / n added to
+  column 0 of every kept row, an update of cg x kept values in place.
+  """
   plan = ex.plan
-  cols = _col_forward(kh, None, ex, c0, cg)
-  return tuple(x.reshape(cg, plan.kept, plan.p, plan.q) for x in cols)
+  re, im = _col_forward(kh, None, ex, c0, cg, scale=1.0 / plan.n)
+  if d_bias is not None:
+    skip = d_bias[c0:c0 + cg].astype(jnp.float32) / plan.n                # [cg]
+    re = re.at[0, :, :, 0].set((re[0, :, :, 0].astype(jnp.float32) + skip[:, None]
+                                ).astype(re.dtype))
+  return tuple(x.reshape(cg, plan.kept, plan.p, plan.q) for x in (re, im))
+
+
+def filter_columns(k, d_bias, ex):
+  """Every channel's `_filter_columns` at once, k: [C, L] float32 -> (re, im) [C, kept, p, q]:
+  what a forward in one channel group keeps for its backward, which then skips the filter's
+  column pass (a read of k and a write of its columns, the size of one spectrum)."""
+  plan = ex.plan
+  kh = _halves(k.astype(jnp.float32)[None], plan, plan.n1 // 2)
+  return _filter_columns(kh, d_bias, ex, 0, k.shape[0])
+
+
+def signal_columns(u, ex):
+  """u: [B, C, L] -> its column transform (re, im) [B, C, kept, m]: what a forward in one channel
+  group keeps for its backward (instead of u), which then skips that column pass."""
+  return _col_forward(_halves(u, ex.plan, ex.plan.n1 // 2), None, ex, 0, u.shape[1])
 
 
 def _in_groups(groups, channels, arrays, step):
@@ -264,60 +292,65 @@ def _in_groups(groups, channels, arrays, step):
   return partial
 
 
-def two_pass_forward(u, k_eff, gate, ex, groups=1):
-  """u, gate: [B, C, L]; k_eff: [C, L] float32 (the skip term folded in) -> y [B, C, L]. The
-  channels run in `groups` groups (their intermediates, ~4 n bytes per channel and sequence
-  each, exist for one group at a time); every group reads and writes the whole arrays in
-  place, so grouping copies nothing."""
+def two_pass_forward(u, k, d_bias, gate, ex, groups=1, fcols=None, ucols=None):
+  """u, gate: [B, C, L]; k: [C, L] float32 and d_bias: [C] float32 or None (the skip term) ->
+  y [B, C, L]. The channels run in `groups` groups (their intermediates, ~4 n bytes per channel
+  and sequence each, exist for one group at a time); every group reads and writes the whole
+  arrays in place, so grouping copies nothing. `fcols`, `ucols`: `filter_columns(k, d_bias)` and
+  `signal_columns(u)` when the caller has them (one group only)."""
   plan = ex.plan
   b, c, _ = u.shape
   n1h = plan.n1 // 2
   consts = ex.consts(_tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
-  halves = (_halves(u, plan, n1h), _halves(_scaled(k_eff, plan)[None], plan, n1h),
-            None if gate is None else _halves(gate, plan, n1h))
+  halves = (_halves(u, plan, n1h), _halves(k.astype(jnp.float32)[None], plan, n1h),
+            None if gate is None else _halves(gate, plan, n1h), d_bias)
 
   def step(c0, cg, arrays, y):
-    uh, kh, gh = arrays
+    uh, kh, gh, d = arrays
     out = ex.sds((b, cg, plan.kept, plan.p, plan.q), ex.spectra_dtype)
-    ar, ai = _col_forward(uh, None, ex, c0, cg)
+    ar, ai = ucols if ucols is not None else _col_forward(uh, None, ex, c0, cg)
     cr, ci = _call(
         functools.partial(kernels.row_fwd_kernel, dot=ex.dot), (cg, plan.kept, b),
         [row, row, kspec, kspec] + _const_specs(consts), [row, row], [out, out], ex,
-    )(_rows(ar, plan), _rows(ai, plan), *_filter_columns(kh, ex, c0, cg), *consts)
+    )(_rows(ar, plan), _rows(ai, plan),
+      *(fcols if fcols is not None else _filter_columns(kh, d, ex, c0, cg)), *consts)
     flat = lambda x: x.reshape(b, cg, plan.kept, plan.m)  # noqa: E731
     return _col_inverse(flat(cr), flat(ci), gh, u.dtype, ex, c0, y, c)
 
   return _unhalves(_in_groups(groups, c, halves, step), plan)
 
 
-def two_pass_backward(u, gate, dy, k_eff, ex, groups=1):
-  """-> du, dgate [B, C, L] and dk_eff [C, L] float32, in `groups` channel groups as the
-  forward."""
+def two_pass_backward(u, gate, dy, k, d_bias, ex, groups=1, fcols=None, ucols=None):
+  """-> du, dgate [B, C, L] and dk_eff [C, L] float32 (the gradient of k + d_bias delta), in
+  `groups` channel groups as the forward; with the forward's `fcols` and `ucols` (one group),
+  k and u are not read and may be None (du takes dy's dtype, which is u's)."""
   plan = ex.plan
-  b, c, _ = u.shape
+  b, c, _ = dy.shape
   n1h = plan.n1 // 2
   consts = ex.consts(_tile_consts(plan.p, plan.q))
   row, kspec = _row_specs(plan)
-  halves = tuple(_halves(x, plan, n1h) for x in (u, gate, dy, _scaled(k_eff, plan)[None]))
+  kh = None if fcols is not None else _halves(k.astype(jnp.float32)[None], plan, n1h)
+  uh = None if ucols is not None else _halves(u, plan, n1h)
+  halves = (uh,) + tuple(_halves(x, plan, n1h) for x in (gate, dy)) + (kh, d_bias)
 
   def step(c0, cg, arrays, partial):
-    uh, gh, dyh, kh = arrays
+    uh, gh, dyh, kh, d = arrays
     du, dg, dkb = partial if partial is not None else (None, None, None)
-    aur, aui = _col_forward(uh, None, ex, c0, cg)
+    aur, aui = ucols if ucols is not None else _col_forward(uh, None, ex, c0, cg)
     azr, azi = _col_forward(dyh, gh, ex, c0, cg)
     out = ex.sds((b, cg, plan.kept, plan.p, plan.q), ex.spectra_dtype)
     outs = _call(
         functools.partial(kernels.row_bwd_kernel, dot=ex.dot), (cg, plan.kept, b),
         [row] * 4 + [kspec, kspec] + _const_specs(consts), [row] * 6, [out] * 6, ex,
-    )(*(_rows(x, plan) for x in (aur, aui, azr, azi)), *_filter_columns(kh, ex, c0, cg),
-      *consts)
+    )(*(_rows(x, plan) for x in (aur, aui, azr, azi)),
+      *(fcols if fcols is not None else _filter_columns(kh, d, ex, c0, cg)), *consts)
     flat = [x.reshape(b, cg, plan.kept, plan.m) for x in outs]
-    return (_col_inverse(flat[2], flat[3], None, u.dtype, ex, c0, du, c),
+    return (_col_inverse(flat[2], flat[3], None, dy.dtype, ex, c0, du, c),
             _col_inverse(flat[0], flat[1], dyh, gate.dtype, ex, c0, dg, c),
-            _col_inverse(flat[4], flat[5], None, jnp.float32, ex, c0, dkb, c))
+            # 1/n (the inverse DFT's normalisation) on the DFT matrix, not a pass over dk.
+            _col_inverse(flat[4], flat[5], None, jnp.float32, ex, c0, dkb, c, 1.0 / plan.n))
 
   du, dg, dkb = _in_groups(groups, c, halves, step)
-  return (_unhalves(du, plan), _unhalves(dg, plan),
-          _unhalves(dkb, plan).sum(0) / plan.n)
+  return _unhalves(du, plan), _unhalves(dg, plan), _unhalves(dkb, plan).sum(0)
 

@@ -22,7 +22,9 @@ matmul is skipped) and only the first half of the output rows is ever computed.
 
 Two tricks keep the kernels small:
   * the skip term is folded into the filter, conv(u, k) + D u = conv(u, k + D delta), so
-    D never enters a kernel and dD = dk_eff[:, 0];
+    D never enters a kernel and dD = dk_eff[:, 0]; the two-pass path adds D / n to the
+    filter's column spectrum (column 0 of each row) instead of writing k_eff, and every 1/n
+    rides on a DFT matrix, so neither costs a pass over [C, L];
   * the filter is transformed by the kernels themselves, beside the signal: the single-pass
     kernel takes k_eff / n as a half tile, the two-pass row kernels take its column transform
     (the signal's column kernel, run once per call on the batch-independent filter) and do its
@@ -200,31 +202,56 @@ class _Halves:
     return _varying(jnp.zeros(shape, jnp.float32), self.vma)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _conv(u, k_eff, gate, ex):
+def _with_skip(k, d_bias):
+  """k_eff = k + d_bias delta: conv(u, k) + D u == conv(u, k_eff)."""
+  return k if d_bias is None else k.at[:, 0].add(d_bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _conv(u, k, d_bias, gate, ex):
+  """u, gate: [B, C, L]; k: [C, L] float32; d_bias: [C] float32 (or None: no skip term)."""
   if isinstance(ex, _Halves):
-    return halves.forward(u, k_eff, gate, lambda *piece: _conv(*piece, ex.inner), ex.zeros)
+    # Each piece's filter is a window of k_eff, the skip term already in: no d_bias of its own.
+    return halves.forward(u, _with_skip(k, d_bias), gate,
+                          lambda u, k, gate: _conv(u, k, None, gate, ex.inner), ex.zeros)
   if ex.plan.n1 == 1:
-    return kernels.single_forward(u, k_eff, gate, ex)
+    return kernels.single_forward(u, _with_skip(k, d_bias), gate, ex)
   groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
-  return kernels.two_pass_forward(u, k_eff, gate, ex, groups)
+  # The two-pass kernels take the skip term into the filter's spectrum themselves: k_eff
+  # would be a pass over the filter (read and write [C, L] float32) for one value per channel.
+  return kernels.two_pass_forward(u, k, d_bias, gate, ex, groups)
 
 
-def _conv_fwd(u, k_eff, gate, ex):
-  return _conv(u, k_eff, gate, ex), (u, k_eff, gate)
+def _conv_fwd(u, k, d_bias, gate, ex):
+  if not isinstance(ex, _Halves) and ex.plan.n1 > 1 and _channel_groups(
+      ex.plan, u.shape[0], u.shape[1]) == 1:
+    # One channel group: the backward reuses the column spectra of the filter and of u
+    # instead of recomputing them, and keeps them instead of k and u (one group's spectra, at
+    # most _GROUP_BYTES each). With several groups (long sequences) it would be every group's
+    # at once.
+    cols = kernels.filter_columns(k, d_bias, ex), kernels.signal_columns(u, ex)
+    y = kernels.two_pass_forward(u, k, d_bias, gate, ex, 1, *cols)
+    return y, (None, None, d_bias, gate, cols)
+  return _conv(u, k, d_bias, gate, ex), (u, k, d_bias, gate, None)
 
 
 def _conv_bwd(ex, residuals, dy):
-  u, k_eff, gate = residuals
+  u, k, d_bias, gate, cols = residuals
   if isinstance(ex, _Halves):
-    return halves.backward(u, k_eff, gate, dy, functools.partial(_conv_bwd, ex.inner), ex.zeros)
-  g = jnp.ones_like(u) if gate is None else gate
-  if ex.plan.n1 == 1:
-    du, dg, dk = kernels.single_backward(u, g, dy, k_eff, ex)
+    def piece_bwd(pieces, dy):
+      du, dk, _, dg = _conv_bwd(ex.inner, (pieces[0], pieces[1], None, pieces[2], None), dy)
+      return du, dk, dg
+    du, dk, dg = halves.backward(u, _with_skip(k, d_bias), gate, dy, piece_bwd, ex.zeros)
   else:
-    groups = _channel_groups(ex.plan, u.shape[0], u.shape[1])
-    du, dg, dk = kernels.two_pass_backward(u, g, dy, k_eff, ex, groups)
-  return du, dk.astype(k_eff.dtype), None if gate is None else dg
+    g = jnp.ones_like(dy) if gate is None else gate
+    if ex.plan.n1 == 1:
+      du, dg, dk = kernels.single_backward(u, g, dy, _with_skip(k, d_bias), ex)
+    else:
+      groups = _channel_groups(ex.plan, dy.shape[0], dy.shape[1])
+      du, dg, dk = kernels.two_pass_backward(u, g, dy, k, d_bias, ex, groups,
+                                             *(cols or (None, None)))
+  dd = None if d_bias is None else dk[:, 0]   # dD = dk_eff[:, 0]; k and d_bias are float32
+  return du, dk, dd, None if gate is None else dg
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -268,20 +295,21 @@ def _piece_length(length: int, levels: int) -> int:
   return length
 
 
-def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, max_fft, precision,
+def _device_conv(u, filt, gate, *, interpret, platform, max_onchip, max_fft, precision,
                  spectra_dtype):
-  """The convolution on each device's own operands (inside a shard_map, or unsharded)."""
-  operands = [x for x in (u, k_eff, gate) if x is not None]
+  """The convolution on each device's own operands (inside a shard_map, or unsharded);
+  filt = (k [C, L], d_bias [C]), both float32."""
+  operands = [x for x in (u, *filt, gate) if x is not None]
   vma = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
   # Inside a shard_map the kernel's outputs vary over every axis an operand varies over; the
   # filter is made varying too, so its cotangent is summed over those axes by the transpose.
-  u, k_eff = _varying(u, vma), _varying(k_eff, vma)
+  u, filt = _varying(u, vma), tuple(_varying(x, vma) for x in filt)
   gate = None if gate is None else _varying(gate, vma)
 
   def rules(target):
     return platform or ("tpu" if target == "tpu" else "gpu")
 
-  def run(target, u, k_eff, gate):
+  def run(target, u, filt, gate):
     interp = target == "cpu" if interpret is None else interpret
     levels = halvings(u.shape[-1], rules(target), max_onchip, max_fft)
     plan = make_plan(_piece_length(u.shape[-1], levels), rules(target), max_onchip)
@@ -290,19 +318,19 @@ def _device_conv(u, k_eff, gate, *, interpret, platform, max_onchip, max_fft, pr
                jnp.dtype(spectra_dtype), vma)
     for _ in range(levels):
       ex = _Halves(ex)
-    return _conv(u, k_eff, gate, ex)
+    return _conv(u, *filt, gate, ex)
 
   target = "cpu" if interpret else target_platform()
   if target is not None:
-    return run(target, u, k_eff, gate)
+    return run(target, u, filt, gate)
   # No mesh says where this runs: trace a branch per platform, and let lowering (which knows
   # the target) keep one.
   branches = {name: functools.partial(run, _TARGETS[name])
               for name in ("cpu", "tpu", "cuda", "rocm")}
-  return jax.lax.platform_dependent(u, k_eff, gate, **branches)
+  return jax.lax.platform_dependent(u, filt, gate, **branches)
 
 
-def _batch_shard_map(fn, u, k_eff, gate, batch_axes):
+def _batch_shard_map(fn, u, filt, gate, batch_axes):
   """Runs `fn` under a shard_map over all the context mesh's non-manual axes, batch split over
   `batch_axes` (those whose sizes divide the batch), everything else replicated.
 
@@ -315,7 +343,7 @@ def _batch_shard_map(fn, u, k_eff, gate, batch_axes):
   free = () if mesh.empty else tuple(
       a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != jax.sharding.AxisType.Manual)
   if math.prod(mesh.shape[a] for a in free) == 1:
-    return fn(u, k_eff, gate)
+    return fn(u, filt, gate)
   split, size = [], 1
   for a in batch_axes:
     if a in free and u.shape[0] % (size * mesh.shape[a]) == 0:
@@ -324,9 +352,9 @@ def _batch_shard_map(fn, u, k_eff, gate, batch_axes):
   spec = P(tuple(split)) if split else P()
   if gate is None:
     return jax.shard_map(lambda u, k: fn(u, k, None), mesh=mesh, in_specs=(spec, P()),
-                         out_specs=spec, axis_names=set(free))(u, k_eff)
+                         out_specs=spec, axis_names=set(free))(u, filt)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec, P(), spec), out_specs=spec,
-                       axis_names=set(free))(u, k_eff, gate)
+                       axis_names=set(free))(u, filt, gate)
 
 
 def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | None = None, *,
@@ -398,10 +426,10 @@ def long_conv(u: jax.Array, k: jax.Array, d_bias: jax.Array, gate: jax.Array | N
     raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
   if max_fft is not None and max_fft < 2:
     raise ValueError(f"max_fft must be >= 2, got {max_fft}")
-  # conv(u, k) + D u == conv(u, k + D delta): D joins the filter's first tap.
-  k_eff = k.astype(jnp.float32).at[:, 0].add(d_bias.astype(jnp.float32))
+  # conv(u, k) + D u == conv(u, k + D delta): D joins the filter's first tap (in the kernels).
+  filt = (k.astype(jnp.float32), d_bias.astype(jnp.float32))
   fn = functools.partial(_device_conv, interpret=interpret, platform=platform,
                          max_onchip=max_onchip, max_fft=max_fft, precision=precision,
                          spectra_dtype=spectra_dtype)
-  return _batch_shard_map(fn, u, k_eff, gate, batch_axes)
+  return _batch_shard_map(fn, u, filt, gate, batch_axes)
 
