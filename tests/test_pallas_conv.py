@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import ad_checkpoint
 
 import hyena_jax
 from conftest import shared_path
@@ -300,6 +301,28 @@ def test_two_pass_in_channel_groups(monkeypatch, sharded):
   _assert_close(out, ref_out, F32_TOL, "grouped output")
   for name, g, r in zip(("du", "dk", "dD", "dgate"), grads, ref_grads):
     _assert_close(g, r, F32_TOL, f"grouped {name}")
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_one_group_keeps_column_spectra_instead_of_u_and_k(monkeypatch, capsys, groups):
+  """In one channel group the backward reuses the forward's column spectra of u and of the
+  filter (none recomputed) and keeps them instead of u and k; with several groups it keeps
+  u and k (every group's spectra at once would defeat the grouping)."""
+  plan = pallas_conv.make_plan(1000, "gpu", 512)
+  monkeypatch.setattr(pallas_conv, "_GROUP_BYTES", 6 // groups * 2 * plan.kept * plan.m * 8)
+  assert pallas_conv._channel_groups(plan, 2, 6) == groups
+  u, k, d_bias, gate, _ = _inputs(2, 6, 1000, jnp.float32, seed=5)
+  conv = functools.partial(pallas_conv.long_conv, interpret=True, max_onchip=512)
+  ad_checkpoint.print_saved_residuals(conv, u, k, d_bias, gate)
+  saved = [tuple(int(n) for n in dims.split(",") if n) for dims in
+           re.findall(r"^\w+\[([\d,]*)\]", capsys.readouterr().out, re.MULTILINE)]
+  spectra = [s for s in saved if s[-2:] in ((plan.kept, plan.m), (plan.p, plan.q))]
+  signals = [s for s in saved if s == u.shape]            # u and gate have one shape
+  filters = [s for s in saved if s == k.shape]
+  if groups == 1:
+    assert len(spectra) == 4 and len(signals) == 1 and not filters, saved
+  else:
+    assert not spectra and len(signals) == 2 and len(filters) == 1, saved
 
 
 def test_channel_groups_share_one_copy_of_the_twiddles(monkeypatch):
