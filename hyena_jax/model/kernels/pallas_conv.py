@@ -61,7 +61,9 @@ Backward (`jax.custom_vjp`), with z = dy * gate and s = conv(u, k_eff):
                                         batch by XLA, a documented mix: Pallas grids on GPU cannot
                                         accumulate across programs),
     dD = dk_eff[:, 0].
-In the single-pass scheme one kernel computes all three from u, gate and dy.
+In the single-pass scheme one kernel computes all three from u, gate and dy. In the two-pass
+scheme with one channel group the forward keeps the column spectra of u and of the filter for
+the backward (instead of u and k), which then runs two column passes fewer.
 
 Lowerings: Triton-flavoured Pallas on GPU, Mosaic on TPU, chosen from the devices the program
 is compiled for (the mesh in context; without one, `lax.platform_dependent` lets lowering pick),
