@@ -234,20 +234,25 @@ def _conv_fwd(u, k, d_bias, gate, ex):
     cols = kernels.filter_columns(k, d_bias, ex), kernels.signal_columns(u, ex)
     y = kernels.two_pass_forward(u, k, d_bias, gate, ex, 1, *cols)
     return y, (None, None, d_bias, gate, cols)
+  if isinstance(ex, _Halves) or ex.plan.n1 == 1:
+    # These paths take k_eff itself: keep it for the backward instead of forming it again
+    # (at 8M tokens a second [C, L] float32 copy next to k).
+    k_eff = _with_skip(k, d_bias)
+    return _conv(u, k_eff, None, gate, ex), (u, k_eff, d_bias, gate, None)
   return _conv(u, k, d_bias, gate, ex), (u, k, d_bias, gate, None)
 
 
 def _conv_bwd(ex, residuals, dy):
-  u, k, d_bias, gate, cols = residuals
+  u, k, d_bias, gate, cols = residuals   # k is k_eff on the halves and single-pass paths
   if isinstance(ex, _Halves):
     def piece_bwd(pieces, dy):
       du, dk, _, dg = _conv_bwd(ex.inner, (pieces[0], pieces[1], None, pieces[2], None), dy)
       return du, dk, dg
-    du, dk, dg = halves.backward(u, _with_skip(k, d_bias), gate, dy, piece_bwd, ex.zeros)
+    du, dk, dg = halves.backward(u, k, gate, dy, piece_bwd, ex.zeros)
   else:
     g = jnp.ones_like(dy) if gate is None else gate
     if ex.plan.n1 == 1:
-      du, dg, dk = kernels.single_backward(u, g, dy, _with_skip(k, d_bias), ex)
+      du, dg, dk = kernels.single_backward(u, g, dy, k, ex)
     else:
       groups = _channel_groups(ex.plan, dy.shape[0], dy.shape[1])
       du, dg, dk = kernels.two_pass_backward(u, g, dy, k, d_bias, ex, groups,
